@@ -1,0 +1,156 @@
+"""Loading tokenizers and models: hub name or local directory, full / LoRA / QLoRA, attention backend.
+
+The tiny model and a 7B hub model go through exactly the same `from_pretrained` calls here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from app.config import Config
+from app.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attn_implementation(cfg: Config, device: torch.device) -> str:
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("attn_implementation='flash_attention_2' needs flash-attn: pip install flash-attn (GPU only)")
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(cfg: Config, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    name = path or cfg.tokenizer_name or cfg.model_name
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise UserError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+    # Tokenizers saved with fixed padding/truncation (seen in the wild) would silently pad every
+    # example to 2048 or cut it: the collator decides padding, the task decides truncation.
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # pad == eos would mask EOS out of the loss and the model would never learn to stop
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def _quantization_config(cfg: Config, compute_dtype: torch.dtype):
+    if cfg.quantization is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"quantization={cfg.quantization!r} needs bitsandbytes: pip install 'finetune-runner[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[cfg.bnb_4bit_compute_dtype],
+    )
+
+
+def load_base_model(cfg: Config, device: torch.device, path: str | None = None):
+    """The causal LM as `from_pretrained` gives it (quantized if asked), before any adapter."""
+    from transformers import AutoModelForCausalLM
+
+    name = path or cfg.model_name
+    dtype = resolve_dtype(cfg, device)
+    attn = resolve_attn_implementation(cfg, device)
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    quant = _quantization_config(cfg, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    log.info("model %s: dtype=%s attention=%s quantization=%s", name, dtype, attn, cfg.quantization)
+    return model
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embedding matrix for added tokens; new rows start at the mean of the old ones."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def add_adapters(model, cfg: Config, trainable_token_ids: list[int] = ()):
+    """Make the model trainable as the config says: LoRA (optionally on a k-bit base) or full."""
+    if cfg.finetuning == "full":
+        if cfg.quantization is not None:
+            raise UserError("finetuning='full' cannot train a quantized base; use finetuning='lora' (QLoRA)")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        # rows of added tokens train and are saved with the adapter
+        trainable_token_indices=list(trainable_token_ids) or None,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"target_modules={cfg.target_modules}: {str(err).splitlines()[0]}") from None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_inference(checkpoint: str | Path, cfg: Config, device: torch.device):
+    """Model + tokenizer from a run checkpoint (adapter over its base, or a full model)."""
+    checkpoint = Path(checkpoint)
+    tokenizer = load_tokenizer(cfg, str(checkpoint))
+    if is_adapter_dir(checkpoint):
+        from peft import PeftModel
+
+        model = load_base_model(cfg, device)
+        fit_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, str(checkpoint))
+    else:
+        model = load_base_model(cfg, device, path=str(checkpoint))
+    if cfg.quantization is None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,73 @@
+"""The bundled NLI sample set (data/sample/) and the text the tiny tokenizer is trained on.
+
+Premises place a person in a room or outdoors; hypotheses claim the person is indoors or outdoors.
+The label follows from one fact per place, so a tiny model can learn it on a CPU in a minute, and the
+thought process spells out the reasoning so chain-of-thought training has something to imitate.
+
+Regenerate with `python -m app.sample_data data/sample` (deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import sys
+from pathlib import Path
+
+NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lucia"]
+ACTIVITIES = ["reading", "cooking", "sleeping", "singing", "painting", "talking", "waiting", "writing"]
+PLACES = {
+    "kitchen": "indoors", "library": "indoors", "office": "indoors", "bedroom": "indoors",
+    "museum": "indoors", "garage": "indoors", "park": "outdoors", "garden": "outdoors",
+    "forest": "outdoors", "beach": "outdoors", "street": "outdoors", "field": "outdoors",
+}
+PREMISES = ["{name} is {activity} in the {place}.", "In the {place}, {name} is {activity}."]
+HYPOTHESES = ["{name} is {claim}.", "{name} is {activity} {claim}."]
+
+
+def make_row(rng: random.Random) -> dict:
+    name, activity, place = rng.choice(NAMES), rng.choice(ACTIVITIES), rng.choice(list(PLACES))
+    where = PLACES[place]
+    claim = rng.choice(["indoors", "outdoors"])
+    label = int(claim == where)
+    premise = rng.choice(PREMISES).format(name=name, activity=activity, place=place)
+    hypothesis = rng.choice(HYPOTHESES).format(name=name, activity=activity, claim=claim)
+    verdict = "They agree." if label else "They differ."
+    thought = f"The {place} is {where}. The hypothesis says {claim}. {verdict}"
+    return {"premise": premise, "hypothesis": hypothesis, "label": label, "thought_process": thought}
+
+
+def make_split(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_row(rng) for _ in range(n)]
+
+
+SPLITS = {"train": (800, 1), "dev": (200, 2), "test": (200, 3)}
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE tokenizer is trained on: sample sentences plus the JSON answer scaffolding."""
+    rows = make_split(400, seed=99)
+    lines = []
+    for r in rows:
+        lines += [r["premise"], r["hypothesis"], r["thought_process"]]
+        lines.append('{"thought_process": "' + r["thought_process"] + '", "predicted_label": ' + str(r["label"]) + "}")
+    lines += [
+        "Premise: Hypothesis: Does the premise entail the hypothesis? Think step by step, then answer with a JSON "
+        'object holding "thought_process" and "predicted_label" (1 = entailed, 0 = not).\nAnswer: ',
+        "entailment not_entailment contradiction neutral true false yes no 0 1",
+    ]
+    return lines
+
+
+def write_sample(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, (n, seed) in SPLITS.items():
+        with open(out_dir / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["premise", "hypothesis", "label", "thought_process"])
+            writer.writeheader()
+            writer.writerows(make_split(n, seed))
+
+
+if __name__ == "__main__":
+    write_sample(Path(sys.argv[1] if len(sys.argv) > 1 else "data/sample"))

@@ -1,0 +1,107 @@
+"""NLI chain-of-thought SFT: premise + hypothesis -> {"thought_process": ..., "predicted_label": 0|1}.
+
+Data: CSV or JSONL with premise, hypothesis, label (0/1) and an optional thought_process.
+The prompt is `cfg.prompt_template`; the target is the JSON object followed by EOS. Loss is taken on the
+target tokens only (prompt tokens are labelled -100).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from app.config import Config
+from app.data import Row, parse_binary_label
+from app.errors import UserError
+from app.extract import extract_label
+from app.generate import generate_batches
+from app.lm import CompletionLoss, continuation_logprobs
+from app.metrics import classification_metrics
+from app.tasks.base import Feature, Task
+
+
+def build_prompt(row: dict, cfg: Config) -> str:
+    try:
+        return cfg.prompt_template.format(premise=row.get("premise") or "", hypothesis=row.get("hypothesis") or "")
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"prompt_template: cannot fill it ({err}); use {{premise}} and {{hypothesis}}") from None
+
+
+def build_target(label: int, thought: str | None) -> str:
+    obj = {"thought_process": thought, "predicted_label": label} if thought else {"predicted_label": label}
+    return json.dumps(obj, ensure_ascii=False)
+
+
+@dataclass
+class Prediction:
+    label: int
+    thought: str
+    parse_ok: bool  # False: the label came from the forced-prefix fallback
+    how: str
+    generation: str
+
+
+class NliCot(Task):
+    name = "nli_cot"
+    required_columns = ("premise", "hypothesis", "label")
+
+    def objective(self, model):
+        return CompletionLoss(model)
+
+    def validate(self, path, rows: list[Row]) -> list[Row]:
+        for row in rows:
+            row.values["label"] = parse_binary_label(row.values.get("label"), path, row.line)
+            for col in ("premise", "hypothesis"):
+                if not isinstance(row.values.get(col), str):
+                    raise UserError(f"{path}:{row.line}: {col} must be text, found {row.values.get(col)!r}")
+        return rows
+
+    def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
+        prompt_ids = tokenizer(build_prompt(row.values, cfg)).input_ids
+        thought = (row.values.get("thought_process") or "").strip() or None
+        target_ids = tokenizer(build_target(row.values["label"], thought), add_special_tokens=False).input_ids
+        target_ids.append(tokenizer.eos_token_id)
+        return Feature(prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids, line=row.line)
+
+    # --- prediction (evaluation and inference share it) ---------------------------------------------
+    def predict_batches(
+        self, model, tokenizer, cfg: Config, rows: list[dict], device, batch_size: int, skip=None
+    ) -> Iterator[tuple[list[int], list[Prediction]]]:
+        prompts = [build_prompt(r, cfg) for r in rows]
+        for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, cfg.max_new_tokens, device, skip):
+            found = [extract_label(t) for t in texts]
+            preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
+            missing = [k for k, p in enumerate(preds) if p.label is None]
+            if missing:
+                labels = self.forced_labels(
+                    model, tokenizer, [prompts[batch[k]] for k in missing], [preds[k].thought for k in missing], device
+                )
+                for k, label in zip(missing, labels):
+                    preds[k].label, preds[k].parse_ok, preds[k].how = label, False, "forced_prefix"
+            yield batch, preds
+
+    def forced_labels(self, model, tokenizer, prompts: list[str], thoughts: list[str], device) -> list[int]:
+        """Pick 0 or 1 by the model's likelihood of each after a forced `"predicted_label": ` prefix."""
+        prefixes = []
+        for prompt, thought in zip(prompts, thoughts):
+            head = '{"thought_process": ' + json.dumps(thought, ensure_ascii=False) + ", " if thought else "{"
+            prefixes.append(prompt + head + '"predicted_label": ')
+        scores = continuation_logprobs(model, tokenizer, prefixes * 2, ["0}"] * len(prefixes) + ["1}"] * len(prefixes), device)
+        zero, one = scores[: len(prefixes)], scores[len(prefixes) :]
+        return (one > zero).long().tolist()
+
+    def evaluate(self, model, tokenizer, cfg, rows: list[Row], device) -> dict[str, float]:
+        values = [r.values for r in rows]
+        preds: list[Prediction | None] = [None] * len(values)
+        for batch, out in self.predict_batches(model, tokenizer, cfg, values, device, cfg.eval_batch_size):
+            for i, p in zip(batch, out):
+                preds[i] = p
+        gold = [int(v["label"]) for v in values]
+        metrics = classification_metrics(gold, [p.label for p in preds])
+        return {
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["f1_macro"],
+            "parse_failures": float(sum(not p.parse_ok for p in preds)),
+        }
+

@@ -1,0 +1,105 @@
+"""The embedded tiny model: a random-weight Mistral-architecture model and a BPE tokenizer built in-repo.
+
+Nothing is downloaded. The directory written here is an ordinary Hugging Face model directory
+(config.json, model.safetensors, tokenizer files) and is loaded through the same `from_pretrained`
+path as any hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from app.errors import UserError
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def build_tokenizer(vocab_size: int = 640):
+    """Byte-level BPE trained on the sample-data vocabulary: deterministic, and any text still encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from app.sample_data import tokenizer_corpus
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKENS[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, model_max_length=4096)
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 96, layers: int = 2):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=2048,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(seed)
+    return MistralForCausalLM(config)
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write model + tokenizer to out_dir atomically (a half-written model dir is never left behind)."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    ids = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[k]) for k in ("bos_token", "eos_token", "pad_token")]
+    assert ids == [1, 2, 3], ids  # the model config above relies on this order
+    model = build_model(vocab_size=len(tokenizer), seed=seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            raise UserError(f"{out_dir}: already exists")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_model(path: str | Path) -> None:
+    """Create the tiny model at `path` unless a model is already there (configs/tiny.py asks for this)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"{path}: exists but holds no config.json; remove it or point model_name elsewhere")
+    if path.exists():
+        path.rmdir()
+    try:
+        write_tiny_model(path)
+    except FileExistsError:
+        pass  # another process of a multi-process run wrote it first
+
+
+def cli(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise UserError("usage: python -m app tiny-model DIR")
+    out = write_tiny_model(argv[0])
+    print(f"wrote tiny model and tokenizer to {out}")
+    return 0
