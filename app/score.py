@@ -1,0 +1,149 @@
+"""`python -m app score --pred FILE --gold FILE [--json OUT]`: the course scorer.
+
+Predictions: the inference CSV (a `predicted_label` column) or a label-per-line file (one 0/1 per line, no header,
+like the course's `.solution` files). Gold: a CSV or JSONL with a `label` column, or a label-per-line file. The format
+is detected from the content: a first line that is just a 0/1 label means label-per-line. Rows are matched by
+position; a length mismatch is an error, never a truncation. When both files have an `id` column, the ids must agree.
+
+Prints the metrics as a table and as JSON; `--json OUT` also writes the JSON (atomically). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.data import _read_text, parse_binary_label, read_rows
+from app.errors import UserError
+from app.metrics import classification_metrics, format_table
+
+__all__ = ["Labels", "cli", "read_labels", "score_files", "write_json_atomic"]
+
+_LABEL_LINE = re.compile(r"\s*[01](?:\.0)?\s*")
+_FALSE_WORDS = {"false", "0", "no", "n"}
+
+
+@dataclass
+class Labels:
+    path: Path
+    values: list[int]
+    lines: list[int]  # line of each label in its file, for messages
+    fmt: str  # "lines", "csv" or "jsonl"
+    ids: list[str] | None = None
+    parse_failures: int | None = None  # rows with parse_ok false, when the file has that column
+
+
+def read_labels(path: str | Path, columns: tuple[str, ...], role: str) -> Labels:
+    """Labels from a label-per-line file or a table; `columns` are the accepted label columns, first found wins."""
+    path = Path(path)
+    text = _read_text(path)  # file exists, decodes (BOM stripped), is not blank
+    first = next(line for line in text.splitlines() if line.strip())
+    if _LABEL_LINE.fullmatch(first):
+        return _read_label_lines(path, text)
+    if first.lstrip().startswith("{") and path.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"{path}:1: looks like JSON lines; name the file .jsonl (or give a CSV or one label per line)")
+
+    rows = read_rows(path)
+    column = next((c for c in columns if c in rows[0].values), None)
+    fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+    if column is None:
+        have = ", ".join(rows[0].values) or "none"
+        line = 1 if fmt == "csv" else rows[0].line  # the header names the columns
+        raise UserError(f"{path}:{line}: {role} file needs a {' or '.join(columns)} column (columns found: {have})")
+    values = [parse_binary_label(row.values[column], path, row.line, column) for row in rows]
+    ids = [str(row.values.get("id", "")).strip() for row in rows] if "id" in rows[0].values else None
+    failures = None
+    if "parse_ok" in rows[0].values:
+        failures = sum(str(row.values.get("parse_ok", "")).strip().lower() in _FALSE_WORDS for row in rows)
+    return Labels(path, values, [row.line for row in rows], fmt, ids, failures)
+
+
+def _read_label_lines(path: Path, text: str) -> Labels:
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines are fine, blank lines between labels are not
+        lines.pop()
+    values: list[int] = []
+    numbers: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise UserError(f"{path}:{number}: empty line in a label-per-line file (expected 0 or 1)")
+        values.append(parse_binary_label(line, path, number, "label"))
+        numbers.append(number)
+    return Labels(path, values, numbers, "lines")
+
+
+def score_files(pred_path: str | Path, gold_path: str | Path) -> tuple[dict, Labels, Labels]:
+    """Metrics of the predictions in `pred_path` against the gold labels in `gold_path`."""
+    gold = read_labels(gold_path, ("label",), "gold")
+    pred = read_labels(pred_path, ("predicted_label", "label"), "predictions")
+    if len(pred.values) != len(gold.values):
+        raise UserError(
+            f"{pred.path} has {len(pred.values)} predictions but {gold.path} has {len(gold.values)} gold labels; "
+            "they must match row for row"
+        )
+    if pred.ids is not None and gold.ids is not None:
+        for i, (p, g) in enumerate(zip(pred.ids, gold.ids)):
+            if p != g:
+                raise UserError(
+                    f"{pred.path}:{pred.lines[i]}: id {p!r} does not match id {g!r} at {gold.path}:{gold.lines[i]}"
+                )
+    metrics = classification_metrics(gold.values, pred.values)
+    return metrics, pred, gold
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app score",
+        description="Score predictions against gold labels: accuracy, macro/weighted precision, recall, F1, MCC.",
+    )
+    parser.add_argument("--pred", required=True, help="predictions CSV (predicted_label column) or one 0/1 per line")
+    parser.add_argument("--gold", required=True, help="gold CSV/JSONL (label column) or one 0/1 per line")
+    parser.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics JSON to OUT")
+    return parser
+
+
+def cli(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    metrics, pred, _gold = score_files(args.pred, args.gold)
+    report = dict(metrics)
+    if pred.parse_failures is not None:
+        report["parse_failures"] = pred.parse_failures
+    print(format_table(metrics))
+    if pred.parse_failures:
+        print(f"({pred.parse_failures} of {metrics['n']} predictions were not parsed from the model's JSON)")
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        write_json_atomic(args.json_out, report)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
