@@ -23,7 +23,7 @@ class Row:
     values: dict
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     raw = path.read_bytes()
@@ -40,7 +40,7 @@ def _read_text(path: Path) -> str:
 def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     """Read a .csv or .jsonl/.json-lines file; check that `required` columns exist."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = _read_jsonl(path, text)
     else:
@@ -50,7 +50,8 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     missing = [c for c in required if c not in rows[0].values]
     if missing:
         have = ", ".join(rows[0].values) or "none"
-        raise UserError(f"{path}:{rows[0].line}: missing column(s) {', '.join(missing)} (columns found: {have})")
+        line = 1 if path.suffix.lower() not in (".jsonl", ".ndjson") else rows[0].line  # the CSV header
+        raise UserError(f"{path}:{line}: missing column(s) {', '.join(missing)} (columns found: {have})")
     return rows
 
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.data import _read_text, parse_binary_label, read_rows
+from app.data import read_text, parse_binary_label, read_rows
 from app.errors import UserError
 from app.metrics import classification_metrics, format_table
 
@@ -42,7 +42,7 @@ class Labels:
 def read_labels(path: str | Path, columns: tuple[str, ...], role: str) -> Labels:
     """Labels from a label-per-line file or a table; `columns` are the accepted label columns, first found wins."""
     path = Path(path)
-    text = _read_text(path)  # file exists, decodes (BOM stripped), is not blank
+    text = read_text(path)  # file exists, decodes (BOM stripped), is not blank
     first = next(line for line in text.splitlines() if line.strip())
     if _LABEL_LINE.fullmatch(first):
         return _read_label_lines(path, text)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny model (built once per session) and the ../shared fixtures folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from app.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not present (it ships beside the repo in CI, not in a user's clone)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_dir(shared_fixtures) -> Path:
+    path = shared_fixtures / "tokenizer" / "mistral-7b-instruct-v0.2"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def run_app(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

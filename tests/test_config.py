@@ -1,0 +1,125 @@
+"""Config modules: loading, base configs, overrides, strict validation with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, load_config, parse_override
+from app.errors import UserError
+from conftest import ROOT, run_app
+
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_recipes_hold_the_documented_values():
+    d = load_config(ROOT / "configs/default.py")
+    assert (d.model_name, d.quantization, d.bnb_4bit_quant_type, d.bnb_4bit_use_double_quant) == (
+        "mistralai/Mistral-7B-v0.3", "4bit", "nf4", True)
+    assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.max_seq_length) == (16, 32, 0.05, 512)
+    assert d.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (d.lr_scheduler, d.warmup_steps, d.learning_rate, d.batch_size, d.num_epochs, d.max_grad_norm) == (
+        "cosine", 75, 2e-4, 16, 2, 1.0)
+    a = load_config(ROOT / "configs/ablation1.py")
+    assert (a.lora_r, a.lora_alpha, a.batch_size, a.warmup_steps, a.max_grad_norm) == (32, 64, 64, 150, 1.0)
+    assert a.learning_rate < d.learning_rate
+    assert a.batch_size // a.micro_batch_size > 1  # the larger batch comes from accumulation
+    assert a.quantization == "4bit"  # inherited from default.py
+
+
+def test_base_config_chain_and_override_order(tmp_path):
+    (tmp_path / "a.py").write_text('lora_r = 8\nlearning_rate = 1e-3\nout_dir = "x"\n')
+    (tmp_path / "b.py").write_text('base_config = "a.py"\nlora_r = 12\n')
+    cfg = load_config(tmp_path / "b.py", ["--learning_rate=5e-4"])
+    assert (cfg.lora_r, cfg.learning_rate, cfg.out_dir) == (12, 5e-4, "x")
+
+
+def test_base_config_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.py").write_text('base_config = "b.py"\n')
+    (tmp_path / "b.py").write_text('base_config = "a.py"\n')
+    with pytest.raises(UserError, match="cycle"):
+        load_config(tmp_path / "a.py")
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("--lora_r=64", ("lora_r", 64)),
+        ("--quantization=None", ("quantization", None)),
+        ("--gradient_checkpointing=True", ("gradient_checkpointing", True)),
+        ("--target_modules=['q_proj','v_proj']", ("target_modules", ["q_proj", "v_proj"])),
+        ("--prompt_template=a=b {premise}", ("prompt_template", "a=b {premise}")),  # split at the first '='
+        ("--model_name=mistralai/Mistral-7B-v0.3", ("model_name", "mistralai/Mistral-7B-v0.3")),
+    ],
+)
+def test_override_parsing(arg, expected):
+    assert parse_override(arg) == expected
+
+
+def test_overrides_are_typed_and_ints_fill_floats():
+    cfg = load_config(ROOT / "configs/tiny.py", ["--learning_rate=1", "--quantization=None", "--lora_r=64",
+                                                 "--target_modules=['q_proj']"])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.lora_r == 64 and cfg.quantization is None and cfg.target_modules == ["q_proj"]
+
+
+def test_typo_names_the_key_and_suggests(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("lora_r = 4\nlerning_rate = 1e-4\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert f"{path.resolve()}:2" in msg and "'lerning_rate'" in msg and "did you mean 'learning_rate'" in msg
+
+
+def test_wrong_types_name_key_value_and_expectation():
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "configs/tiny.py", ["--lora_r=abc", "--finetuning=half", "--gradient_checkpointing=3"])
+    msg = str(err.value)
+    assert "lora_r='abc'" in msg and "expected int" in msg
+    assert "finetuning='half'" in msg and "'lora'" in msg
+    assert "gradient_checkpointing=3" in msg and "expected bool" in msg
+
+
+@pytest.mark.parametrize("bad", ["--lora_r=0", "--lora_dropout=1.5", "--warmup_ratio=2.0", "--batch_size=-1"])
+def test_out_of_range_values_rejected(bad):
+    with pytest.raises(UserError, match=bad[2:].split("=")[0]):
+        load_config(ROOT / "configs/tiny.py", [bad])
+
+
+def test_all_problems_reported_together_with_exit_2_and_no_traceback():
+    r = run_app("config", "configs/tiny.py", "--lora_rr=3", "--learning_rate=fast", "--seed=1.5")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "'lora_rr'" in r.stderr and "did you mean 'lora_r'" in r.stderr
+    assert "learning_rate='fast'" in r.stderr and "seed=1.5" in r.stderr
+
+
+def test_missing_config_file_and_syntax_error(tmp_path):
+    r = run_app("config", str(tmp_path / "nope.py"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text("lora_r = 4\nlora_alpha = (\n")
+    r = run_app("config", str(bad))
+    assert r.returncode == 2 and f"{bad}:" in r.stderr and "syntax error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_command_prints_resolved_json():
+    import json
+
+    r = run_app("config", "configs/ablation1.py", "--lora_r=64")
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads(r.stdout)
+    assert resolved["lora_r"] == 64 and resolved["warmup_steps"] == 150 and set(resolved) == set(Config.model_fields)
+
+
+def test_every_field_has_a_description():
+    for name, field in Config.model_fields.items():
+        assert field.description, name
