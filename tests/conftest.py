@@ -40,3 +40,36 @@ def run_app(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def tiny_args(model_dir: Path, out_dir: Path, **overrides) -> list[str]:
+    """Overrides of configs/tiny.py for a short test run on the session's tiny model."""
+    base = {
+        "model_name": str(model_dir),
+        "create_tiny_model": False,
+        "out_dir": str(out_dir),
+        "train_file": str(ROOT / "data/sample/train.csv"),
+        "dev_file": None,
+        "tensorboard": False,
+        "log_every": 1,
+        "warmup_steps": 2,
+    }
+    base.update(overrides)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(model_dir: Path, out_dir: Path, **overrides):
+    from app.config import load_config
+
+    return load_config(ROOT / "configs/tiny.py", tiny_args(model_dir, out_dir, **overrides))
+
+
+def read_metrics(out_dir: Path) -> dict[int, dict]:
+    """step -> merged values from metrics.jsonl."""
+    import json
+
+    merged: dict[int, dict] = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        merged.setdefault(entry.pop("step"), {}).update(entry)
+    return merged
