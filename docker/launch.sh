@@ -81,7 +81,7 @@ esac
 if [[ -n $gpus ]] && ! [[ $gpus =~ ^[1-9][0-9]*$ ]]; then
     die "--gpus needs a positive number of GPUs, got '$gpus'"
 fi
-((${#args[@]})) || { usage >&2; die "missing $WHAT"; }
+((${#args[@]})) || die "missing $WHAT; usage: $PROG $WHAT [--mode M] [--gpus N] [--dry-run] [--key=value ...] (--help)"
 target="${args[0]}"
 rest=("${args[@]:1}")
 
@@ -206,6 +206,10 @@ build_command() {
         ;;
     docker)
         image="${image:-$(default_image docker)}"
+        if ! docker_works; then
+            ((dry_run)) || die "--mode docker: the Docker engine does not answer (docker info failed); start it, or use --mode local"
+            note "warning: the Docker engine does not answer (docker info failed)"
+        fi
         local gpu_flags=()
         if docker_has_gpu; then
             if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then gpu_flags=(--gpus "\"device=${CUDA_VISIBLE_DEVICES}\"")
@@ -292,7 +296,6 @@ fi
 
 case "$mode" in
 docker)
-    docker_works || die "--mode docker: the Docker engine does not answer (docker info failed); start it, or use --mode local"
     if ! docker image inspect "$image" >/dev/null 2>&1; then
         if [[ $COMMAND == train ]]; then dockerfile=Dockerfile.train; else dockerfile=Dockerfile.infer; fi
         die "image $image is not built; build it with: docker build -f $dockerfile -t $image $(printf %q "$REPO")"
