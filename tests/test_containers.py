@@ -1,0 +1,363 @@
+"""The images, compose.yaml and the lock files, checked without a Docker engine.
+
+- hadolint on both Dockerfiles, compose.yaml against the compose specification (offline schema);
+- what the Dockerfiles promise (pinned bases that match the flash-attn wheel and the locks, non-root
+  user, entry point, mount points, labels, no secrets, a build context that excludes .env);
+- the lock files resolve for the images' platform and Python (pip --dry-run against PyPI), so that a
+  pin that does not exist fails here rather than on a GPU box.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = ["Dockerfile.train", "Dockerfile.infer"]
+LOCKS = ["requirements-train.lock", "requirements-infer.lock", "requirements-vllm.lock"]
+VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+IMAGE_PYTHON = "3.12"  # CPython of the pytorch/pytorch:2.13.0 bases (Ubuntu 24.04)
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|PRIVATE", re.I)
+
+
+def tool(name: str) -> str:
+    """A dev tool from this interpreter's environment (pip install -e '.[dev]'), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed; it comes with the dev extra: pip install -e '.[dev]'")
+    return found
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (REPO / dockerfile).read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def arg_defaults(dockerfile: str) -> dict[str, str]:
+    defaults = {}
+    for word, rest in instructions(dockerfile):
+        if word == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            defaults[name] = value
+    return defaults
+
+
+def env_values(dockerfile: str) -> dict[str, str]:
+    values = {}
+    for word, rest in instructions(dockerfile):
+        if word == "ENV":
+            for name, value in re.findall(r"(\w+)=(\S+)", rest):
+                values[name] = value
+    return values
+
+
+def torch_pin() -> str:
+    return re.search(r"^torch==(\S+)", (REPO / "docker/constraints.txt").read_text(), re.M).group(1)
+
+
+# --- linters ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_clean(dockerfile: str):
+    result = subprocess.run([tool("hadolint"), "--no-color", dockerfile], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_compose_file_valid_against_the_compose_spec():
+    result = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "compose.yaml"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_parse():
+    for script in ["run_training.sh", "run_inference.sh", "docker/launch.sh", "docker/lock.sh",
+                   "docker/slurm/train.sbatch"]:
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
+        if script != "docker/slurm/train.sbatch":
+            assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
+
+
+# --- what the images promise -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_image_contract(dockerfile: str):
+    steps = instructions(dockerfile)
+    last = {word: rest for word, rest in steps}
+    assert json.loads(last["ENTRYPOINT"]) == ["python", "-m", "app"]
+    assert last["WORKDIR"] == "/workspace"
+    assert last["USER"] == "${APP_UID}:${APP_GID}"
+    assert arg_defaults(dockerfile)["APP_UID"] not in ("", "0")
+    assert env_values(dockerfile)["HF_HOME"] == "/cache/huggingface"
+    assert set(json.loads(last["VOLUME"])) == {"/checkpoints", "/cache/huggingface"}
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "mkdir -p /workspace /data /checkpoints" in runs
+    labels = " ".join(rest for word, rest in steps if word == "LABEL")
+    for key in ["title", "description", "version", "revision", "created", "base.name"]:
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_no_secret_in_any_layer(dockerfile: str):
+    for word, rest in instructions(dockerfile):
+        if word == "ARG":
+            assert not SECRET_NAME.search(rest.split("=")[0]), rest
+        if word == "ENV":
+            for name, _ in re.findall(r"(\w+)=(\S+)", rest):
+                assert not SECRET_NAME.search(name), name
+        if word in ("RUN", "COPY", "ADD"):
+            assert ".env" not in rest.split() and "HF_TOKEN" not in rest and "WANDB_API_KEY" not in rest, rest
+
+
+def test_training_base_matches_the_flash_attn_wheel_and_the_locks():
+    args = arg_defaults("Dockerfile.train")
+    base = args["BASE_IMAGE"]
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+)\.(\d+)-cudnn9-devel", base)
+    assert m, f"expected a pinned pytorch/pytorch devel tag, got {base}"
+    torch_version, cuda_major, cuda_minor = m.groups()
+    assert torch_version == torch_pin()
+
+    wheel = args["FLASH_ATTN_URL"].rsplit("/", 1)[1].replace("%2B", "+")
+    w = re.fullmatch(r"flash_attn-([\d.]+)\+cu(\d+)torch(\d+\.\d+)-cp(\d)(\d+)-cp\d+-linux_x86_64\.whl", wheel)
+    assert w, wheel
+    _, wheel_cuda, wheel_torch, py_major, py_minor = w.groups()
+    assert wheel_torch == ".".join(torch_version.split(".")[:2])
+    assert wheel_cuda == cuda_major + cuda_minor
+    assert f"{py_major}.{py_minor}" == IMAGE_PYTHON
+    assert re.fullmatch(r"[0-9a-f]{64}", args["FLASH_ATTN_SHA256"])
+    runs = " ".join(rest for word, rest in instructions("Dockerfile.train") if word == "RUN")
+    assert f"--python {IMAGE_PYTHON} --cuda {cuda_major}.{cuda_minor}" in runs
+    assert "--require-hashes" in runs and "FLASH_ATTN_SHA256" in runs
+    assert f'PYTHON_VERSION="${{PYTHON_VERSION:-{IMAGE_PYTHON}}}"' in (REPO / "docker/lock.sh").read_text()
+
+
+def test_inference_image_is_a_runtime_base_with_vllm_behind_a_build_arg():
+    args = arg_defaults("Dockerfile.infer")
+    assert args["WITH_VLLM"] == "0"
+    for name in ("BASE_IMAGE", "VLLM_BASE_IMAGE"):
+        m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn9-runtime", args[name])
+        assert m and m.group(1) == torch_pin(), args[name]
+    text = (REPO / "Dockerfile.infer").read_text()
+    assert "devel" not in " ".join(rest for word, rest in instructions("Dockerfile.infer") if word in ("FROM", "ARG"))
+    vllm_install = re.search(r'if \[ "\$\{WITH_VLLM\}" = 1 \]; then(.*?)else(.*?)fi', text, re.S)
+    assert vllm_install and "requirements-vllm.lock" in vllm_install.group(1)
+    assert "requirements-vllm.lock" not in vllm_install.group(2) and "gcc" not in vllm_install.group(2)
+
+
+def dockerignore_included(path: str) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parent directories wins."""
+    included = True
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").rstrip("/")
+        regex = fnmatch.translate(pattern).replace(".*", "[^/]*").replace("[^/]*[^/]*", ".*")
+        if pattern.startswith("**/"):
+            regex = fnmatch.translate(pattern[3:])
+            match = any(re.match(regex, c.rsplit("/", 1)[-1]) for c in candidates)
+        else:
+            match = any(re.match(regex, c) for c in candidates)
+        if match:
+            included = negate
+    return included
+
+
+def test_build_context_has_what_the_images_copy_and_no_secrets():
+    for dockerfile in DOCKERFILES:
+        for word, rest in instructions(dockerfile):
+            if word != "COPY" or rest.startswith("--from"):
+                continue
+            sources = [s for s in rest.split()[:-1] if not s.startswith("--")]
+            for source in sources:
+                if "*" in source:
+                    continue  # optional (README.md*)
+                assert (REPO / source).exists(), f"{dockerfile}: COPY {source}: missing"
+                assert dockerignore_included(source), f"{dockerfile}: COPY {source}: excluded by .dockerignore"
+    for private in [".env", ".git/config", ".venv/bin/python", "checkpoints/tiny/x.safetensors", "runs/a",
+                    "data/private.csv", "app/__pycache__/x.pyc"]:
+        assert not dockerignore_included(private), private
+    for shipped in ["app/__main__.py", "configs/tiny.py", "data/sample/train.csv", "docker/launch.sh",
+                    "pyproject.toml"]:
+        assert dockerignore_included(shipped), shipped
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+    assert ignored.returncode == 0, ".env must be git-ignored"
+
+
+def test_base_check_script(tmp_path: Path):
+    """docker/check_base.py, the first build step, against this environment's torch."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    constraints = tmp_path / "constraints.txt"
+    import torch
+
+    constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    script = str(REPO / "docker/check_base.py")
+    ok = subprocess.run([sys.executable, script, "--constraints", str(constraints), "--python", here,
+                         "--no-cxx11-abi-check"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    constraints.write_text("torch==1.0.0\n")
+    bad = subprocess.run([sys.executable, script, "--constraints", str(constraints), "--python", "2.7", "--cuda",
+                          "99.9"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert "Python" in bad.stderr and "torch 1.0.0" not in bad.stderr and "expected 1.0.0" in bad.stderr
+    assert "expected 99.9" in bad.stderr
+
+
+# --- compose ----------------------------------------------------------------------------------------------
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def default_of(value: str) -> str:
+    m = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    return m.group(1) if m else value
+
+
+def test_compose_default_stack_trains_the_tiny_config_with_tensorboard():
+    services = compose()["services"]
+    assert {name for name, s in services.items() if not s.get("profiles")} == {"train", "tensorboard"}
+    train = services["train"]
+    assert train["command"][0] == "train" and (REPO / default_of(train["command"][1])).is_file()
+    assert default_of(train["image"]) == f"finetune-runner-train:{VERSION}"
+    assert train["build"]["dockerfile"] == "Dockerfile.train"
+    (device,) = train["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert train["shm_size"]
+    assert train["env_file"] == [{"path": ".env", "required": False}]
+    volumes = train["volumes"]
+    assert any(v.endswith(":/data:ro") for v in volumes)
+    assert "checkpoints:/checkpoints" in volumes and "hf-cache:/cache/huggingface" in volumes
+    assert set(compose()["volumes"]) == {"checkpoints", "hf-cache"}
+    board = services["tensorboard"]
+    assert board["entrypoint"] == ["tensorboard"] and "/checkpoints" in board["command"]
+    assert all(p.startswith("127.0.0.1:") for p in board["ports"])
+
+
+def test_compose_inference_and_cpu_variants_are_opt_in():
+    services = compose()["services"]
+    assert services["infer"]["profiles"] == ["infer"]
+    assert services["infer"]["build"]["dockerfile"] == "Dockerfile.infer"
+    assert default_of(services["infer"]["image"]) == f"finetune-runner-infer:{VERSION}"
+    assert "deploy" in services["infer"]
+    for name in ("train-cpu", "infer-cpu"):
+        assert services[name]["profiles"] == ["cpu"] and "deploy" not in services[name]
+
+
+def test_env_example_documents_every_compose_variable_and_holds_no_secret():
+    text = (REPO / ".env.example").read_text()
+    used = set(re.findall(r"\$\{(\w+)", (REPO / "compose.yaml").read_text()))
+    documented = set(re.findall(r"^#?\s*(\w+)=", text, re.M))
+    assert used <= documented, used - documented
+    assert {"HF_TOKEN", "WANDB_API_KEY"} <= documented
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            pytest.fail(f".env.example must only hold commented examples, got: {line}")
+
+
+# --- lock files -------------------------------------------------------------------------------------------
+
+
+def locked(lock: str) -> dict[str, str]:
+    text = (REPO / "docker" / lock).read_text()
+    assert "docker/lock.sh" in text.splitlines()[1], "regenerate with docker/lock.sh"
+    pins = {}
+    for block in re.split(r"\n(?=[a-z0-9])", text):
+        first = block.splitlines()[0]
+        if first.startswith("#"):
+            continue
+        m = re.match(r"([a-z0-9][a-z0-9._-]*)==(\S+) \\$", first)
+        assert m, f"{lock}: not an exact pin: {first}"
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", block), f"{lock}: no hash for {first}"
+        pins[m.group(1)] = m.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_locks_are_exact_hashed_and_leave_torch_to_the_base(lock: str):
+    pins = locked(lock)
+    for name in pins:
+        assert name not in ("torch", "triton") and not name.startswith(("nvidia-cublas", "nvidia-cudnn-cu",
+                                                                        "nvidia-nccl", "nvidia-cuda-runtime")), name
+    project = (REPO / "pyproject.toml").read_text()
+    for name, version in re.findall(r'"([a-z0-9-]+)==([^"]+)"', project.split("[project.optional-dependencies]")[0]):
+        assert pins.get(name) == version, f"{lock}: {name} should be {version} as in pyproject.toml"
+    assert "bitsandbytes" in pins
+    if lock == "requirements-train.lock":
+        assert {"einops", "wandb"} <= set(pins)
+    if lock == "requirements-vllm.lock":
+        assert "vllm" in pins
+
+
+@pytest.fixture(scope="session")
+def pip_for_checks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A current pip: pip 23.x checks Requires-Python against the running interpreter even with --python-version."""
+    if os.environ.get("FINETUNE_SKIP_NETWORK_TESTS") == "1":
+        pytest.skip("FINETUNE_SKIP_NETWORK_TESTS=1: the lock resolution check needs PyPI")
+    venv = tmp_path_factory.mktemp("pip-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=180)
+    pip = str(venv / "bin" / "pip")
+    result = subprocess.run([pip, "install", "--quiet", "pip==26.3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, "could not install pip 26.3 from PyPI:\n" + result.stderr[-2000:]
+    return pip
+
+
+def pip_dry_run(pip: str, requirements: Path, target: Path) -> subprocess.CompletedProcess:
+    # pip does not widen --platform to older manylinux tags, so name every glibc the image accepts.
+    platforms = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)] + ["manylinux2014_x86_64", "any"]
+    command = [pip, "install", "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:",
+               "--python-version", IMAGE_PYTHON, "--implementation", "cp", "--target", str(target),
+               "--progress-bar", "off", "-r", str(requirements)]
+    for platform in platforms:
+        command += ["--platform", platform]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("lock", ["requirements-train.lock", "requirements-infer.lock"])
+def test_lock_resolves_for_the_image_platform(lock: str, pip_for_checks: str, tmp_path: Path):
+    """Every pin exists as a wheel for CPython 3.12 / x86_64 glibc 2.35, with the locked hashes."""
+    result = pip_dry_run(pip_for_checks, REPO / "docker" / lock, tmp_path / "target")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Would install" in result.stdout
+
+
+def test_vllm_lock_resolves_for_the_image_platform(pip_for_checks: str, tmp_path: Path):
+    """Same for the vLLM variant, on metadata only: with hashes pip would download several GB of CUDA
+    wheels (vllm, flashinfer, cutlass) to verify them, so this one checks the pins without hashes."""
+    pins = [f"{name}=={version}" for name, version in locked("requirements-vllm.lock").items()]
+    requirements = tmp_path / "vllm-pins.txt"
+    requirements.write_text("\n".join(pins) + "\n")
+    result = pip_dry_run(pip_for_checks, requirements, tmp_path / "target")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Would install" in result.stdout and "vllm-" in result.stdout
