@@ -36,7 +36,8 @@ Every other argument passes through unchanged, e.g. --lora_r=64. See docker/READ
 EOF
 }
 
-project_version() {
+project_version() {  # empty where there is no pyproject.toml (inside the image)
+    [[ -f $REPO/pyproject.toml ]] || return 0
     sed -nE 's/^version[[:space:]]*=[[:space:]]*"([^"]+)".*/\1/p' "$REPO/pyproject.toml" | head -n 1
 }
 

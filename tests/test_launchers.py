@@ -338,6 +338,20 @@ def test_inside_the_image_runs_python_directly(machine: Machine):
     assert printed == ["python", "-m", "app", "infer", "data/sample/test.csv"]
 
 
+def test_the_image_layout_runs_directly(tmp_path: Path):
+    """In the image /workspace holds only the scripts, docker/launch.sh and configs/ (no pyproject.toml)."""
+    m = Machine(tmp_path)
+    (m.repo / "pyproject.toml").unlink()
+    (m.repo / "docker" / "constraints.txt").unlink()
+    m.stub("python", "accelerate")
+    result = m.run("run_training.sh", "configs/tiny.py", "--gpus", "2", FINETUNE_RUNNER_IMAGE="train")
+    assert result.returncode == 0, result.stderr
+    assert m.last_call("accelerate", "launch") == ["launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
+                                                   "2", "-m", "app", "train", "configs/tiny.py"]
+    printed = dry_run_command(m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_RUNNER_IMAGE="train"))
+    assert printed == ["python", "-m", "app", "train", "configs/tiny.py"]
+
+
 def test_local_mode_with_an_existing_venv(machine: Machine):
     machine.stub("docker")  # the client alone, no engine: auto must end in local mode
     python = machine.venv_python()
