@@ -242,7 +242,7 @@ def prepare_out_dir(cfg: Config, is_main: bool) -> Path | None:
     return ckpt.latest(cfg.out_dir)
 
 
-def train(cfg: Config) -> int:
+def _train(cfg: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     task = get_task(cfg.task)
     # bad data is reported before any model loads
@@ -317,7 +317,7 @@ def train(cfg: Config) -> int:
     save = lambda name: save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer,  # noqa: E731
                                         scheduler, state, cfg)
     epoch_steps, epoch_of_plan = None, -1
-    pending_losses, pending_items, window_tokens, window_start = [], [], 0, time.perf_counter()
+    pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
     steps_this_run, last_metrics = 0, {}
     model.train()
     while state.step < total_steps:
@@ -340,8 +340,7 @@ def train(cfg: Config) -> int:
                 # DDP averages gradients over processes: scale so the result is the global per-item mean
                 accelerator.backward(loss_sum * world / global_items)
             step_loss += loss_sum.detach()
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -349,6 +348,7 @@ def train(cfg: Config) -> int:
         state.epoch, state.step_in_epoch = plan.position(state.step)
         steps_this_run += 1
         pending_losses.append(step_loss)
+        pending_norms.append(grad_norm.detach().float())
         pending_items.append((global_items, scheduler.get_last_lr()[0]))
 
         # ---- logging (the only host sync, every log_every steps) ----
@@ -356,16 +356,17 @@ def train(cfg: Config) -> int:
         if state.step % cfg.log_every == 0 or last or stop.signum is not None:
             losses = accelerator.reduce(torch.stack(pending_losses), reduction="sum").tolist()
             elapsed = time.perf_counter() - window_start
-            for i, (loss, (items, lr)) in enumerate(zip(losses, pending_items)):
+            norms = torch.stack(pending_norms).tolist()  # already global: clipping all-reduces gradients first
+            for i, (loss, norm, (items, lr)) in enumerate(zip(losses, norms, pending_items)):
                 step = state.step - len(losses) + i + 1
-                run_log.write(step, {"loss": loss / items, "lr": lr})
+                run_log.write(step, {"loss": loss / items, "lr": lr, "grad_norm": norm})
             tps = window_tokens / elapsed
             run_log.write(state.step, {"tokens_per_s": tps})
             if progress is not None:
                 progress.set_postfix(loss=f"{losses[-1] / pending_items[-1][0]:.4f}", lr=f"{pending_items[-1][1]:.2e}",
                                      tok_s=f"{tps:,.0f}")
                 progress.update(len(losses))
-            pending_losses, pending_items, window_tokens, window_start = [], [], 0, time.perf_counter()
+            pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
 
         if world > 1:  # every process must stop at the same step
             flag = torch.tensor([0 if stop.signum is None else stop.signum], device=device)
@@ -418,3 +419,13 @@ def cli(argv: list[str]) -> int:
         raise UserError("usage: python -m app train CONFIG.py [--key=value ...]")
     cfg = load_config(argv[0], argv[1:])
     return train(cfg)
+
+
+def train(cfg: Config) -> int:
+    """Run (or resume) the training described by cfg; returns the process exit code."""
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        return _train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
