@@ -41,26 +41,36 @@ def read_json(path: Path):
 
 
 # --- optimizer / scheduler / RNG state without pickle ---------------------------------------------------
+def _split_tensors(value, path: str, tensors: dict):
+    """Move every tensor of a nested state into `tensors` (keyed by path); return what JSON can hold."""
+    if torch.is_tensor(value):
+        tensors[path] = value.detach().cpu().clone()  # clone: bitsandbytes shares qmaps between params
+        return None
+    if isinstance(value, dict):
+        plain = {k: _split_tensors(v, f"{path}/{k}", tensors) for k, v in value.items()}
+        return {k: v for k, v in plain.items() if not (v is None and torch.is_tensor(value[k]))}
+    return value
+
+
 def save_optimizer(optimizer, directory: Path) -> None:
+    """Optimizer state as safetensors (tensors, also nested ones such as bitsandbytes' quant state) + JSON."""
     sd = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(pid), {})[key] = value
+    tensors: dict = {}
+    plain = {str(pid): _split_tensors(state, str(pid), tensors) for pid, state in sd["state"].items()}
     save_file(tensors, str(directory / "optimizer.safetensors"))
     write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "state": plain})
 
 
 def load_optimizer(optimizer, directory: Path) -> None:
     meta = read_json(directory / "optimizer.json")
-    state: dict[int, dict] = {int(pid): dict(values) for pid, values in meta["state"].items()}
+    state = meta["state"]
     for name, tensor in load_file(str(directory / "optimizer.safetensors")).items():
-        pid, key = name.split("/", 1)
-        state.setdefault(int(pid), {})[key] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        *parents, key = name.split("/")
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = tensor
+    optimizer.load_state_dict({"state": {int(pid): v for pid, v in state.items()}, "param_groups": meta["param_groups"]})
 
 
 def save_scheduler(scheduler, directory: Path) -> None:

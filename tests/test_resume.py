@@ -126,3 +126,16 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
         for key, value in a["state"][pid].items():
             assert torch.equal(value, b["state"][pid][key])
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+
+
+def test_8bit_optimizer_state_resumes_exactly(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = dict(RUN, optimizer="adamw_8bit", max_steps=8, lora_dropout=0.0)
+    assert train(tiny_config(tiny_model_dir, tmp_path / "whole", **run)) == 0
+    split = tmp_path / "split"
+    assert train(tiny_config(tiny_model_dir, split, **run, stop_after_steps=4)) == 0
+    assert ckpt.latest(split).name == ckpt.step_name(4)
+    assert train(tiny_config(tiny_model_dir, split, **run)) == 0
+    a = load_file(str(tmp_path / "whole/checkpoints/final/adapter_model.safetensors"))
+    b = load_file(str(split / "checkpoints/final/adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

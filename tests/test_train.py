@@ -164,3 +164,37 @@ def test_overlength_examples_are_counted_and_handled(tiny_model_dir, tmp_path, c
     cfg.overlength = "error"
     with pytest.raises(UserError, match=r"train.csv:\d+: \d+ tokens > max_seq_length=90"):
         encode_all(task, rows, tok, cfg, "train.csv")
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path):
+    runs = {}
+    for gc in (False, True):
+        out = tmp_path / f"gc{gc}"
+        assert train(tiny_config(tiny_model_dir, out, finetuning="lora", gradient_checkpointing=gc, max_steps=4,
+                                 batch_size=4, micro_batch_size=4, lora_dropout=0.0)) == 0
+        runs[gc] = read_metrics(out)
+    for step in range(1, 5):
+        assert runs[True][step]["loss"] == pytest.approx(runs[False][step]["loss"], rel=1e-5)
+        assert runs[True][step]["grad_norm"] == pytest.approx(runs[False][step]["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("scheduler, warmup", [("cosine", dict(warmup_steps=3)), ("linear", dict(warmup_ratio=0.25)),
+                                               ("constant", dict(warmup_steps=2))])
+def test_learning_rate_schedule(tiny_model_dir, tmp_path, scheduler, warmup):
+    import math
+
+    out = tmp_path / scheduler
+    cfg = tiny_config(tiny_model_dir, out, lr_scheduler=scheduler, max_steps=8, batch_size=4, micro_batch_size=4,
+                      learning_rate=1e-3, **{"warmup_steps": None, **warmup})
+    assert train(cfg) == 0
+    lrs = [v["lr"] for _, v in sorted(read_metrics(out).items()) if "lr" in v]
+    total, w = 8, warmup.get("warmup_steps") or math.ceil(warmup["warmup_ratio"] * 8)
+
+    def expected(step):  # lr in effect for the step after `step` optimizer steps
+        if step < w:
+            return 1e-3 * step / w
+        progress = (step - w) / (total - w)
+        return 1e-3 * {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
+                       "constant": 1.0}[scheduler]
+
+    assert lrs == pytest.approx([expected(s) for s in range(1, total + 1)], abs=1e-12)
