@@ -341,7 +341,7 @@ def pip_for_checks(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def pip_dry_run(pip: str, requirements: Path, target: Path) -> subprocess.CompletedProcess:
-    command = [pip, "install", "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:",
+    command = [pip, "install", "--dry-run", "--ignore-installed", "--no-deps", "--require-hashes", "--only-binary=:all:",
                "--python-version", IMAGE_PYTHON, "--implementation", "cp", "--target", str(target),
                "--progress-bar", "off", "-r", str(requirements)]
     for platform in [*PLATFORMS, "any"]:
