@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,6 @@ import torch
 from app import checkpoint as ckpt
 from app.batching import BatchPlan
 from app.config import Config, load_config
-from app.data import read_rows
 from app.errors import UserError
 from app.tasks import Feature, Task, get_task
 
@@ -36,8 +35,7 @@ class TrainState:
     total_steps: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
+    best: dict = field(default_factory=dict)  # checkpoint name -> {"metric", "value", "step"}
     world_size: int = 1
     seed: int = 0
 
@@ -73,10 +71,6 @@ def make_scheduler(cfg: Config, optimizer, total_steps: int):
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def load_split(task: Task, path: str) -> list:
-    return task.validate(path, read_rows(path, task.required_columns))
 
 
 def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
@@ -158,7 +152,7 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
 
 # --- evaluation -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator) -> dict:
+def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator, step) -> dict:
     model.eval()
     total, items = 0.0, 0
     for i in range(0, len(dev_features), cfg.micro_batch_size):
@@ -169,15 +163,20 @@ def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, dev
         items += sum(task.loss_items(f) for f in chunk)
     metrics = {"dev_loss": total / max(items, 1)}
     rows = dev_rows[: cfg.eval_rows] if cfg.eval_rows else dev_rows
-    metrics.update(task.evaluate(model, tokenizer, cfg, rows, device))
+    metrics.update(task.evaluate(model, tokenizer, cfg, rows, device, step))
     model.train()
     return metrics
 
 
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "dev_loss" else value > best
+def improved_bests(task: Task, cfg: Config, metrics: dict, state: TrainState) -> list[str]:
+    """Names of the best-by-metric checkpoints this evaluation beats (and records them in state)."""
+    names = []
+    for name, (metric, mode) in task.best_checkpoints(cfg).items():
+        value, old = metrics[metric], state.best.get(name)
+        if old is None or (value < old["value"] if mode == "min" else value > old["value"]):
+            state.best[name] = {"metric": metric, "value": value, "step": state.step}
+            names.append(name)
+    return names
 
 
 # --- logging ----------------------------------------------------------------------------------------------
@@ -246,8 +245,8 @@ def _train(cfg: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     task = get_task(cfg.task)
     # bad data is reported before any model loads
-    train_rows = load_split(task, cfg.train_file)
-    dev_rows = load_split(task, cfg.dev_file) if cfg.dev_file else []
+    train_rows = task.load_rows(cfg, "train")
+    dev_rows = task.load_rows(cfg, "dev")
     if cfg.create_tiny_model:
         from app.tiny import ensure_tiny_model
 
@@ -375,21 +374,20 @@ def _train(cfg: Config) -> int:
                 stop.signum = signal.SIGTERM
 
         if dev_features and (state.step % cfg.eval_every == 0 or last) and stop.signum is None:
-            decision = [False, state.best_metric, state.best_step]  # decided on rank 0, shared with all
+            decision = [[], state.best]  # decided on rank 0, shared with all
             if is_main:
-                last_metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator)
+                last_metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device,
+                                        accelerator, state.step)
                 run_log.write(state.step, {f"eval/{k}": v for k, v in last_metrics.items()})
                 log.info("step %d eval: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in last_metrics.items()))
-                value = last_metrics[cfg.metric_for_best]
-                if is_better(cfg.metric_for_best, value, state.best_metric):
-                    decision = [True, value, state.step]
+                decision = [improved_bests(task, cfg, last_metrics, state), state.best]
             if world > 1:
                 from accelerate.utils import broadcast_object_list
 
                 broadcast_object_list(decision)
-            improved, state.best_metric, state.best_step = decision
-            if improved:
-                save("best")
+            improved, state.best = decision
+            for name in improved:
+                save(name)
 
         if last:
             save("final")

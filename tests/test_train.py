@@ -124,7 +124,9 @@ def test_eval_reports_generation_metrics_and_keeps_best_final_last_k(tiny_model_
     names = sorted(p.name for p in ckpt.checkpoints_dir(out).iterdir())
     assert names == ["best", "final", "step_0000002", "step_0000004"]
     best = ckpt.read_json(out / "checkpoints/best/trainer_state.json")
-    assert best["best_step"] in (3, 6) and best["best_metric"] == metrics[best["best_step"]]["eval/macro_f1"]
+    record = best["best"]["best"]
+    assert record["metric"] == "macro_f1" and record["step"] in (3, 6)
+    assert record["value"] == metrics[record["step"]]["eval/macro_f1"]
 
 
 def test_rerun_of_a_finished_run_does_not_train_again(tiny_model_dir, tmp_path, capsys):
@@ -143,12 +145,12 @@ def test_rerun_of_a_finished_run_does_not_train_again(tiny_model_dir, tmp_path, 
 def test_overlength_examples_are_counted_and_handled(tiny_model_dir, tmp_path, caplog):
     from app.errors import UserError
     from app.modeling import load_tokenizer
-    from app.train import encode_all, load_split
+    from app.train import encode_all
 
     task = NliCot()
     cfg = tiny_config(tiny_model_dir, tmp_path, max_seq_length=90)
     tok = load_tokenizer(cfg)
-    rows = load_split(task, cfg.train_file)[:50]
+    rows = task.load_rows(cfg, "train")[:50]
     full = [task.encode(r, tok, cfg) for r in rows]
     over = sum(len(f.input_ids) > 90 for f in full)
     assert 0 < over < 50

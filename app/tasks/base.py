@@ -71,6 +71,15 @@ class Task:
         """Read what save_extra wrote (strict key check)."""
 
     # --- data ---------------------------------------------------------------------------------------
+    def load_rows(self, cfg: Config, split: str) -> list[Row]:
+        """Rows of `split` ("train" or "dev"). Override to mix several files (weights, per-dataset tags)."""
+        from app.data import read_rows
+
+        path = cfg.train_file if split == "train" else cfg.dev_file
+        if path is None:
+            return []
+        return self.validate(path, read_rows(path, self.required_columns))
+
     def validate(self, path: str, rows: list[Row]) -> list[Row]:
         """Check rows; raise UserError naming file and line. Returns the rows to use."""
         return rows
@@ -96,6 +105,11 @@ class Task:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     # --- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device: torch.device) -> dict[str, float]:
-        """Task metrics on dev rows (beyond dev loss, which the engine computes)."""
+    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device: torch.device, step: int) -> dict[str, float]:
+        """Task metrics on dev rows (beyond dev loss, which the engine computes). Files a task writes per
+        evaluation (reliability diagrams, say) go under cfg.out_dir, named with `step`."""
         return {}
+
+    def best_checkpoints(self, cfg: Config) -> dict[str, tuple[str, str]]:
+        """Checkpoint name -> (metric, "max" | "min"): each is kept as the best by its metric so far."""
+        return {"best": (cfg.metric_for_best, "min" if cfg.metric_for_best.endswith("loss") else "max")}

@@ -91,7 +91,7 @@ class NliCot(Task):
         zero, one = scores[: len(prefixes)], scores[len(prefixes) :]
         return (one > zero).long().tolist()
 
-    def evaluate(self, model, tokenizer, cfg, rows: list[Row], device) -> dict[str, float]:
+    def evaluate(self, model, tokenizer, cfg, rows: list[Row], device, step: int = 0) -> dict[str, float]:
         values = [r.values for r in rows]
         preds: list[Prediction | None] = [None] * len(values)
         for batch, out in self.predict_batches(model, tokenizer, cfg, values, device, cfg.eval_batch_size):
