@@ -125,6 +125,10 @@ class Config(BaseModel):
     infer_batch_size: int = Field(32, gt=0, description="rows per generation batch at inference")
     backend: Literal["hf", "vllm"] = Field("hf", description="inference backend; vllm needs a GPU and `pip install vllm`")
 
+    # --- task "confidence_tokens" (app/tasks/confidence_tokens.py) -----------------------------------
+
+    # --- task "confidence_head" (app/tasks/confidence_head.py) ---------------------------------------
+
     @property
     def out_path(self) -> Path:
         return Path(self.out_dir)

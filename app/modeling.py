@@ -98,9 +98,15 @@ def load_base_model(cfg: Config, device: torch.device, path: str | None = None):
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Grow the embedding matrix for added tokens; new rows start at the mean of the old ones."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    """Grow the embedding matrix for added tokens; new rows start exactly at the mean of the old ones
+    (deterministic, unlike sampling around it, so training and inference rebuild the same rows)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+            emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
 
 
 def add_adapters(model, cfg: Config, trainable_token_ids: list[int] = ()):

@@ -11,6 +11,8 @@ from app.tasks.base import Feature, Task
 # name -> "module:Class", imported on demand so one task's optional dependencies never load for another
 TASKS = {
     "nli_cot": "app.tasks.nli_cot:NliCot",
+    "confidence_tokens": "app.tasks.confidence_tokens:ConfidenceTokens",
+    "confidence_head": "app.tasks.confidence_head:ConfidenceHead",
 }
 
 
