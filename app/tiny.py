@@ -71,6 +71,7 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     model = build_model(vocab_size=len(tokenizer), seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared like any other
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -93,8 +94,10 @@ def ensure_tiny_model(path: str | Path) -> None:
         path.rmdir()
     try:
         write_tiny_model(path)
-    except FileExistsError:
-        pass  # another process of a multi-process run wrote it first
+    except (OSError, UserError):
+        if not (path / "config.json").is_file():
+            raise
+        # another process of a multi-process run wrote it first
 
 
 def cli(argv: list[str]) -> int:
