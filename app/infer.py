@@ -82,11 +82,14 @@ def _complete_checkpoints(run_checkpoints: Path) -> list[Path]:
 
 
 def _preferred(checkpoints: list[Path]) -> Path | None:
-    """final, else best, else the highest step_*, else any (newest written)."""
+    """final, else best (else the newest best_*), else the highest step_*, else any (newest written)."""
     by_name = {p.name: p for p in checkpoints}
     for name in ("final", "best"):
         if name in by_name:
             return by_name[name]
+    bests = [p for p in checkpoints if p.name.startswith("best")]
+    if bests:
+        return max(bests, key=_written_at)
     steps = [p for p in checkpoints if _STEP.match(p.name)]
     if steps:
         return max(steps, key=lambda p: int(_STEP.match(p.name).group(1)))
