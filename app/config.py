@@ -128,6 +128,28 @@ class Config(BaseModel):
     # --- task "confidence_tokens" (app/tasks/confidence_tokens.py) -----------------------------------
 
     # --- task "confidence_head" (app/tasks/confidence_head.py) ---------------------------------------
+    step_marker: str = Field(
+        "<CONFIDENCE>", description="confidence_head: special token after each step; the head reads its hidden state"
+    )
+    step_train_files: dict[str, float] = Field(
+        {}, description="confidence_head: training files -> sampling weight (weighted mix); empty = train_file alone"
+    )
+    step_dev_files: list[str] = Field([], description="confidence_head: dev files, concatenated; empty = dev_file")
+    step_formats: dict[str, Literal["auto", "generic", "prm800k", "reveal", "eqasc"]] = Field(
+        {}, description="confidence_head: file -> data format; unlisted files are detected from their first record"
+    )
+    step_mix_size: int | None = Field(
+        None, gt=0, description="confidence_head: rows drawn from the weighted mix; None = all files' rows together"
+    )
+    head_hidden_sizes: list[int] = Field(
+        [1024, 256], description="confidence_head: hidden widths of the MLP head (Linear + GELU + Dropout each)"
+    )
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="confidence_head: dropout after each hidden layer of the head")
+    head_loss: Literal["mse", "huber"] = Field("mse", description="confidence_head: regression loss on labelled steps")
+    head_huber_delta: float = Field(1.0, gt=0, description="confidence_head: delta of the Huber loss (head_loss='huber')")
+    head_metric_for_best: Literal["dev_loss", "mse", "mae", "pearson", "spearman", "auroc", "ece"] = Field(
+        "dev_loss", description="confidence_head: picks best/ (lower is better for dev_loss, mse, mae, ece)"
+    )
 
     @property
     def out_path(self) -> Path:

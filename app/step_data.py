@@ -1,0 +1,438 @@
+"""Step-labelled reasoning data: a problem, its solution steps and one confidence label per step.
+
+Every reader returns `app.data.Row`s whose values hold
+    problem: str, steps: list[str], labels: list[float | None], source: str (the file), format: str
+(`None`: the step stays in the text but carries no loss and counts in no metric), plus `id` when the input has one.
+Errors name the file and line, in one line (`app.errors.UserError`).
+
+Formats (`read_step_file(path, fmt="auto")` tells them apart by their first record):
+
+generic   JSONL (or a JSON array), one solution per line:
+              {"problem": "...", "steps": ["...", ...], "labels": [1.0, 0.0, ...]}
+          a label is a number in [0, 1] or null (unlabelled); `labels` may be left out where labels are optional
+          (scoring). An optional "id" is carried through.
+
+prm800k   PRM800K in its original schema (one labelling session per line: `question.problem`, `label.steps[]` with
+          `completions[]` (`text`, `rating` -1/0/1 or null), `chosen_completion`, `human_completion`, and
+          `label.finish_reason`). Mapping, one trajectory per record:
+          - the trajectory follows each step's `chosen_completion`; where it is null and the labeller wrote a
+            `human_completion`, that text continues the trajectory; where both are null the trajectory ends there,
+            with the first completion rated -1 as its last step when there is one (that is how a `found_error`
+            session ends), else without that step (`give_up`, unrated ends);
+          - rating 1 -> 1.0, 0 -> 0.5, -1 -> 0.0, null -> unlabelled (kept as context: a human completion is
+            usually unrated);
+          - records with finish_reason `bad_problem`, or with no step on the trajectory, are skipped; the rejected
+            alternative completions are not used.
+
+reveal    REVEAL (Jacovi et al. 2024, "A Chain-of-Thought Is as Strong as Its Weakest Link"), its CSV or JSONL
+          release: one row per (answer, step, evidence passage). Columns used: `answer_id`, `question`, `step_idx`,
+          `step`, `type`, `attribution_label`, `correctness_label`. Rows are grouped by `answer_id` (in order of
+          first appearance) and ordered by `step_idx`; the rows of one step (one per evidence passage) merge.
+          Mapping to the probability that a step is right:
+          - logical steps (`type` mentions "logical"): `correctness_label` correct -> 1.0, incorrect -> 0.0;
+          - attribution steps (`type` mentions "attribution"): the best `attribution_label` over the step's
+            passages: fully (attributable) -> 1.0, partially -> 0.5, contradictory -> 0.0, unsupported / empty ->
+            unlabelled (the evidence does not decide);
+          - a step of both types: the lower of the two labels it has; `relevance_label` does not change the label.
+          Label text is compared case-insensitively, without a trailing period; any other value is an error.
+
+eqasc     eQASC (Jhamtani & Clark 2020), the released JSON array of QASC questions (or JSONL, one per line). Each
+          reasoning chain on the correct answer (`answerKey`) becomes one example: problem = `question.stem`,
+          steps = [fact 1, fact 2, "So the answer is <choice text>."], labels = [unlabelled, unlabelled, y] with
+          y = 1.0 when the chain's `turk_label.label` is "yes" (a valid explanation) and 0.0 for "no", "not-quite",
+          "unsure", "?", "fact12", "bad-answer", "fact1", "fact2" (the mapping of the eQASC reference reader:
+          only "yes" is positive). Chains on wrong choices and chains without a turk label are skipped.
+
+`python -m app.step_data synthetic DIR` writes the bundled synthetic set (data/sample/steps/);
+`python -m app.step_data convert IN OUT [--format F]` writes any supported file as generic JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from app.data import Row, read_rows, read_text
+from app.errors import UserError
+
+FORMATS = ("generic", "prm800k", "reveal", "eqasc")
+DEFAULT_MARKER = "<CONFIDENCE>"
+
+
+# --- one example ----------------------------------------------------------------------------------------------
+def parse_label(value, where: str, k: int) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: labels[{k}] must be a number in [0, 1] or null, found {value!r}")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise UserError(f"{where}: labels[{k}] = {value!r} is outside [0, 1]")
+    return float(value)
+
+
+def check_example(path, line: int, problem, steps, labels, marker: str, require_labels: bool = True) -> dict:
+    """Validate one example; the values of its Row. Raises UserError naming file and line."""
+    where = f"{path}:{line}"
+    if not isinstance(problem, str):
+        raise UserError(f"{where}: problem must be text, found {type(problem).__name__}")
+    if not isinstance(steps, list) or not steps:
+        raise UserError(f"{where}: steps must be a non-empty list of strings")
+    for k, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise UserError(f"{where}: steps[{k}] must be non-empty text, found {step!r}")
+        if marker in step:
+            raise UserError(f"{where}: steps[{k}] contains the step marker {marker!r}")
+    if marker in problem:
+        raise UserError(f"{where}: problem contains the step marker {marker!r}")
+    if labels is None:
+        if require_labels:
+            raise UserError(f"{where}: labels missing (one label in [0, 1] or null per step)")
+        labels = [None] * len(steps)
+    elif not isinstance(labels, list):
+        raise UserError(f"{where}: labels must be a list, found {type(labels).__name__}")
+    if len(labels) != len(steps):
+        raise UserError(f"{where}: labels has {len(labels)} entries but steps has {len(steps)}")
+    return {"problem": problem, "steps": list(steps), "labels": [parse_label(v, where, k) for k, v in enumerate(labels)]}
+
+
+# --- records --------------------------------------------------------------------------------------------------
+def read_records(path: str | Path) -> list[Row]:
+    """JSON objects of a JSONL file or of a JSON array (each with the line it starts on); CSV rows otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
+        return read_rows(path)
+    text = read_text(path)
+    start = len(text) - len(text.lstrip())
+    rows: list[Row] = []
+    if text[start] == "[":
+        decoder, pos = json.JSONDecoder(), start + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text):
+                raise UserError(f"{path}:{text.count(chr(10)) + 1}: JSON array not closed")
+            if text[pos] == "]":
+                break
+            line = text.count("\n", 0, pos) + 1
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(value, dict):
+                raise UserError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}")
+            rows.append(Row(line, value))
+    else:
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: broken JSON line ({err.msg} at column {err.colno})") from None
+            if not isinstance(value, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, found {type(value).__name__}")
+            rows.append(Row(number, value))
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    return rows
+
+
+def detect_format(path, first: dict) -> str:
+    if "problem" in first and "steps" in first:
+        return "generic"
+    if isinstance(first.get("question"), dict) and isinstance(first.get("label"), dict) and "steps" in first["label"]:
+        return "prm800k"
+    if "step_idx" in first and "step" in first:
+        return "reveal"
+    if isinstance(first.get("question"), dict) and "choices" in first["question"]:
+        return "eqasc"
+    raise UserError(f"{path}: cannot tell the format of the first record (keys: {', '.join(list(first)[:8])}); "
+                    f"expected generic {{problem, steps, labels}}, PRM800K, REVEAL or eQASC (set step_formats)")
+
+
+def read_step_file(path: str | Path, fmt: str = "auto", marker: str = DEFAULT_MARKER,
+                   require_labels: bool = True) -> list[Row]:
+    """Examples of one file in any supported format (see the module docstring for the mappings)."""
+    records = read_records(path)
+    if fmt == "auto":
+        fmt = detect_format(path, records[0].values)
+    if fmt not in READERS:
+        raise UserError(f"{path}: unknown step data format {fmt!r} (known: {', '.join(FORMATS)})")
+    rows = READERS[fmt](path, records, marker, require_labels)
+    if not rows:
+        raise UserError(f"{path}: no usable examples ({fmt} format)")
+    for row in rows:
+        row.values["source"], row.values["format"] = str(path), fmt
+    return rows
+
+
+# --- generic --------------------------------------------------------------------------------------------------
+def _generic(path, records: list[Row], marker: str, require_labels: bool) -> list[Row]:
+    rows = []
+    for rec in records:
+        v = rec.values
+        for key in ("problem", "steps"):
+            if key not in v:
+                raise UserError(f"{path}:{rec.line}: missing key {key!r} (expected problem, steps, labels)")
+        values = check_example(path, rec.line, v["problem"], v["steps"], v.get("labels"), marker, require_labels)
+        if v.get("id") is not None:
+            values["id"] = str(v["id"])
+        rows.append(Row(rec.line, values))
+    return rows
+
+
+# --- PRM800K --------------------------------------------------------------------------------------------------
+PRM_RATING = {1: 1.0, 0: 0.5, -1: 0.0}
+
+
+def _prm_rating(completion: dict, where: str):
+    rating = completion.get("rating")
+    if rating is None:
+        return None
+    if isinstance(rating, bool) or rating not in PRM_RATING:
+        raise UserError(f"{where}: rating must be -1, 0, 1 or null, found {rating!r}")
+    return PRM_RATING[rating]
+
+
+def prm800k_trajectory(record: dict, where: str) -> tuple[list[str], list[float | None]] | None:
+    """(steps, labels) of one PRM800K record under the documented mapping; None when the record is skipped."""
+    question, label = record.get("question"), record.get("label")
+    if not isinstance(question, dict) or not isinstance(question.get("problem"), str):
+        raise UserError(f"{where}: question.problem missing (not a PRM800K record?)")
+    if not isinstance(label, dict) or not isinstance(label.get("steps"), list):
+        raise UserError(f"{where}: label.steps missing (not a PRM800K record?)")
+    if label.get("finish_reason") == "bad_problem":
+        return None
+    steps, labels = [], []
+    for k, step in enumerate(label["steps"]):
+        at = f"{where}: label.steps[{k}]"
+        if not isinstance(step, dict) or not isinstance(step.get("completions"), list):
+            raise UserError(f"{at}: completions missing")
+        completions, chosen, human = step["completions"], step.get("chosen_completion"), step.get("human_completion")
+        if chosen is not None:
+            if isinstance(chosen, bool) or not isinstance(chosen, int) or not 0 <= chosen < len(completions):
+                raise UserError(f"{at}: chosen_completion={chosen!r} is not an index of its {len(completions)} completions")
+            picked = completions[chosen]
+        elif human is not None:
+            picked = human
+        else:
+            picked = next((c for c in completions if isinstance(c, dict) and c.get("rating") == -1), None)
+            if picked is not None:
+                steps.append(picked.get("text"))
+                labels.append(_prm_rating(picked, at))
+            break
+        if not isinstance(picked, dict):
+            raise UserError(f"{at}: completion is not an object")
+        steps.append(picked.get("text"))
+        labels.append(_prm_rating(picked, at))
+    return (steps, labels) if steps else None
+
+
+def _prm800k(path, records: list[Row], marker: str, require_labels: bool) -> list[Row]:
+    rows = []
+    for rec in records:
+        found = prm800k_trajectory(rec.values, f"{path}:{rec.line}")
+        if found is None:
+            continue
+        steps, labels = found
+        values = check_example(path, rec.line, rec.values["question"]["problem"], steps, labels, marker, require_labels)
+        rows.append(Row(rec.line, values))
+    return rows
+
+
+# --- REVEAL ---------------------------------------------------------------------------------------------------
+REVEAL_ATTRIBUTION = {"fully": 1.0, "fully attributable": 1.0, "partially": 0.5, "partially attributable": 0.5,
+                      "contradictory": 0.0, "contradicts": 0.0, "contradiction": 0.0, "unsupported": None,
+                      "not attributable": None, "none": None, "": None}
+REVEAL_CORRECTNESS = {"correct": 1.0, "incorrect": 0.0, "": None, "none": None}
+
+
+def _norm(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip().rstrip(".").strip().lower()
+
+
+def _reveal(path, records: list[Row], marker: str, require_labels: bool) -> list[Row]:
+    answers: dict[str, dict] = {}
+    for rec in records:
+        v, where = rec.values, f"{path}:{rec.line}"
+        for key in ("answer_id", "step_idx", "step"):
+            if key not in v:
+                raise UserError(f"{where}: missing column {key!r} (REVEAL rows need answer_id, step_idx, step)")
+        try:
+            idx = int(float(v["step_idx"]))
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: step_idx must be an integer, found {v['step_idx']!r}") from None
+        answer = answers.setdefault(str(v["answer_id"]), {"line": rec.line, "question": v.get("question"), "steps": {}})
+        step = answer["steps"].setdefault(idx, {"text": v["step"], "attr": [], "logic": [], "types": set()})
+        kind = _norm(v.get("type"))
+        if "attribution" in kind or "both" in kind:
+            step["types"].add("attribution")
+        if "logic" in kind or "both" in kind:
+            step["types"].add("logical")
+        attr, logic = _norm(v.get("attribution_label")), _norm(v.get("correctness_label"))
+        if attr not in REVEAL_ATTRIBUTION:
+            raise UserError(f"{where}: attribution_label {v.get('attribution_label')!r} is not one of "
+                            "fully, partially, contradictory, unsupported")
+        if logic not in REVEAL_CORRECTNESS:
+            raise UserError(f"{where}: correctness_label {v.get('correctness_label')!r} is not correct or incorrect")
+        step["attr"].append(REVEAL_ATTRIBUTION[attr])
+        step["logic"].append(REVEAL_CORRECTNESS[logic])
+    rows = []
+    for answer in answers.values():
+        steps, labels = [], []
+        for idx in sorted(answer["steps"]):
+            s = answer["steps"][idx]
+            parts, types = [], s["types"] or {"attribution", "logical"}  # no type given: use what is labelled
+            if "attribution" in types:
+                known = [a for a in s["attr"] if a is not None]
+                if known:
+                    parts.append(max(known))
+            if "logical" in types:
+                known = [c for c in s["logic"] if c is not None]
+                if known:
+                    parts.append(min(known))
+            steps.append(s["text"])
+            labels.append(min(parts) if parts else None)
+        problem = answer["question"] if isinstance(answer["question"], str) else ""
+        rows.append(Row(answer["line"], check_example(path, answer["line"], problem, steps, labels, marker, require_labels)))
+    return rows
+
+
+# --- eQASC ----------------------------------------------------------------------------------------------------
+EQASC_POSITIVE = {"yes"}
+EQASC_NEGATIVE = {"no", "not-quite", "unsure", "?", "fact12", "bad-answer", "fact1", "fact2"}
+
+
+def _eqasc(path, records: list[Row], marker: str, require_labels: bool) -> list[Row]:
+    rows = []
+    for rec in records:
+        v, where = rec.values, f"{path}:{rec.line}"
+        question = v.get("question")
+        if not isinstance(question, dict) or not isinstance(question.get("choices"), list):
+            raise UserError(f"{where}: question.choices missing (not an eQASC record?)")
+        stem = question.get("stem")
+        for choice in question["choices"]:
+            if not isinstance(choice, dict) or choice.get("label") != v.get("answerKey"):
+                continue
+            for c, chain in enumerate(choice.get("chains") or []):
+                if not isinstance(chain, list) or len(chain) < 2:
+                    raise UserError(f"{where}: chain {c} of choice {choice.get('label')!r} is not [fact1, fact2, info]")
+                info = chain[2] if len(chain) > 2 and isinstance(chain[2], dict) else {}
+                turk = info.get("turk_label")
+                label = turk.get("label") if isinstance(turk, dict) else turk
+                if label is None:
+                    continue
+                label = str(label).strip().lower()
+                if label in EQASC_POSITIVE:
+                    y = 1.0
+                elif label in EQASC_NEGATIVE:
+                    y = 0.0
+                else:
+                    raise UserError(f"{where}: chain {c}: unknown turk_label {label!r}")
+                facts = [chain[0].get("text") if isinstance(chain[0], dict) else chain[0],
+                         chain[1].get("text") if isinstance(chain[1], dict) else chain[1]]
+                steps = facts + [f"So the answer is {choice.get('text')}."]
+                values = check_example(path, rec.line, stem, steps, [None, None, y], marker, require_labels)
+                if v.get("id") is not None:
+                    values["id"] = f"{v['id']}/{c}"
+                rows.append(Row(rec.line, values))
+    return rows
+
+
+READERS: dict[str, Callable] = {"generic": _generic, "prm800k": _prm800k, "reveal": _reveal, "eqasc": _eqasc}
+
+
+# --- weighted mixing ------------------------------------------------------------------------------------------
+def mix(datasets: list[tuple[str, float, list[Row]]], size: int, seed: int) -> list[Row]:
+    """`size` rows drawn from several datasets: each draw picks dataset d with probability w_d / sum(w), then that
+    dataset's next row in a seeded shuffled order (reshuffled when used up, so no row repeats before all have been
+    seen). Deterministic in (seed, weights, sizes)."""
+    import numpy as np
+
+    weights = np.array([w for _, w, _ in datasets], dtype=np.float64)
+    rng = np.random.default_rng([seed, 0x57E9])
+    picks = rng.choice(len(datasets), size=size, p=weights / weights.sum())
+    orders = [[] for _ in datasets]
+    out = []
+    for d in picks.tolist():
+        if not orders[d]:
+            orders[d] = rng.permutation(len(datasets[d][2])).tolist()[::-1]
+        out.append(datasets[d][2][orders[d].pop()])
+    return out
+
+
+# --- the synthetic sample set ---------------------------------------------------------------------------------
+NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lucia"]
+ACTIVITIES = ["reading", "cooking", "sleeping", "singing", "painting", "talking", "waiting", "writing"]
+PLACES = ["kitchen", "library", "office", "bedroom", "museum", "garage", "park", "garden", "forest", "beach"]
+
+
+def synthetic_example(rng: random.Random) -> dict:
+    """A made-up solution whose step correctness shows in the step's own text: a right step ends with the verdict
+    "They agree." and a wrong one with "They differ.". As in real solutions, an error is not undone: the steps after
+    the first wrong one are wrong too (half of the solutions go wrong, at a random step)."""
+    name, activity = rng.choice(NAMES), rng.choice(ACTIVITIES)
+    problem = f"Where is {name} {activity}?"
+    n = rng.randint(2, 4)
+    first_wrong = rng.randrange(n) if rng.random() < 0.5 else n
+    steps, labels = [], []
+    for k in range(n):
+        right = k < first_wrong
+        place = rng.choice(PLACES)
+        steps.append(f"{name} is {activity} in the {place}. They {'agree' if right else 'differ'}.")
+        labels.append(1.0 if right else 0.0)
+    return {"problem": problem, "steps": steps, "labels": labels}
+
+
+SYNTHETIC_SPLITS = {"train": (400, 11), "dev": (100, 12)}
+
+
+def write_synthetic(out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, (n, seed) in SYNTHETIC_SPLITS.items():
+        rng = random.Random(seed)
+        path = out_dir / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(synthetic_example(rng)) + "\n" for _ in range(n)), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+USAGE = ("usage: python -m app.step_data synthetic DIR\n"
+         "       python -m app.step_data convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if len(argv) == 2 and argv[0] == "synthetic":
+            for path in write_synthetic(argv[1]):
+                print(f"wrote {path}")
+            return 0
+        if len(argv) in (3, 4) and argv[0] == "convert":
+            fmt = "auto"
+            if len(argv) == 4:
+                if not argv[3].startswith("--format="):
+                    raise UserError(USAGE)
+                fmt = argv[3].split("=", 1)[1]
+            rows = read_step_file(argv[1], fmt, require_labels=False)
+            out = Path(argv[2])
+            out.write_text("".join(json.dumps({k: r.values[k] for k in ("problem", "steps", "labels")}, ensure_ascii=False)
+                                   + "\n" for r in rows), encoding="utf-8")
+            print(f"wrote {len(rows)} examples to {out}")
+            return 0
+        raise UserError(USAGE)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
