@@ -8,4 +8,4 @@ fi
 # torch first, pinned: a later unpinned `torch` requirement would otherwise pull CUDA wheels on a CPU box
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[dev]"
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -109,13 +109,22 @@ def fit_embeddings(model, tokenizer) -> None:
             emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant: works with frozen inputs and DDP)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_adapters(model, cfg: Config, trainable_token_ids: list[int] = ()):
     """Make the model trainable as the config says: LoRA (optionally on a k-bit base) or full."""
     if cfg.finetuning == "full":
         if cfg.quantization is not None:
             raise UserError("finetuning='full' cannot train a quantized base; use finetuning='lora' (QLoRA)")
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -123,7 +132,7 @@ def add_adapters(model, cfg: Config, trainable_token_ids: list[int] = ()):
     if cfg.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora_r,
