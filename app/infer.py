@@ -622,8 +622,9 @@ def cli(argv: list[str]) -> int:
     args, rest = _parser().parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}; usage: python -m app infer INPUT [--checkpoint DIR] "
-                        "[--output FILE] [--key=value ...]")
+        hint = "config overrides take the form --name=value" if bad[0].startswith("--") else (
+            "usage: python -m app infer INPUT [--checkpoint DIR] [--output FILE] [--key=value ...]")
+        raise UserError(f"unexpected argument {bad[0]!r}; {hint}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         run(args.input, args.checkpoint, args.output, rest, fresh=args.fresh, examples=args.examples,
