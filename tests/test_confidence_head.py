@@ -4,8 +4,10 @@ truncation, full and LoRA training, checkpoint round trips, the strict head chec
 from __future__ import annotations
 
 import json
-import math
-import shutil
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -374,3 +376,42 @@ def test_score_steps_refuses_other_formats_and_tasks(full_run, tmp_path, shared_
     bad.write_text(json.dumps({"problem": "p", "steps": ["a", "b"], "labels": [1, 3]}) + "\n")
     assert main(["score-steps", str(bad), "--checkpoint", str(full_run["final"])]) == 2
     assert f"{bad}:1: labels[1] = 3 is outside [0, 1]" in capsys.readouterr().err
+
+
+# --- resume and processes -----------------------------------------------------------------------------------------
+def test_interrupted_run_resumes_to_the_same_weights_and_head(full_run, tiny_model_dir, tmp_path):
+    cfg = ch_config(tiny_model_dir, tmp_path / "resumed", max_steps=40, eval_every=40, batch_size=16,
+                    micro_batch_size=16, stop_after_steps=20)
+    assert train(cfg) == 0
+    assert (tmp_path / "resumed/checkpoints/step_0000020" / HEAD_FILE).is_file()
+    assert not (tmp_path / "resumed/checkpoints/final").exists()
+    assert train(cfg) == 0  # picks up at step 20: head weights come back through load_extra
+    for name in (HEAD_FILE, "model.safetensors"):
+        a = load_file(str(tmp_path / "resumed/checkpoints/final" / name))
+        b = load_file(str(full_run["final"] / name))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name
+
+
+def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
+    """DDP over the objective (backbone + head): the LM head, never computed, is frozen, so no parameter waits for a
+    gradient; with head dropout off, 2 gloo processes give the steps of 1 process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = dict(max_steps=3, eval_every=100, batch_size=16, micro_batch_size=8, head_dropout=0.0)
+    one = ch_config(tiny_model_dir, tmp_path / "one", **common)
+    assert train(one) == 0
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in {
+        "model_name": str(tiny_model_dir), "create_tiny_model": False, "out_dir": str(tmp_path / "two"),
+        "train_file": str(ROOT / "data/sample/steps/train.jsonl"), "dev_file": None, "tensorboard": False,
+        "log_every": 1, "save_every": 1000, **common}.items()]
+    load_config(ROOT / "configs/confidence_head_tiny.py", args)  # valid before launching
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "app",
+           "train", str(ROOT / "configs/confidence_head_tiny.py"), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a = load_file(str(tmp_path / "one/checkpoints/final" / HEAD_FILE))
+    b = load_file(str(tmp_path / "two/checkpoints/final" / HEAD_FILE))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
