@@ -14,6 +14,7 @@ COMMANDS = {
     "tiny-model": ("app.tiny", "write the embedded tiny model and tokenizer: tiny-model DIR"),
     "infer": ("app.infer", "batched inference on a CSV/JSONL: infer INPUT [--checkpoint DIR] [--output FILE]"),
     "score": ("app.score", "score predictions against gold labels: score --pred FILE --gold FILE"),
+    "tag": ("app.tag", "confidence-token training rows from raw QA + a model: tag INPUT --output OUT.jsonl [...]"),
     "score-steps": ("app.score_steps", "per-step confidences of step solutions: score-steps INPUT [--checkpoint DIR]"),
 }
 

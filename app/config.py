@@ -126,6 +126,32 @@ class Config(BaseModel):
     backend: Literal["hf", "vllm"] = Field("hf", description="inference backend; vllm needs a GPU and `pip install vllm`")
 
     # --- task "confidence_tokens" (app/tasks/confidence_tokens.py) -----------------------------------
+    confidence_tokens: dict[str, list[str]] = Field(
+        {"boolq": ["<C_READ>", "<U_READ>"], "medqa": ["<C_MED>", "<U_MED>"]},
+        description="confidence_tokens: dataset -> [confident token, unconfident token], added as special tokens",
+    )
+    confidence_loss: Literal["full_vocab", "pair"] = Field(
+        "full_vocab", description="confidence_tokens: cross-entropy over the full vocabulary or the domain's two tokens"
+    )
+    validation_files: dict[str, str] = Field(
+        {}, description="confidence_tokens: dataset -> raw QA file for validation; empty = dev_file (dataset column)"
+    )
+    confidence_prompt: str = Field(
+        "{question}\nAnswer:", description="confidence_tokens: prompt around the question text ({question})"
+    )
+    confidence_chat_template: bool = Field(
+        False, description="confidence_tokens: put the question in the tokenizer's chat template (instruct models)"
+    )
+    calib_beta: int | None = Field(
+        50, gt=0, description="equal-mass calibration bins of this many samples (Kumar et al.); None = reference binning"
+    )
+    n_bins: int = Field(10, gt=0, description="equal-width bins of the ECE and the reliability diagram")
+    calibration_metric: Literal[
+        "ce_l2_debiased", "ce_l2_plugin", "ce_l1_plugin", "ce_max_plugin", "ece_l1", "ece_l2", "ece_max", "brier"
+    ] = Field("ce_l2_debiased", description="confidence_tokens: the calibration_error that picks best_calibration/")
+    hub_repo: str | None = Field(
+        None, description="confidence_tokens: push final/ adapter + tokenizer to this Hub repo (HF_TOKEN from env)"
+    )
 
     # --- task "confidence_head" (app/tasks/confidence_head.py) ---------------------------------------
     step_marker: str = Field(

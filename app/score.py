@@ -6,6 +6,10 @@ is detected from the content: a first line that is just a 0/1 label means label-
 position; a length mismatch is an error, never a truncation. When both files have an `id` column, the ids must agree.
 
 Prints the metrics as a table and as JSON; `--json OUT` also writes the JSON (atomically). Imports no torch.
+
+Calibration: when the predictions carry a `confidence` column (the model's probability that its prediction is right,
+in [0, 1]), the report gains `calibration`: app.calibration.calibration_report of the confidences against whether each
+prediction matches its gold label (binned errors, ECE, Brier, reliability bins; `--n_bins`, `--calib_beta`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Labels:
     fmt: str  # "lines", "csv" or "jsonl"
     ids: list[str] | None = None
     parse_failures: int | None = None  # rows with parse_ok false, when the file has that column
+    confidence: list[float] | None = None  # the `confidence` column, when the file has one
 
 
 def read_labels(path: str | Path, columns: tuple[str, ...], role: str) -> Labels:
@@ -61,7 +66,21 @@ def read_labels(path: str | Path, columns: tuple[str, ...], role: str) -> Labels
     failures = None
     if "parse_ok" in rows[0].values:
         failures = sum(str(row.values.get("parse_ok", "")).strip().lower() in _FALSE_WORDS for row in rows)
-    return Labels(path, values, [row.line for row in rows], fmt, ids, failures)
+    confidence = None
+    if "confidence" in rows[0].values:
+        confidence = [_confidence(row.values.get("confidence"), path, row.line) for row in rows]
+    return Labels(path, values, [row.line for row in rows], fmt, ids, failures, confidence)
+
+
+def _confidence(value, path: Path, line: int) -> float:
+    """A probability in [0, 1] from CSV text or JSON; anything else is an error naming the line."""
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise UserError(f"{path}:{line}: confidence must be a probability in [0, 1], found {value!r}")
+    return number
 
 
 def _read_label_lines(path: Path, text: str) -> Labels:
@@ -122,6 +141,30 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
         raise
 
 
+def calibration(pred: Labels, gold: Labels, n_bins: int = 10, calib_beta: int | None = None) -> dict:
+    """Calibration of the prediction confidences against correctness (prediction == gold)."""
+    from app.calibration import calibration_report
+
+    for name, value in (("--n_bins", n_bins), ("--calib_beta", calib_beta)):
+        if value is not None and value < 1:
+            raise UserError(f"{name}={value}: must be at least 1")
+    correct = [int(p == g) for p, g in zip(pred.values, gold.values)]
+    return calibration_report(pred.confidence, correct, n_bins=n_bins, calib_beta=calib_beta)
+
+
+_CALIBRATION_ROWS = {"mean_confidence": "mean confidence", "accuracy": "share of correct predictions",
+                     "ece_l1": "ECE (equal-width, L1)", "ece_max": "MCE (equal-width, max)",
+                     "ce_l2_debiased": "calibration error (L2, debiased)", "ce_l1_plugin": "calibration error (L1)",
+                     "brier": "Brier score"}
+
+
+def format_calibration(report: dict) -> str:
+    width = max(len(v) for v in _CALIBRATION_ROWS.values())
+    lines = ["", f"{'calibration':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{label:<{width}}  {report[key]:.4f}" for key, label in _CALIBRATION_ROWS.items()]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m app score",
@@ -130,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pred", required=True, help="predictions CSV (predicted_label column) or one 0/1 per line")
     parser.add_argument("--gold", required=True, help="gold CSV/JSONL (label column) or one 0/1 per line")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics JSON to OUT")
+    parser.add_argument("--n_bins", type=int, default=10, help="equal-width bins of the ECE (confidence column)")
+    parser.add_argument("--calib_beta", type=int, default=None,
+                        help="equal-mass calibration bins of this many samples (default: the reference binning)")
     return parser
 
 
@@ -142,6 +188,9 @@ def cli(argv: list[str]) -> int:
     print(format_table(metrics))
     if pred.parse_failures:
         print(f"({pred.parse_failures} of {metrics['n']} predictions were not parsed from the model's JSON)")
+    if pred.confidence is not None:
+        report["calibration"] = calibration(pred, _gold, args.n_bins, args.calib_beta)
+        print(format_calibration(report["calibration"]))
     print(json.dumps(report, indent=2))
     if args.json_out:
         write_json_atomic(args.json_out, report)

@@ -336,3 +336,41 @@ def test_real_course_files_as_gold(tmp_path, name, rows):
     write_lines(tmp_path / "short.solution", pred[:-1])
     with pytest.raises(UserError, match=f"{rows - 1} predictions .* {rows} gold labels"):
         score_files(tmp_path / "short.solution", gold_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# calibration of a confidence column
+
+
+def test_confidence_column_adds_calibration(tmp_path, capsys):
+    from app.calibration import calibration_report
+
+    rng = np.random.default_rng(11)
+    gold = rng.integers(0, 2, 80).tolist()
+    pred = [g if rng.random() < 0.75 else 1 - g for g in gold]
+    conf = rng.uniform(0.3, 1.0, 80).round(6).tolist()
+    with (tmp_path / "pred.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "predicted_label", "confidence"])
+        writer.writerows([i, p, c] for i, (p, c) in enumerate(zip(pred, conf)))
+    write_lines(tmp_path / "gold.txt", gold)
+    assert cli(["--pred", str(tmp_path / "pred.csv"), "--gold", str(tmp_path / "gold.txt"), "--n_bins", "5",
+                "--calib_beta", "20", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ECE (equal-width, L1)" in out and "Brier score" in out
+    report = json.loads((tmp_path / "out.json").read_text())
+    want = calibration_report(conf, [int(p == g) for p, g in zip(pred, gold)], n_bins=5, calib_beta=20)
+    assert report["calibration"] == json.loads(json.dumps(want))
+    assert_matches_sklearn(gold, pred, report)
+    # without the column, no calibration section
+    write_predictions_csv(tmp_path / "plain.csv", pred)
+    assert cli(["--pred", str(tmp_path / "plain.csv"), "--gold", str(tmp_path / "gold.txt")]) == 0
+    assert "calibration" not in printed_json(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("value", ["1.5", "high", "", "-0.1", "nan"])
+def test_bad_confidence_names_file_and_line(tmp_path, value):
+    (tmp_path / "pred.csv").write_text(f"predicted_label,confidence\n1,0.5\n0,{value}\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        read_labels(tmp_path / "pred.csv", ("predicted_label",), "predictions")
+    assert "pred.csv:3: confidence must be a probability in [0, 1]" in str(err.value)

@@ -1,0 +1,163 @@
+"""`python -m app tag INPUT --output OUT.jsonl [--dataset NAME] [--config CFG.py] [--checkpoint DIR] [--limit N]
+[--key=value ...]`: training rows for the confidence_tokens task from raw QA rows and a model.
+
+Each raw row (BoolQ: question, passage, answer true/false; MedQA: question, options A-E, answer letter; see
+app/tasks/confidence_tokens.py) is put to the model with the same prompt the task trains and validates with; the
+answer is generated greedily in length-sorted batches (`infer_batch_size` rows, `max_new_tokens`), parsed (yes/no,
+or the option letter), compared with the gold answer, and the dataset's token is appended: `<C_…>` when it is
+correct, `<U_…>` when it is not (an unparseable answer is not correct).
+
+Model: the config's `model_name` (the base model the confidence tokens will be trained on), or `--checkpoint DIR`
+(a run checkpoint, adapter or full). Config: `--config` (e.g. configs/confidence_tokens.py) and `--key=value`
+overrides of any config field; without `--config`, the defaults of app/config.py. The dataset of a row is
+`--dataset`, else the row's `dataset` column; it must have tokens in `confidence_tokens`.
+
+Output JSONL, one line per input row in input order: question (the text shown to the model), tagged_response,
+dataset, answer (parsed; null when unparseable), gold, correct, line (in INPUT). Written to a temporary file and
+renamed into place. A per-dataset summary (rows, parsed, accuracy) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from app.config import load_config
+from app.data import read_rows
+from app.errors import UserError
+
+log = logging.getLogger("app.tag")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app tag", description=__doc__.split("\n\n")[0])
+    p.add_argument("input", help="raw QA rows, JSONL or CSV")
+    p.add_argument("--output", required=True, help="training JSONL to write")
+    p.add_argument("--dataset", help="dataset of every row (else the rows' dataset column)")
+    p.add_argument("--config", help="config module (model, tokens, prompt, batch sizes)")
+    p.add_argument("--checkpoint", help="answer with this run checkpoint instead of the config's base model")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    return p
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None):
+    """Normalised questions of a raw file; UserError naming file and line for anything unusable."""
+    from app.tasks.confidence_tokens import domain_tokens, raw_qa
+
+    pairs = domain_tokens(cfg)
+    if dataset is not None and dataset not in pairs:
+        raise UserError(f"--dataset={dataset!r} has no tokens in confidence_tokens (known: {', '.join(pairs)})")
+    rows = read_rows(path, () if dataset else ("dataset",))
+    if limit is not None:
+        rows = rows[:limit]
+    qas = []
+    for row in rows:
+        name = dataset or row.values.get("dataset")
+        if name not in pairs:
+            raise UserError(f"{path}:{row.line}: dataset {name!r} has no tokens in confidence_tokens "
+                            f"(known: {', '.join(pairs)})")
+        qas.append(raw_qa(row.values, name, path, row.line))
+    return qas
+
+
+def load_model(cfg, checkpoint: str | None, device):
+    from app import modeling
+
+    if checkpoint is not None:
+        if not Path(checkpoint).is_dir():
+            raise UserError(f"--checkpoint {checkpoint}: not a directory")
+        return modeling.load_for_inference(checkpoint, cfg, device)
+    if cfg.create_tiny_model:
+        from app.tiny import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model_name)
+    tokenizer = modeling.load_tokenizer(cfg)
+    model = modeling.load_base_model(cfg, device)
+    if cfg.quantization is None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def tag_rows(model, tokenizer, cfg, qas, device) -> list[dict]:
+    """Generate, parse, judge and tag; one output dict per question, in order."""
+    from app.tasks.confidence_tokens import (all_tokens, answer_text, domain_tokens, fit_prompt,
+                                             generate_continuations, parse_answer, prompt_ids)
+
+    pairs = domain_tokens(cfg)
+    vocab = tokenizer.get_vocab()
+    stop_ids = [vocab[t] for t in all_tokens(cfg) if t in vocab]  # a checkpoint's tokenizer knows them
+    limit = max(cfg.max_seq_length - cfg.max_new_tokens, 2)
+    prompts = [fit_prompt(prompt_ids(q.text, tokenizer, cfg), limit) for q in qas]
+    conts = generate_continuations(model, tokenizer, prompts, cfg.infer_batch_size, cfg.max_new_tokens, device, stop_ids)
+    out = []
+    for q, ids in zip(qas, conts):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        parsed = parse_answer(q, text)
+        correct = parsed is not None and parsed == q.gold
+        token = pairs[q.dataset][0 if correct else 1]
+        out.append({"question": q.text, "tagged_response": f"{text} {token}" if text else token, "dataset": q.dataset,
+                    "answer": parsed, "gold": answer_text(q, q.gold), "correct": correct, "line": q.line})
+    return out
+
+
+def summary(tagged: list[dict]) -> str:
+    lines = [f"{'dataset':<12} {'rows':>6} {'parsed':>7} {'correct':>8} {'accuracy':>9}"]
+    for name in dict.fromkeys(r["dataset"] for r in tagged):
+        rows = [r for r in tagged if r["dataset"] == name]
+        n, parsed, correct = len(rows), sum(r["answer"] is not None for r in rows), sum(r["correct"] for r in rows)
+        lines.append(f"{name:<12} {n:>6} {parsed:>7} {correct:>8} {correct / n:>9.4f}")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise UserError(f"tag: unexpected argument(s) {' '.join(bad)} (config overrides look like --name=value)")
+    cfg = load_config(args.config, rest)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit={args.limit}: must be at least 1")
+    output = Path(args.output)
+    if output.resolve() == Path(args.input).resolve():
+        raise UserError(f"--output {output}: would overwrite the input")
+    if output.is_dir():
+        raise UserError(f"--output {output}: is a directory")
+    qas = load_questions(args.input, args.dataset, cfg, args.limit)  # bad data is reported before the model loads
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(cfg, args.checkpoint, device)
+    tagged = tag_rows(model, tokenizer, cfg, qas, device)
+    write_jsonl_atomic(output, tagged)
+    print(summary(tagged))
+    counts = Counter(r["tagged_response"].rsplit(" ", 1)[-1] for r in tagged)
+    print(f"wrote {len(tagged)} rows to {output} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})",
+          file=sys.stderr)
+    return 0
