@@ -1,6 +1,8 @@
-"""Batched greedy generation: left padding, length-sorted batches, stop when the JSON object closes.
+"""Batched greedy generation: left padding, length-sorted batches, rows leave the batch when done.
 
-Used by evaluation during training and by `python -m app infer`.
+Used by evaluation during training and by `python -m app infer`. A row is done at EOS, after
+`max_new_tokens`, or when its text satisfies `stop` (by default: the JSON object has closed). Done rows are
+dropped from the batch and its KV cache, so the remaining steps only compute rows still generating.
 """
 
 from __future__ import annotations
@@ -14,61 +16,81 @@ from app.extract import json_object_closed
 
 log = logging.getLogger(__name__)
 
-
-class _JsonClosed:
-    """Per-row stop: a row is done once its generated text holds a complete JSON object.
-
-    Decoding every row at every step would cost more than the step itself on small models, so a row is
-    only decoded when its newest token can close a brace.
-    """
-
-    def __init__(self, tokenizer, prompt_width: int):
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-        vocab = tokenizer.get_vocab()
-        closers = [i for tok, i in vocab.items() if "}" in tokenizer.convert_tokens_to_string([tok])]
-        self.closers = torch.tensor(sorted(closers), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        maybe = torch.isin(input_ids[:, -1], self.closers.to(input_ids.device))
-        for row in maybe.nonzero().flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
-            done[row] = json_object_closed(text)
-        return done
+_TRIGGERS: dict[tuple[int, str], tuple[object, frozenset[int]]] = {}
 
 
-def _generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, device) -> list[str]:
-    from transformers import StoppingCriteriaList
-
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
-    width = enc.input_ids.shape[1]
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        stopping_criteria=StoppingCriteriaList([_JsonClosed(tokenizer, width)]),
-    )
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+def trigger_ids(tokenizer, chars: str) -> frozenset[int]:
+    """Ids of tokens whose text holds one of `chars`: only after those can `stop` become true, so the
+    (costly) decode-and-check runs on few steps. Computed once per tokenizer."""
+    key = (id(tokenizer), chars)
+    cached = _TRIGGERS.get(key)
+    if cached is None or cached[0] is not tokenizer:
+        ids = frozenset(i for tok, i in tokenizer.get_vocab().items()
+                        if any(c in tokenizer.convert_tokens_to_string([tok]) for c in chars))
+        cached = _TRIGGERS[key] = (tokenizer, ids)
+    return cached[1]
 
 
-def _generate_splitting_on_oom(model, tokenizer, prompts, max_new_tokens, device) -> list[str]:
+def _left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for k, row in enumerate(ids):
+        input_ids[k, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[k, width - len(row):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, device,
+                    stop: Callable[[str], bool] | None, triggers: frozenset[int]) -> list[str]:
+    from transformers import DynamicCache
+
+    eos = tokenizer.eos_token_id
+    input_ids, mask = _left_padded(ids, tokenizer.pad_token_id, device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    last_pos = position[:, -1]
+    generated: list[list[int]] = [[] for _ in ids]
+    alive = list(range(len(ids)))
+    for _ in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(-1)
+        keep = []
+        for k, (row, t) in enumerate(zip(alive, tokens.tolist())):
+            if t == eos:
+                continue
+            generated[row].append(t)
+            if stop is not None and t in triggers and stop(tokenizer.decode(generated[row], skip_special_tokens=True)):
+                continue
+            if len(generated[row]) < max_new_tokens:
+                keep.append(k)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, tokens, last_pos = mask[sel], tokens[sel], last_pos[sel]
+            alive = [alive[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+
+
+def _generate_splitting_on_oom(model, tokenizer, ids, max_new_tokens, device, stop, triggers) -> list[str]:
     try:
-        return _generate_batch(model, tokenizer, prompts, max_new_tokens, device)
+        return _generate_batch(model, tokenizer, ids, max_new_tokens, device, stop, triggers)
     except torch.cuda.OutOfMemoryError:
-        if len(prompts) == 1:
+        if len(ids) == 1:
             raise
         torch.cuda.empty_cache()
-        half = len(prompts) // 2
-        log.warning("out of memory on a batch of %d: splitting and retrying", len(prompts))
-        return _generate_splitting_on_oom(model, tokenizer, prompts[:half], max_new_tokens, device) + (
-            _generate_splitting_on_oom(model, tokenizer, prompts[half:], max_new_tokens, device)
-        )
+        half = len(ids) // 2
+        log.warning("out of memory on a batch of %d: splitting and retrying", len(ids))
+        return (_generate_splitting_on_oom(model, tokenizer, ids[:half], max_new_tokens, device, stop, triggers)
+                + _generate_splitting_on_oom(model, tokenizer, ids[half:], max_new_tokens, device, stop, triggers))
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -80,22 +102,29 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 def generate_batches(
     model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
     skip: Callable[[list[int]], bool] | None = None,
+    stop: Callable[[str], bool] | None = json_object_closed, stop_chars: str = "}",
 ) -> Iterator[tuple[list[int], list[str]]]:
-    """Yield (indices, generations) batch by batch, longest prompts first; callers restore input order."""
-    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    """Yield (indices, generations) batch by batch, longest prompts first; callers restore input order.
+
+    `skip(indices)` lets a resumed caller pass over batches it already has. `stop(text)` ends a row early; it is
+    only consulted after a token holding one of `stop_chars`.
+    """
+    ids = tokenizer(list(prompts)).input_ids  # tokenized once: for sorting and for the batches
+    triggers = trigger_ids(tokenizer, stop_chars) if stop is not None else frozenset()
     model.eval()
-    for batch in length_sorted_batches(lengths, batch_size):
+    for batch in length_sorted_batches([len(x) for x in ids], batch_size):
         if skip is not None and skip(batch):
             continue
-        with torch.no_grad():
-            texts = _generate_splitting_on_oom(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, device)
+        texts = _generate_splitting_on_oom(model, tokenizer, [ids[i] for i in batch], max_new_tokens, device,
+                                           stop, triggers)
         yield batch, texts
 
 
-def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
+             **kwargs) -> list[str]:
     """Generations in input order."""
     result: list[str] = [""] * len(prompts)
-    for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, device):
+    for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, device, **kwargs):
         for i, text in zip(batch, texts):
             result[i] = text
     return result

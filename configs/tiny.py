@@ -23,7 +23,8 @@ weight_decay = 0.0
 
 eval_every = 100
 eval_rows = 200
-eval_batch_size = 50
+eval_batch_size = 64
+infer_batch_size = 128
 save_every = 100
 log_every = 10
 max_new_tokens = 48
