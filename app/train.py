@@ -85,7 +85,7 @@ def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feat
                                 "(set overlength='truncate' or 'drop')")
             if cfg.overlength == "drop":
                 continue
-            f = truncate_prompt(f, cfg.max_seq_length)
+            f = task.truncate(f, cfg.max_seq_length)
             if f is None:
                 continue
         if task.loss_items(f) > 0:
@@ -94,16 +94,6 @@ def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feat
         log.warning("%s: %d of %d examples longer than max_seq_length=%d (%s)", path, over, len(rows),
                     cfg.max_seq_length, cfg.overlength)
     return features
-
-
-def truncate_prompt(f: Feature, limit: int) -> Feature | None:
-    """Cut prompt tokens after the first (BOS) so the response keeps its tokens; None if it cannot fit."""
-    excess = len(f.input_ids) - limit
-    prompt_len = next((i for i, t in enumerate(f.labels) if t != -100), len(f.labels))
-    if prompt_len - 1 <= excess:
-        return None
-    keep = list(range(1)) + list(range(1 + excess, len(f.input_ids)))
-    return Feature([f.input_ids[i] for i in keep], [f.labels[i] for i in keep], f.line, f.extra)
 
 
 class StopFlag:
@@ -136,7 +126,11 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
     ckpt.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            # added-token rows travel as trainable-token deltas; the resized matrices are rebuilt at load
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         task.save_extra(objective, tmp)
         ckpt.save_optimizer(optimizer, tmp)
@@ -153,7 +147,7 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
 # --- evaluation -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator, step) -> dict:
-    model.eval()
+    objective.eval()
     total, items = 0.0, 0
     for i in range(0, len(dev_features), cfg.micro_batch_size):
         chunk = dev_features[i : i + cfg.micro_batch_size]
@@ -164,7 +158,7 @@ def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, dev
     metrics = {"dev_loss": total / max(items, 1)}
     rows = dev_rows[: cfg.eval_rows] if cfg.eval_rows else dev_rows
     metrics.update(task.evaluate(model, tokenizer, cfg, rows, device, step))
-    model.train()
+    objective.train()
     return metrics
 
 
@@ -318,7 +312,7 @@ def _train(cfg: Config) -> int:
     epoch_steps, epoch_of_plan = None, -1
     pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
     steps_this_run, last_metrics = 0, {}
-    model.train()
+    objective.train()
     while state.step < total_steps:
         epoch, step_in_epoch = plan.position(state.step)
         if epoch != epoch_of_plan:

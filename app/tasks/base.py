@@ -87,6 +87,16 @@ class Task:
     def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
         raise NotImplementedError
 
+    def truncate(self, f: Feature, limit: int) -> Feature | None:
+        """Fit an over-long example into `limit` tokens, or None to drop it. Default: cut prompt tokens after
+        the first (BOS) so that every target token survives; None when the targets alone do not fit."""
+        excess = len(f.input_ids) - limit
+        prompt_len = next((i for i, t in enumerate(f.labels) if t != -100), len(f.labels))
+        if prompt_len - 1 <= excess:
+            return None
+        keep = [0, *range(1 + excess, len(f.input_ids))]
+        return Feature([f.input_ids[i] for i in keep], [f.labels[i] for i in keep], f.line, f.extra)
+
     def loss_items(self, feature: Feature) -> int:
         """How many loss terms this example contributes (target tokens, marked positions, ...)."""
         return sum(1 for t in feature.labels[1:] if t != -100)
