@@ -10,10 +10,8 @@ trained for 100 steps into a temporary directory. Every mode uses the same promp
   sorted     `NliCot.predict_batches` as `python -m app infer` runs it: length-sorted batches, stop when the JSON
              object closes, label extraction and the forced-prefix fallback (timed as a whole)
   sorted_gen the same batches, generation only (`generate_batches`)
-  input      fixed-size batches in input order, generation only (same stop rule)
-  single     one row at a time, generation only (`--single-rows` of them; rows/s is what is compared)
-  proposed   `proposed_generate_batches` below: the same sorted batches with a leaner decoding loop (a candidate
-             change to app/generate.py; its generations are checked against the sorted path's)
+  input      baseline: transformers' `generate` on fixed-size batches in input order (same stop rule)
+  single     baseline: transformers' `generate` one row at a time (`--single-rows` of them; rows/s is compared)
 
 Prints rows/s, the ratios, the parse-failure rate, how often the modes' generations agree, and the load average
 (the machine may be shared). Not collected by pytest.
@@ -61,75 +59,25 @@ def pick_checkpoint(arg: str | None, tmp: Path) -> Path:
     return out / "checkpoints" / "final"
 
 
-_CLOSERS: dict[int, set[int]] = {}
-
-
-def closer_ids(tokenizer) -> set[int]:
-    """Token ids whose text holds a `}` (computed once per tokenizer, not once per batch)."""
-    key = id(tokenizer)
-    if key not in _CLOSERS:
-        vocab = tokenizer.get_vocab()
-        _CLOSERS[key] = {i for tok, i in vocab.items() if "}" in tokenizer.convert_tokens_to_string([tok])}
-    return _CLOSERS[key]
-
-
-def proposed_generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, device, skip=None):
-    """A candidate for app.generate.generate_batches: same batches, same outputs, less work per step.
-
-    - prompts are tokenized once (the lengths for sorting and the batch inputs come from the same ids);
-    - a plain greedy loop over the KV cache (no per-step logits-processor / stopping-criteria machinery);
-    - rows that are done (EOS, or their JSON object closed) leave the batch: their cache rows are dropped, so the
-      remaining steps run on the rows still generating.
-    """
+def hf_generate(model, tok, prompts, max_new_tokens, device):
+    """Baseline: transformers' `generate` on a batch as given (left padding, greedy), stopping each row when its
+    JSON object closes (a StoppingCriteria) or at EOS: what a user would write without this project."""
     import torch
-    from transformers import DynamicCache
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     from app.extract import json_object_closed
-    from app.generate import length_sorted_batches
 
-    ids = tokenizer(list(prompts)).input_ids
-    closers, eos, pad = closer_ids(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
-    for batch in length_sorted_batches([len(x) for x in ids], batch_size):
-        if skip is not None and skip(batch):
-            continue
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for k, i in enumerate(batch):
-            input_ids[k, width - len(ids[i]):] = torch.tensor(ids[i])
-            mask[k, width - len(ids[i]):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        generated: list[list[int]] = [[] for _ in batch]
-        alive = list(range(len(batch)))
-        with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            last_pos = position[:, -1]
-            for _ in range(max_new_tokens):
-                tokens = out.logits[:, -1].argmax(-1)
-                keep = []
-                for k, (row, t) in enumerate(zip(alive, tokens.tolist())):
-                    if t == eos:
-                        continue
-                    generated[row].append(t)
-                    if t in closers and json_object_closed(tokenizer.decode(generated[row], skip_special_tokens=True)):
-                        continue
-                    if len(generated[row]) < max_new_tokens:
-                        keep.append(k)
-                if not keep:
-                    break
-                if len(keep) < len(alive):
-                    sel = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(sel)
-                    mask, tokens, last_pos = mask[sel], tokens[sel], last_pos[sel]
-                    alive = [alive[k] for k in keep]
-                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-                last_pos = last_pos + 1
-                out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                            past_key_values=cache, use_cache=True)
-        yield batch, [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    width = enc.input_ids.shape[1]
+
+    class JsonClosed(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([json_object_closed(t) for t in texts], device=input_ids.device)
+
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([JsonClosed()]))
+    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def timed(fn):
@@ -161,7 +109,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from app.extract import extract_label
-    from app.generate import _generate_splitting_on_oom, generate_batches
+    from app.generate import generate, generate_batches
     from app.infer import checkpoint_config, fit_prompts
     from app.modeling import load_for_inference
     from app.tasks.nli_cot import NliCot, build_prompt
@@ -187,7 +135,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():  # warm-up: the widest batch once
         longest = sorted(prompts, key=len)[-bs:]
-        _generate_splitting_on_oom(model, tok, longest, 8, device)
+        generate(model, tok, longest, bs, 8, device)
 
     results: dict[str, dict] = {}
     texts: dict[str, list[str]] = {}
@@ -215,33 +163,25 @@ def main(argv=None) -> int:
                 out[i] = g
         return out
 
-    def run_proposed():
-        out = [""] * len(prompts)
-        for batch, gens in proposed_generate_batches(model, tok, prompts, bs, mnt, device):
-            for i, g in zip(batch, gens):
-                out[i] = g
-        return out
-
     def run_input():
         out = []
         with torch.no_grad():
             for start in range(0, len(prompts), bs):
-                out += _generate_splitting_on_oom(model, tok, prompts[start:start + bs], mnt, device)
+                out += hf_generate(model, tok, prompts[start:start + bs], mnt, device)
         return out
 
     n_single = args.single_rows or len(prompts)
 
     def run_single():
         with torch.no_grad():
-            return [_generate_splitting_on_oom(model, tok, [q], mnt, device)[0] for q in prompts[:n_single]]
+            return [hf_generate(model, tok, [q], mnt, device)[0] for q in prompts[:n_single]]
 
     for name in modes:  # in the order given; a mode given twice is timed twice and the faster run kept
         if name == "sorted":
             preds, sec, cpu = timed(run_sorted)
             gens, fails, n = [pr.generation for pr in preds], sum(not pr.parse_ok for pr in preds), len(prompts)
-        elif name in ("sorted_gen", "input", "single", "proposed"):
-            gens, sec, cpu = timed({"sorted_gen": run_sorted_gen, "input": run_input, "single": run_single,
-                                    "proposed": run_proposed}[name])
+        elif name in ("sorted_gen", "input", "single"):
+            gens, sec, cpu = timed({"sorted_gen": run_sorted_gen, "input": run_input, "single": run_single}[name])
             fails, n = None, len(gens)
         else:
             raise SystemExit(f"unknown mode {name!r}")
@@ -253,7 +193,7 @@ def main(argv=None) -> int:
 
     ratios = {}
     for base in ("single", "input"):
-        for name in ("sorted", "sorted_gen", "proposed"):
+        for name in ("sorted", "sorted_gen"):
             if base in results and name in results:
                 ratios[f"{name}/{base}"] = round(results[name]["rows_per_s"] / results[base]["rows_per_s"], 2)
                 ratios[f"{name}/{base} (cpu)"] = round(
