@@ -251,6 +251,22 @@ def test_loss_only_at_the_token_positions(tiny_model_dir, tmp_path, mode):
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
+    results = []
+    for gc in (False, True):
+        task = ConfidenceTokens()
+        cfg = ct_config(tiny_model_dir, tmp_path, finetuning="lora", target_modules=ALL_LINEAR, lora_dropout=0.0,
+                        confidence_loss="full_vocab", gradient_checkpointing=gc)
+        torch.manual_seed(0)
+        model, tok = task.load_model(cfg, torch.device("cpu"))
+        model.train()
+        features = [task.encode(r, tok, cfg) for r in tagged_rows(4)]
+        results.append(_loss_and_grads(task.objective(model), task.collate(features, tok.pad_token_id)))
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.allclose(loss0, loss1, rtol=1e-6) and grads0.keys() == grads1.keys()
+    assert all(torch.allclose(grads0[k], grads1[k], rtol=1e-4, atol=1e-7) for k in grads0)
+
+
 def test_no_full_sequence_logits(tiny_model_dir, tmp_path, monkeypatch):
     task, objective, features, tok = _batch_and_objective(tiny_model_dir, tmp_path, "full_vocab")
     batch = task.collate(features, tok.pad_token_id)
@@ -379,6 +395,17 @@ def test_tokens_survive_adapter_save_and_load(boolq_run):
         head = decoder_and_head(trained)[1].token_adapter
         moved = head.trainable_tokens_delta["default"] - head.trainable_tokens_original["default"]
         assert moved.abs().max() > 1e-3  # training moved the LM-head rows of the tokens
+
+
+def test_tag_with_a_trained_checkpoint(boolq_run, tmp_path):
+    out = tmp_path / "again.jsonl"
+    cfg = boolq_run["cfg"]
+    args = ct_args(Path(cfg.model_name), tmp_path, max_new_tokens=3, max_seq_length=1536, infer_batch_size=4)
+    assert main(["tag", str(boolq_run["boolq"]), "--dataset=boolq", f"--output={out}", "--limit=4",
+                 f"--checkpoint={boolq_run['out'] / 'checkpoints' / 'final'}", f"--config={TINY_CONFIG}", *args]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["tagged_response"].endswith(("<C_READ>", "<U_READ>")) for r in rows)
+    assert all(sum(r["tagged_response"].count(t) for t in ("<C_READ>", "<U_READ>")) == 1 for r in rows)
 
 
 # --- tag: bad input --------------------------------------------------------------------------------------------------

@@ -26,12 +26,12 @@ at the mean of the existing rows.
 
 Validation (each evaluation, per dataset and averaged over datasets)
 --------------------------------------------------------------------
-Greedy generation of the answer (stopping at EOS or any confidence token), answer parsing (yes/no; option letter),
-correctness against the gold answer, the expected token (C if correct, else U). The token position is the position
-right after the generated answer; one extra forward pass over prompt + answer gives the distribution there:
-`p_confident = p(C) / (p(C) + p(U))`. The predicted token is the token the model generated there
-(`full_vocab`; none generated counts as wrong) or the likelier of the two (`pair`, where the model is a two-way
-classifier and need not emit the token). Metrics: `token_accuracy` (predicted == expected), `answer_accuracy`,
+Greedy generation of the answer (stopping at EOS or any confidence token; the first new token is neither, since an
+answer comes first), answer parsing (yes/no; option letter), correctness against the gold answer, the expected token
+(C if correct, else U). The token position is the position right after the generated answer; one extra forward pass
+over prompt + answer gives the distribution there: `p_confident = p(C) / (p(C) + p(U))`. The predicted token is the
+token the model generated there (`full_vocab`; none generated counts as wrong) or the likelier of the two (`pair`:
+the model only learned to rank C against U, not when to emit one, so the answer is generated without the tokens). Metrics: `token_accuracy` (predicted == expected), `answer_accuracy`,
 `token_emitted`, `p_confident`, `token_nll`, the calibration report of app/calibration.py (`calibration_error` is
 `calibration_metric`), `majority_baseline`; `dev_loss` (engine) is teacher-forced: gold answer + C on odd lines,
 a wrong answer + U on even lines. Each evaluation writes `reliability_epoch_N.json` + `.png` under out_dir when it
