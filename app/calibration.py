@@ -50,7 +50,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from fractions import Fraction
 from functools import lru_cache
@@ -58,6 +57,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from app.atomic import write_atomic
 
 __all__ = [
     "REFERENCE_NUM_BINS",
@@ -479,29 +480,10 @@ def calibration_report(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str | os.PathLike, payload: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def save_reliability_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``data`` (e.g. :func:`reliability_data` or a whole report) as JSON, atomically."""
     text = json.dumps(data, indent=2, allow_nan=False)
-    return _write_atomic(path, (text + "\n").encode("utf-8"))
+    return write_atomic(path, (text + "\n").encode("utf-8"))
 
 
 # 3x5 bitmap glyphs: five rows of three pixels, "#" set.
@@ -631,4 +613,4 @@ def render_reliability_png(data: Mapping[str, Any], size: int = 400) -> bytes:
 
 def save_reliability_png(data: Mapping[str, Any], path: str | os.PathLike, size: int = 400) -> Path:
     """Write the reliability diagram of ``data`` (from :func:`reliability_data`) as a PNG, atomically."""
-    return _write_atomic(path, render_reliability_png(data, size))
+    return write_atomic(path, render_reliability_png(data, size))

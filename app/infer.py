@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from pathlib import Path
 
 from app.config import FIELDS, Config, parse_override
 from app.data import parse_binary_label, read_rows
+from app.atomic import write_atomic
 from app.errors import UserError
 from app.metrics import classification_metrics, format_table
 
@@ -288,21 +288,7 @@ class OutputPaths:
         return paths
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+_write_text_atomic = write_atomic  # kept for callers of this module
 
 
 def predictions_csv(records: list[dict], ids: list[str] | None) -> str:

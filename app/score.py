@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.data import read_text, parse_binary_label, read_rows
+from app import atomic
 from app.errors import UserError
 from app.metrics import classification_metrics, format_table
 
@@ -117,28 +116,11 @@ def score_files(pred_path: str | Path, gold_path: str | Path) -> tuple[dict, Lab
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
+    """Write `data` as JSON atomically; a path that cannot be written is a one-line error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic.write_json_atomic(path, data)
     except OSError as err:
         raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
 
 
 def calibration(pred: Labels, gold: Labels, n_bins: int = 10, calib_beta: int | None = None) -> dict:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from app.config import load_config
 from app.data import read_rows
+from app.atomic import write_atomic
 from app.errors import UserError
 
 log = logging.getLogger("app.tag")
@@ -47,21 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None):

@@ -184,8 +184,8 @@ class RunLog:
         if not enabled:
             return
         if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import types
 from pathlib import Path
@@ -20,7 +19,7 @@ from app.config import load_config
 from app.data import Row
 from app.errors import UserError
 from app.tasks.confidence_tokens import (
-    ConfidenceTokens, Judged, QA, all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa, summarize,
+    ConfidenceTokens, Judged, all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa, summarize,
     synthetic_raw, synthetic_tagged,
 )
 from app.train import train
