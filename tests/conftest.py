@@ -11,6 +11,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread in the test process: the models are tiny, and on a 2-core machine a second spinning
+    thread only adds contention (steps 4-10x slower when anything else runs). Subprocesses are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, read_metrics
+from conftest import ALL_LINEAR, ROOT, read_metrics
 
 from app.config import load_config
 from app.data import Row
@@ -34,16 +34,7 @@ from app.train import train
 
 CPU = torch.device("cpu")
 DEV = ROOT / "data/sample/steps/dev.jsonl"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a shared 2-core machine (4-10x slower steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ch_config(model_dir: Path, out_dir: Path, **overrides):

@@ -23,20 +23,11 @@ from app.tasks.confidence_tokens import (
     synthetic_raw, synthetic_tagged,
 )
 from app.train import train
-from conftest import ROOT, read_metrics
+from conftest import ALL_LINEAR, ROOT, read_metrics
 
 TINY_CONFIG = ROOT / "configs" / "confidence_tokens_tiny.py"
 SAMPLE = ROOT / "data" / "sample" / "confidence"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads per process slow everything down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ct_args(model_dir: Path, out_dir: Path, **overrides) -> list[str]:

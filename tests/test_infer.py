@@ -27,16 +27,6 @@ NEW_TOKENS = "--max_new_tokens=6"
 BATCH = "--infer_batch_size=4"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads per process slow everything down."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model_dir) -> Path:

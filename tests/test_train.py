@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 from app import checkpoint as ckpt
 from app.tasks.nli_cot import NliCot
 from app.train import train
-from conftest import read_metrics, tiny_config
-
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from conftest import ALL_LINEAR, read_metrics, tiny_config
 
 
 def losses(out_dir):
