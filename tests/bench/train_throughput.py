@@ -4,11 +4,12 @@
                                            [--hidden 96] [--layers 2] [--vocab N] [--threads N] [--pack-batch N]
                                            [--trl-workers N] [--omp-passive] [--max-minutes 9] [--json OUT]
 
-Every setup trains the same model: the embedded tiny Mistral-architecture model (`app.tiny`; `--hidden/--layers/--vocab`
-make a larger variant through `app.tiny.build_model`, still one model for every setup), fp32, SDPA attention, no gradient checkpointing, LoRA with
-the settings of `app.config.Config` (r, alpha, dropout, target modules), AdamW, cosine schedule with the warmup and
-learning rate of configs/tiny.py, grad-norm clip, the same number of optimizer steps and the same micro batch
-(16 examples, no accumulation) and max sequence length (256) as configs/tiny.py.
+Every setup trains the same model: the embedded tiny Mistral-architecture model (`app.tiny`; `--hidden`,
+`--layers` and `--vocab` make a larger variant through `app.tiny.build_model`, still one model for every setup),
+fp32, SDPA attention, no gradient checkpointing, LoRA with the settings of `app.config.Config` (r, alpha, dropout,
+target modules), AdamW, cosine schedule with the warmup and learning rate of configs/tiny.py, grad-norm clip, the
+same number of optimizer steps and the same micro batch (16 examples, no accumulation) and max sequence length
+(256) as configs/tiny.py.
 
 Data: data/sample/train.csv encoded once by `NliCot().encode` (the default prompt template, the JSON target, EOS).
 The engine encodes it itself; TRL gets the very same token ids, pre-tokenized (`input_ids` + `completion_mask`,
@@ -113,7 +114,7 @@ def step_clock():
         handle.remove()
 
 
-def rate(stamps: list[float], tokens: list[int], padded: list[int], skip: int) -> dict:
+def rate(stamps: list[tuple[float, float]], tokens: list[int], padded: list[int], skip: int) -> dict:
     """tokens/s, tokens per CPU-second and padding over steps skip+1..N; stamps[i] is the end of step i+1."""
     if len(stamps) != len(tokens) or len(stamps) <= skip:
         raise RuntimeError(f"{len(stamps)} step times for {len(tokens)} steps (skip {skip})")
@@ -185,6 +186,7 @@ def load_hf_model(model_dir: Path):
 def run_trl(model_dir: Path, tmp: Path, steps: int, skip: int, features, tok, cfg, packing: bool,
             pack_batch: int | None, workers: int, defaults: bool = False) -> dict:
     import torch
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     tokens: list[int] = []
@@ -193,7 +195,10 @@ def run_trl(model_dir: Path, tmp: Path, steps: int, skip: int, features, tok, cf
     class CountingSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, *a, **k):
             ids = inputs["input_ids"]
-            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int((ids != tok.pad_token_id).sum())
+            if "attention_mask" in inputs:
+                real = int(inputs["attention_mask"].sum())
+            else:  # padding-free: one flattened row, padded only by pad_to_multiple_of (None here)
+                real = int((ids != tok.pad_token_id).sum())
             tokens.append(real)
             padded.append(ids.numel())
             return super().training_step(model, inputs, *a, **k)
@@ -203,8 +208,8 @@ def run_trl(model_dir: Path, tmp: Path, steps: int, skip: int, features, tok, cf
         batch = pack_batch or pack_batch_for(features, cfg)
     out_dir = Path(tempfile.mkdtemp(prefix="trl-", dir=tmp))
     # best CPU settings; `defaults` keeps SFTConfig's own (bf16=True, gradient_checkpointing=True, random sampler)
-    best = {} if defaults else dict(bf16=False, fp16=False, gradient_checkpointing=False,
-                                    train_sampling_strategy="random" if packing else "group_by_length")
+    best = {} if defaults else {"bf16": False, "fp16": False, "gradient_checkpointing": False,
+                                "train_sampling_strategy": "random" if packing else "group_by_length"}
     args = SFTConfig(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
@@ -219,6 +224,7 @@ def run_trl(model_dir: Path, tmp: Path, steps: int, skip: int, features, tok, cf
     trainer = CountingSFTTrainer(model=load_hf_model(model_dir), args=args, train_dataset=trl_dataset(features),
                                  processing_class=tok, peft_config=lora_config(cfg))
     check_same_tokens(trainer.train_dataset, features, packing)
+    trainer.remove_callback(PrinterCallback)  # the per-log-step dicts (disable_tqdm=True swaps the bar for them)
     with step_clock() as stamps:
         t0 = time.perf_counter()
         trainer.train()
@@ -334,6 +340,7 @@ def main(argv=None) -> int:
     if not 1 <= args.skip < args.steps:
         p.error("--skip must be at least 1 and below --steps")
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the engine's progress bar (read when tqdm is first imported)
     if args.omp_passive:
         if "torch" in sys.modules:
             p.error("--omp-passive must be set before torch is imported")
@@ -346,12 +353,16 @@ def main(argv=None) -> int:
     for noisy in ("app", "transformers", "trl", "accelerate", "peft", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     import datasets
     import transformers
     import trl
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     setups = args.setups.split(",")
     unknown = [s for s in setups if s not in LABELS]
@@ -363,18 +374,19 @@ def main(argv=None) -> int:
         cfg = engine_config(model_dir, tmp / "unused", args.steps)
         tok, features = encode_features(cfg)
         lengths = [len(f.input_ids) for f in features]
-        n_params = sum(p.numel() for p in load_hf_model(model_dir).parameters())
+        hf_model = load_hf_model(model_dir)
+        n_params, vocab = sum(p.numel() for p in hf_model.parameters()), hf_model.config.vocab_size
+        del hf_model
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}), transformers "
               f"{transformers.__version__}, trl {trl.__version__}")
-        vocab = load_hf_model(model_dir).config.vocab_size
-        print(f"model: Mistral architecture, hidden {args.hidden}, {args.layers} layers, vocab {vocab} (tokenizer {len(tok)}), "
-              f"{n_params / 1e6:.2f}M parameters, fp32, sdpa; LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} "
+        print(f"model: Mistral architecture, hidden {args.hidden}, {args.layers} layers, vocab {vocab} (tokenizer "
+              f"{len(tok)}), {n_params / 1e6:.2f}M parameters, fp32, sdpa; LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} "
               f"dropout={cfg.lora_dropout} on {cfg.target_modules}")
+        loss_tokens = sum(sum(lab != -100 for lab in f.labels) for f in features)
         print(f"data: {TRAIN_FILE.relative_to(ROOT)}, {len(features)} examples, {min(lengths)}-{max(lengths)} tokens "
-              f"(mean {statistics.mean(lengths):.1f}), loss on {sum(sum(l != -100 for l in f.labels) for f in features)} "
-              f"completion tokens; micro batch {cfg.micro_batch_size}, max_seq_length {cfg.max_seq_length}, "
-              f"{args.steps} steps, timing window steps {args.skip + 1}..{args.steps}")
+              f"(mean {statistics.mean(lengths):.1f}), loss on {loss_tokens} completion tokens; micro batch "
+              f"{cfg.micro_batch_size}, max_seq_length {cfg.max_seq_length}, {args.steps} steps, timing window steps {args.skip + 1}..{args.steps}")
         if "trl_packed" in setups:
             check = check_packed_attention(model_dir, features, tok, cfg)
             print(f"packing check (TRL padding-free batch of {check['examples']} examples, {check['tokens']} tokens, "
@@ -411,9 +423,9 @@ def main(argv=None) -> int:
                 if "per_device_train_batch_size" in res:
                     extra = (f"  (batch {res['per_device_train_batch_size']}, padding_free {res['padding_free']}, "
                              f"bf16 {res['bf16']}, gradient_checkpointing {res['gradient_checkpointing']})")
-                print(f"  run {r + 1} {LABELS[s]:<27} {res['tokens_per_s']:>8,.0f} tok/s {res['tokens_per_cpu_s']:>8,.0f} "
-                      f"tok/cpu-s  {res['seconds']:6.2f} s ({res['cpu_seconds'] / res['seconds']:.2f} cpus busy) for "
-                      f"{res['tokens']:,} tokens  padding {res['padding']:.3f}  load {load:.2f}{extra}", flush=True)
+                print(f"  run {r + 1} {LABELS[s]:<27} {res['tokens_per_s']:>8,.0f} tok/s "
+                      f"{res['tokens_per_cpu_s']:>8,.0f} tok/cpu-s  {res['seconds']:6.2f} s "
+                      f"({res['cpu_seconds'] / res['seconds']:.2f} cpus busy) for {res['tokens']:,} tokens  padding {res['padding']:.3f}  load {load:.2f}{extra}", flush=True)
             spent, last_round = time.perf_counter() - began, time.perf_counter() - round_start
             if r + 1 < args.repeats and spent + last_round > args.max_minutes * 60:
                 print(f"  stopping after {r + 1} round(s): another would pass --max-minutes={args.max_minutes}")
@@ -437,9 +449,9 @@ def main(argv=None) -> int:
         print("tokens/s = non-pad tokens of the timed steps / their wall time (best run; ratios from the best runs);\n"
               "tok/cpu-s = the same tokens / CPU time of the process (all threads) in that window, best run.")
         if "engine" in setups and refs:
-            for key, name, table in (("tokens_per_s", "tokens/s", best), (None, "tok/cpu-s", best_cpu)):
-                value = (lambda x: table[x][key]) if key else (lambda x: table[x])
-                ratio = value("engine") / max(value(r) for r in refs)
+            wall = {k: v["tokens_per_s"] for k, v in best.items()}
+            for name, table in (("tokens/s", wall), ("tok/cpu-s", best_cpu)):
+                ratio = table["engine"] / max(table[r] for r in refs)
                 print(f"engine vs the faster SFTTrainer setup, by {name}: {ratio:.2f}x (target >= 2.0x): "
                       f"{'met' if ratio >= 2.0 else 'NOT met'}")
         if max(x["load_1min_before"] for v in runs.values() for x in v) > 1.5 and torch.get_num_threads() > 1:
