@@ -50,7 +50,7 @@ def mistral_tokenizer_dir(shared_fixtures) -> Path:
 
 def run_app(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python -m app ARGS` in a subprocess, as a user would run it."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
