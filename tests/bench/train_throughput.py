@@ -394,6 +394,9 @@ def main(argv=None) -> int:
                   f"{check['max_abs_diff_packed_vs_separate']:.2e} (a plain causal pass over the same row: "
                   f"{check['max_abs_diff_plain_causal_vs_separate']:.2e})")
         print(f"load average before: {os.getloadavg()}", flush=True)
+        if os.getloadavg()[0] > 1.5 and torch.get_num_threads() > 1:
+            print(f"note: the machine is busy; {torch.get_num_threads()} torch threads may stall each other "
+                  "(see the note under the table)", flush=True)
 
         runs: dict[str, list[dict]] = {s: [] for s in setups}
         began = time.perf_counter()
