@@ -139,3 +139,15 @@ def test_8bit_optimizer_state_resumes_exactly(tiny_model_dir, tmp_path):
     a = load_file(str(tmp_path / "whole/checkpoints/final/adapter_model.safetensors"))
     b = load_file(str(split / "checkpoints/final/adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_sigint_checkpoints_and_exits_130(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start(tiny_model_dir, out)
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    latest = ckpt.latest(out)
+    assert latest is not None and latest.name.startswith("step_")
+    assert ckpt.read_json(latest / "trainer_state.json")["step"] == max(read_metrics(out))
