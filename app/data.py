@@ -38,11 +38,12 @@ def read_text(path: Path) -> str:
 
 
 def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
-    """Read a .csv or .jsonl/.json-lines file; check that `required` columns exist."""
+    """Read a .csv, or a .jsonl/.ndjson/.json file (JSON lines, or one JSON array of objects); check that
+    `required` columns exist."""
     path = Path(path)
     text = read_text(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path, text)
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        rows = _read_json_array(path, text) if text.lstrip().startswith("[") else _read_jsonl(path, text)
     else:
         rows = _read_csv(path, text)
     if not rows:
@@ -93,6 +94,27 @@ def _read_jsonl(path: Path, text: str) -> list[Row]:
             raise UserError(f"{path}:{number}: expected a JSON object, found {type(value).__name__}")
         rows.append(Row(number, value))
     return rows
+
+
+def _read_json_array(path: Path, text: str) -> list[Row]:
+    """Objects of a JSON array, each with the line it starts on (decoded one by one, so errors have lines)."""
+    decoder, pos = json.JSONDecoder(), len(text) - len(text.lstrip()) + 1
+    rows: list[Row] = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise UserError(f"{path}:{text.count(chr(10)) + 1}: JSON array not closed")
+        if text[pos] == "]":
+            return rows
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}")
+        rows.append(Row(line, value))
 
 
 def parse_binary_label(value, path: Path | str, line: int, column: str = "label") -> int:

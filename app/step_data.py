@@ -56,7 +56,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from app.data import Row, read_rows, read_text
+from app.data import Row, read_rows
 from app.errors import UserError
 
 FORMATS = ("generic", "prm800k", "reveal", "eqasc")
@@ -102,43 +102,7 @@ def check_example(path, line: int, problem, steps, labels, marker: str, require_
 # --- records --------------------------------------------------------------------------------------------------
 def read_records(path: str | Path) -> list[Row]:
     """JSON objects of a JSONL file or of a JSON array (each with the line it starts on); CSV rows otherwise."""
-    path = Path(path)
-    if path.suffix.lower() not in (".json", ".jsonl", ".ndjson"):
-        return read_rows(path)
-    text = read_text(path)
-    start = len(text) - len(text.lstrip())
-    rows: list[Row] = []
-    if text[start] == "[":
-        decoder, pos = json.JSONDecoder(), start + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                raise UserError(f"{path}:{text.count(chr(10)) + 1}: JSON array not closed")
-            if text[pos] == "]":
-                break
-            line = text.count("\n", 0, pos) + 1
-            try:
-                value, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(value, dict):
-                raise UserError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}")
-            rows.append(Row(line, value))
-    else:
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: broken JSON line ({err.msg} at column {err.colno})") from None
-            if not isinstance(value, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, found {type(value).__name__}")
-            rows.append(Row(number, value))
-    if not rows:
-        raise UserError(f"{path}: no data rows")
-    return rows
+    return read_rows(path)
 
 
 def detect_format(path, first: dict) -> str:
