@@ -31,7 +31,7 @@ def trigger_ids(tokenizer, chars: str) -> frozenset[int]:
     return cached[1]
 
 
-def _left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -47,7 +47,7 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
     from transformers import DynamicCache
 
     eos = tokenizer.eos_token_id
-    input_ids, mask = _left_padded(ids, tokenizer.pad_token_id, device)
+    input_ids, mask = left_padded(ids, tokenizer.pad_token_id, device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
@@ -80,17 +80,17 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
-def _generate_splitting_on_oom(model, tokenizer, ids, max_new_tokens, device, stop, triggers) -> list[str]:
+def split_on_oom(run: Callable[[list], list], items: list) -> list:
+    """run(items), and on a CUDA out-of-memory error the same on each half: a batch is split, never dropped."""
     try:
-        return _generate_batch(model, tokenizer, ids, max_new_tokens, device, stop, triggers)
+        return run(items)
     except torch.cuda.OutOfMemoryError:
-        if len(ids) == 1:
+        if len(items) == 1:
             raise
         torch.cuda.empty_cache()
-        half = len(ids) // 2
-        log.warning("out of memory on a batch of %d: splitting and retrying", len(ids))
-        return (_generate_splitting_on_oom(model, tokenizer, ids[:half], max_new_tokens, device, stop, triggers)
-                + _generate_splitting_on_oom(model, tokenizer, ids[half:], max_new_tokens, device, stop, triggers))
+        half = len(items) // 2
+        log.warning("out of memory on a batch of %d: splitting and retrying", len(items))
+        return split_on_oom(run, items[:half]) + split_on_oom(run, items[half:])
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -115,8 +115,8 @@ def generate_batches(
     for batch in length_sorted_batches([len(x) for x in ids], batch_size):
         if skip is not None and skip(batch):
             continue
-        texts = _generate_splitting_on_oom(model, tokenizer, [ids[i] for i in batch], max_new_tokens, device,
-                                           stop, triggers)
+        texts = split_on_oom(lambda part: _generate_batch(model, tokenizer, part, max_new_tokens, device, stop, triggers),
+                             [ids[i] for i in batch])
         yield batch, texts
 
 

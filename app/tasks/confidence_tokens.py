@@ -375,25 +375,14 @@ def _generate_ids(model, batch: list[list[int]], pad_id: int, stop_ids: list[int
                   never: list[int] = (), not_first: list[int] = ()):
     from transformers import LogitsProcessorList
 
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(batch):
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-    try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
-                             eos_token_id=list(stop_ids),
-                             logits_processor=LogitsProcessorList([_Suppress(width, never, not_first)]))
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-        torch.cuda.empty_cache()
-        half = len(batch) // 2
-        log.warning("out of memory on a batch of %d: splitting and retrying", len(batch))
-        return (_generate_ids(model, batch[:half], pad_id, stop_ids, max_new_tokens, device, never, not_first)
-                + _generate_ids(model, batch[half:], pad_id, stop_ids, max_new_tokens, device, never, not_first))
+    from app.generate import left_padded
+
+    ids, mask = left_padded(batch, pad_id, device)
+    width = ids.shape[1]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                         eos_token_id=list(stop_ids),
+                         logits_processor=LogitsProcessorList([_Suppress(width, never, not_first)]))
     stops = set(stop_ids)
     result = []
     for row in out[:, width:].tolist():
@@ -408,14 +397,15 @@ def generate_continuations(model, tokenizer, prompts: list[list[int]], batch_siz
     """Greedy continuations (token ids, cut after the first stop id) in input order; length-sorted left-padded
     batches as in app.generate, stopping at EOS or any of `stop_ids` (the confidence tokens). The first new token is
     never EOS or a stop id (an answer comes first); `never` are not generated at all."""
-    from app.generate import length_sorted_batches
+    from app.generate import length_sorted_batches, split_on_oom
 
     stops = list(dict.fromkeys([tokenizer.eos_token_id, *stop_ids]))
     model.eval()
     result: list[list[int]] = [[] for _ in prompts]
     for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-        outs = _generate_ids(model, [prompts[i] for i in batch], tokenizer.pad_token_id, stops, max_new_tokens, device,
-                             list(never), [t for t in stops if t not in never])
+        outs = split_on_oom(lambda part: _generate_ids(model, part, tokenizer.pad_token_id, stops, max_new_tokens,
+                                                       device, list(never), [t for t in stops if t not in never]),
+                            [prompts[i] for i in batch])
         for i, ids in zip(batch, outs):
             result[i] = ids
     return result
