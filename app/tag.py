@@ -27,7 +27,6 @@ from collections import Counter
 from pathlib import Path
 
 from app.config import load_config
-from app.data import read_rows
 from app.atomic import write_atomic
 from app.errors import UserError
 
@@ -51,22 +50,12 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None):
     """Normalised questions of a raw file; UserError naming file and line for anything unusable."""
-    from app.tasks.confidence_tokens import domain_tokens, raw_qa
+    from app.tasks.confidence_tokens import domain_tokens, read_raw_qa
 
     pairs = domain_tokens(cfg)
     if dataset is not None and dataset not in pairs:
         raise UserError(f"--dataset={dataset!r} has no tokens in confidence_tokens (known: {', '.join(pairs)})")
-    rows = read_rows(path, () if dataset else ("dataset",))
-    if limit is not None:
-        rows = rows[:limit]
-    qas = []
-    for row in rows:
-        name = dataset or row.values.get("dataset")
-        if name not in pairs:
-            raise UserError(f"{path}:{row.line}: dataset {name!r} has no tokens in confidence_tokens "
-                            f"(known: {', '.join(pairs)})")
-        qas.append(raw_qa(row.values, name, path, row.line))
-    return qas
+    return [qa for _, _, qa in read_raw_qa(path, dataset, pairs, limit)]
 
 
 def load_model(cfg, checkpoint: str | None, device):

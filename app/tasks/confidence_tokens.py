@@ -176,6 +176,20 @@ def choice_text(question: str, options: dict[str, str]) -> str:
     return "\n".join(lines) + "\nAnswer with the letter of the correct option."
 
 
+def read_raw_qa(path, dataset: str | None, pairs: dict, limit: int | None = None) -> list[tuple[Row, str, object]]:
+    """(row, dataset, parsed QA) for each raw row of a file; the dataset is `dataset`, else the row's column, and
+    must have tokens in `pairs`. UserError naming file and line for anything unusable."""
+    rows = read_rows(path, () if dataset else ("dataset",))
+    out = []
+    for row in rows[:limit]:
+        name = dataset or row.values.get("dataset")
+        if name not in pairs:
+            raise UserError(f"{path}:{row.line}: dataset {name!r} has no tokens in confidence_tokens "
+                            f"(known: {', '.join(pairs)})")
+        out.append((row, name, raw_qa(row.values, name, path, row.line)))
+    return out
+
+
 def raw_qa(values: dict, dataset: str, path, line: int) -> QA:
     """Normalise one raw QA row; UserError naming file and line when it is not usable."""
     question = values.get("question")
@@ -622,16 +636,8 @@ class ConfidenceTokens(Task):
             if name is not None and name not in pairs:
                 raise UserError(f"validation_files: dataset {name!r} has no tokens in confidence_tokens "
                                 f"(known: {', '.join(pairs)})")
-            rows = read_rows(path, () if name else ("dataset",))
-            out = []
-            for row in rows:
-                dataset = name or row.values.get("dataset")
-                if dataset not in pairs:
-                    raise UserError(f"{path}:{row.line}: dataset {dataset!r} has no tokens in confidence_tokens "
-                                    f"(known: {', '.join(pairs)})")
-                qa = raw_qa(row.values, dataset, path, row.line)
-                out.append(Row(row.line, {**row.values, "dataset": dataset, "_qa": qa}))
-            per_file.append(out)
+            per_file.append([Row(row.line, {**row.values, "dataset": dataset, "_qa": qa})
+                             for row, dataset, qa in read_raw_qa(path, name, pairs)])
         merged = []
         for k in range(max((len(r) for r in per_file), default=0)):
             merged += [rows[k] for rows in per_file if k < len(rows)]
