@@ -24,11 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import UserError
 
+# The fixed instruction comes first: a prefix common to every prompt is computed once per batch in training
+# (share_prompt_prefix) and once per generation batch at inference.
 DEFAULT_PROMPT = (
-    "Premise: {premise}\n"
-    "Hypothesis: {hypothesis}\n"
     "Does the premise entail the hypothesis? Think step by step, then answer with a JSON object "
     'holding "thought_process" and "predicted_label" (1 = entailed, 0 = not).\n'
+    "Premise: {premise}\n"
+    "Hypothesis: {hypothesis}\n"
     "Answer: "
 )
 
@@ -99,6 +101,11 @@ class Config(BaseModel):
         "auto", description="autocast; auto = bf16 on a GPU that supports it, else no"
     )
     group_by_length: bool = Field(True, description="batch examples of similar length to cut padding")
+    share_prompt_prefix: bool = Field(
+        True,
+        description="compute the prompt prefix common to a micro batch once (>= 16 tokens; LoRA dropout then "
+        "draws one mask for those tokens); off: every row computes it",
+    )
     seed: int = Field(1234, description="seed for weights init, data order and dropout")
 
     # --- evaluation, logging, checkpoints ------------------------------------------------------------
@@ -123,6 +130,9 @@ class Config(BaseModel):
 
     # --- inference -----------------------------------------------------------------------------------
     infer_batch_size: int = Field(32, gt=0, description="rows per generation batch at inference")
+    prefill_tokens: int = Field(
+        2048, gt=0, description="padded prompt tokens per prefill chunk; a generation batch then decodes as one"
+    )
     backend: Literal["hf", "vllm"] = Field("hf", description="inference backend; vllm needs a GPU and `pip install vllm`")
 
     # --- task "confidence_tokens" (app/tasks/confidence_tokens.py) -----------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from app.extract import json_object_closed
+from app.lm import shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,130 @@ def left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, t
     return input_ids.to(device), mask.to(device)
 
 
+def _slot_layer(keys: torch.Tensor, values: torch.Tensor, length: int):
+    """A KV-cache layer stored in a buffer sized for the whole generation, the first `length` slots filled.
+
+    transformers' DynamicLayer appends a token with torch.cat, copying the whole cache every step (a third
+    of a decode step on CPU at batch 128); this one writes one slot per step and hands out views.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.kbuf, self.vbuf, self.length = keys, values, length
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._views()
+
+        def _views(self):
+            self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.kbuf.shape[-2]:  # past the planned size: grow by doubling (not reached in generation)
+                grow = max(end, 2 * self.kbuf.shape[-2]) - self.kbuf.shape[-2]
+                pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[:2], grow, b.shape[3])], dim=2)
+                self.kbuf, self.vbuf = pad(self.kbuf), pad(self.vbuf)
+            self.kbuf[:, :, self.length : end] = key_states
+            self.vbuf[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self._views()
+
+    return SlotLayer()
+
+
+def prefill_chunks(lengths: Sequence[int], budget: int) -> list[range]:
+    """Consecutive rows of a length-sorted (longest first) batch, each chunk at most `budget` padded tokens.
+
+    One prefill over a wide batch runs its element-wise work (norms, rotary, MLP activations) on tensors far
+    bigger than the CPU caches and pays for every row's left padding up to the longest prompt; chunks of a few
+    thousand tokens keep both small. The chunks' caches are merged for decoding, which stays one batch.
+    """
+    chunks, start = [], 0
+    while start < len(lengths):
+        end, width = start + 1, lengths[start]
+        while end < len(lengths) and (end + 1 - start) * max(width, lengths[end]) <= budget:
+            width = max(width, lengths[end])
+            end += 1
+        chunks.append(range(start, end))
+        start = end
+    return chunks
+
+
+def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int, budget: int):
+    """Prefill; returns (last-token logits, attention mask, cache ready for decoding).
+
+    The tokens every prompt of the batch starts with (a template's instruction) run once and their keys and
+    values are shared; the rest is prefilled in chunks of at most `budget` padded tokens. The merged cache is
+    laid out [shared prefix | left padding | prompt rest] per row, the padding masked out.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        # sliding-window or other special layers: one plain prefill into transformers' own cache
+        input_ids, mask = left_padded(ids, pad, device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], mask, cache
+    shared = shared_prefix_length(ids)
+    prefix_kv = []
+    if shared:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([ids[0][:shared]], device=device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    rests = [x[shared:] for x in ids]
+    logits, kv = [], []
+    for rows in prefill_chunks([len(x) for x in rests], budget):
+        input_ids, mask = left_padded([rests[r] for r in rows], pad, device)
+        cache = DynamicCache(config=model.config)
+        if prefix_kv:
+            mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
+            for layer, (k, v) in zip(cache.layers, prefix_kv):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits.append(out.logits[:, -1])
+        kv.append(cache)
+    rest_mask = left_padded(rests, pad, device)[1]
+    mask = torch.cat([rest_mask.new_ones((len(ids), shared)), rest_mask], dim=1)
+    end = mask.shape[1]
+    layers = []
+    for i, first in enumerate(kv[0].layers):
+        shape = (len(ids), first.keys.shape[1], end + max_new_tokens, first.keys.shape[3])
+        kbuf, vbuf = first.keys.new_zeros(shape), first.values.new_zeros(shape)
+        row = 0
+        for cache in kv:  # each chunk's rest is left-padded to its own width: right-align it in the merged buffer
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            rows, width = len(k), k.shape[2] - shared
+            kbuf[row : row + rows, :, :shared], vbuf[row : row + rows, :, :shared] = k[:, :, :shared], v[:, :, :shared]
+            kbuf[row : row + rows, :, end - width : end] = k[:, :, shared:]
+            vbuf[row : row + rows, :, end - width : end] = v[:, :, shared:]
+            row += rows
+        layers.append(_slot_layer(kbuf, vbuf, end))
+    merged = DynamicCache()
+    merged.layers = layers
+    return torch.cat(logits), mask, merged
+
+
 @torch.no_grad()
 def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, device,
-                    stop: Callable[[str], bool] | None, triggers: frozenset[int]) -> list[str]:
-    from transformers import DynamicCache
-
+                    stop: Callable[[str], bool] | None, triggers: frozenset[int], prefill_tokens: int) -> list[str]:
     eos = tokenizer.eos_token_id
-    input_ids, mask = left_padded(ids, tokenizer.pad_token_id, device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    last_pos = position[:, -1]
+    logits, mask, cache = _prefill(model, ids, tokenizer.pad_token_id, device, max_new_tokens, prefill_tokens)
+    last_pos = mask.sum(-1) - 1
     generated: list[list[int]] = [[] for _ in ids]
     alive = list(range(len(ids)))
     for _ in range(max_new_tokens):
-        tokens = out.logits[:, -1].argmax(-1)
+        tokens = logits.argmax(-1)
         keep = []
         for k, (row, t) in enumerate(zip(alive, tokens.tolist())):
             if t == eos:
@@ -75,8 +184,8 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
             alive = [alive[k] for k in keep]
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
@@ -103,11 +212,13 @@ def generate_batches(
     model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
     skip: Callable[[list[int]], bool] | None = None,
     stop: Callable[[str], bool] | None = json_object_closed, stop_chars: str = "}",
+    prefill_tokens: int = 2048,
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield (indices, generations) batch by batch, longest prompts first; callers restore input order.
 
     `skip(indices)` lets a resumed caller pass over batches it already has. `stop(text)` ends a row early; it is
-    only consulted after a token holding one of `stop_chars`.
+    only consulted after a token holding one of `stop_chars`. Prompts are prefilled `prefill_tokens` padded
+    tokens at a time (at least one row), then decoded as one batch.
     """
     ids = tokenizer(list(prompts)).input_ids  # tokenized once: for sorting and for the batches
     triggers = trigger_ids(tokenizer, stop_chars) if stop is not None else frozenset()
@@ -115,8 +226,9 @@ def generate_batches(
     for batch in length_sorted_batches([len(x) for x in ids], batch_size):
         if skip is not None and skip(batch):
             continue
-        texts = split_on_oom(lambda part: _generate_batch(model, tokenizer, part, max_new_tokens, device, stop, triggers),
-                             [ids[i] for i in batch])
+        run = lambda part: _generate_batch(
+            model, tokenizer, part, max_new_tokens, device, stop, triggers, prefill_tokens)
+        texts = split_on_oom(run, [ids[i] for i in batch])
         yield batch, texts
 
 

@@ -149,12 +149,16 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
 
 # --- evaluation -------------------------------------------------------------------------------------------
 @torch.no_grad()
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator, step) -> dict:
     objective.eval()
     total, items = 0.0, 0
     for i in range(0, len(dev_features), cfg.micro_batch_size):
         chunk = dev_features[i : i + cfg.micro_batch_size]
-        batch = {k: v.to(device) for k, v in task.collate(chunk, tokenizer.pad_token_id).items()}
+        batch = to_device(task.collate(chunk, tokenizer.pad_token_id), device)
         with accelerator.autocast():
             total += float(objective(**batch))
         items += sum(task.loss_items(f) for f in chunk)
@@ -281,7 +285,7 @@ def _train(cfg: Config) -> int:
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
     loss_items = [task.loss_items(f) for f in features]  # per example, counted once: the step loop only adds them up
 
-    objective = task.objective(model)
+    objective = task.objective(model, cfg)
     objective.to(device)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
@@ -330,7 +334,7 @@ def _train(cfg: Config) -> int:
         step_loss = torch.zeros((), device=device)
         micro_batches = plan.micro_batches(epoch_steps, step_in_epoch, rank)
         for k, indices in enumerate(micro_batches):
-            batch = {n: t.to(device) for n, t in task.collate([features[i] for i in indices], tokenizer.pad_token_id).items()}
+            batch = to_device(task.collate([features[i] for i in indices], tokenizer.pad_token_id), device)
             sync = k == len(micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_objective)), accelerator.autocast():
                 loss_sum = ddp_objective(**batch)

@@ -298,9 +298,9 @@ def boolq_run(tmp_path_factory, tiny_model_dir, shared_fixtures):
     captured = {}
     original = ConfidenceTokens.objective
 
-    def spy(self, model):
+    def spy(self, model, cfg=None):
         captured["model"] = model
-        return original(self, model)
+        return original(self, model, cfg)
 
     ConfidenceTokens.objective = spy
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.generate import generate, length_sorted_batches
+from app.generate import _slot_layer, generate, length_sorted_batches, prefill_chunks
 from app.modeling import load_tokenizer
 from conftest import tiny_config
 
@@ -34,6 +34,63 @@ def test_matches_transformers_generate_batched_and_alone(model_and_tokenizer):
     want = [reference(model, tok, p, 12) for p in PROMPTS]
     assert generate(model, tok, PROMPTS, batch_size=8, max_new_tokens=12, device="cpu", stop=None) == want
     assert generate(model, tok, PROMPTS, batch_size=1, max_new_tokens=12, device="cpu", stop=None) == want
+
+
+@pytest.mark.parametrize("prefill_tokens", [1, 40, 10_000])
+def test_chunked_prefill_gives_the_same_generations(model_and_tokenizer, prefill_tokens):
+    """Chunks of every size (one row each, a few rows, the whole batch) merge into the same decoding."""
+    model, tok = model_and_tokenizer
+    want = [reference(model, tok, p, 12) for p in PROMPTS]
+    got = generate(model, tok, PROMPTS, batch_size=8, max_new_tokens=12, device="cpu", stop=None,
+                   prefill_tokens=prefill_tokens)
+    assert got == want
+
+
+@pytest.mark.parametrize("prefill_tokens", [1, 60, 10_000])
+def test_shared_prompt_prefix_runs_once_with_the_same_generations(model_and_tokenizer, tmp_path, prefill_tokens):
+    from app.lm import shared_prefix_length
+    from app.tasks.nli_cot import build_prompt
+
+    model, tok = model_and_tokenizer
+    cfg = tiny_config(model.name_or_path, tmp_path)
+    rows = [("In the museum, Carla is cooking.", "Carla is cooking indoors."), ("x", "y"),
+            ("In the beach, Grace is waiting. " * 4, "Grace is waiting indoors."), ("", "")]
+    prompts = [build_prompt({"premise": p, "hypothesis": h}, cfg) for p, h in rows]
+    assert shared_prefix_length(tok(prompts).input_ids) >= 30  # the template's instruction
+    want = [reference(model, tok, p, 12) for p in prompts]
+    got = generate(model, tok, prompts, batch_size=8, max_new_tokens=12, device="cpu", stop=None,
+                   prefill_tokens=prefill_tokens)
+    assert got == want
+
+
+def test_sliding_window_model_falls_back_to_one_prefill(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, sliding_window=6).eval()
+    tok = load_tokenizer(tiny_config(tiny_model_dir, tmp_path))
+    want = [reference(model, tok, p, 10) for p in PROMPTS]
+    assert generate(model, tok, PROMPTS, batch_size=8, max_new_tokens=10, device="cpu", stop=None,
+                    prefill_tokens=30) == want
+
+
+def test_prefill_chunks_respect_the_token_budget():
+    lengths = [50, 40, 40, 30, 10, 10, 10, 5]
+    chunks = prefill_chunks(lengths, 100)
+    assert [list(c) for c in chunks] == [[0, 1], [2, 3], [4, 5, 6, 7]]
+    assert prefill_chunks([500, 3], 100) == [range(0, 1), range(1, 2)]  # a row wider than the budget goes alone
+
+
+def test_slot_layer_appends_selects_and_grows():
+    keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer = _slot_layer(keys.clone(), values.clone(), length=2)
+    new_k, new_v = torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)
+    k, v = layer.update(new_k, new_v)
+    assert torch.equal(k, torch.cat([keys[:, :, :2], new_k], 2)) and torch.equal(v, torch.cat([values[:, :, :2], new_v], 2))
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    more = torch.randn(2, 2, 4, 5)  # past the buffer's 4 slots: it grows
+    k, _ = layer.update(more, more)
+    assert k.shape == (2, 2, 7, 5) and layer.get_seq_length() == 7
+    assert torch.equal(k[:, :, :3], torch.cat([keys[:, :, :2], new_k], 2)[[2, 0]]) and torch.equal(k[:, :, 3:], more)
 
 
 def test_rows_stop_when_their_json_closes(model_and_tokenizer):

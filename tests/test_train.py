@@ -26,9 +26,9 @@ def capture_model(monkeypatch) -> dict:
     captured = {}
     original = NliCot.objective
 
-    def spy(self, model):
+    def spy(self, model, cfg=None):
         captured["model"] = model
-        return original(self, model)
+        return original(self, model, cfg)
 
     monkeypatch.setattr(NliCot, "objective", spy)
     return captured
@@ -160,6 +160,8 @@ def test_overlength_examples_are_counted_and_handled(tiny_model_dir, tmp_path, c
     for f, orig in zip(cut, full):  # the response (every loss token) survives truncation
         assert [t for t in f.labels if t != -100] == [t for t in orig.labels if t != -100]
         assert f.input_ids[0] == tok.bos_token_id
+        if len(orig.input_ids) > 90:  # the middle of the prompt goes: its head (the instruction) stays
+            assert f.input_ids[:25] == orig.input_ids[:25] and f.input_ids[-40:] == orig.input_ids[-40:]
     cfg.overlength = "error"
     with pytest.raises(UserError, match=r"train.csv:\d+: \d+ tokens > max_seq_length=90"):
         encode_all(task, rows, tok, cfg, "train.csv")

@@ -61,7 +61,8 @@ class Task:
             set_peft_model_state_dict(model, load_file(str(Path(weights_dir) / "adapter_model.safetensors")))
         return model, tokenizer
 
-    def objective(self, model) -> nn.Module:
+    def objective(self, model, cfg: Config | None = None) -> nn.Module:
+        """The loss module. The engine passes the run's config; tests may leave it out (defaults apply)."""
         raise NotImplementedError
 
     def save_extra(self, objective: nn.Module, directory: Path) -> None:
@@ -101,8 +102,9 @@ class Task:
         """How many loss terms this example contributes (target tokens, marked positions, ...)."""
         return sum(1 for t in feature.labels[1:] if t != -100)
 
-    def collate(self, features: list[Feature], pad_id: int) -> dict[str, torch.Tensor]:
-        """Right-padded batch: input_ids, attention_mask, labels."""
+    def collate(self, features: list[Feature], pad_id: int) -> dict:
+        """Right-padded batch: input_ids, attention_mask, labels (tensors; a task may add plain ints, which
+        the engine passes to the objective as they are)."""
         width = max(len(f.input_ids) for f in features)
         ids = torch.full((len(features), width), pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), -100, dtype=torch.long)

@@ -299,7 +299,9 @@ class ConfidenceHead(Task):
         self._cfg = cfg  # objective() is given only the model
         return super().load_model(cfg, device, weights_dir)
 
-    def objective(self, model) -> nn.Module:
+    def objective(self, model, cfg: Config | None = None) -> nn.Module:
+        if cfg is not None:
+            return self.objective_for(model, cfg)
         if self._cfg is None:
             raise RuntimeError("objective() needs the config: call load_model(cfg, ...) or objective_for(model, cfg)")
         return self.objective_for(model, self._cfg)

@@ -593,8 +593,9 @@ class ConfidenceTokens(Task):
             set_peft_model_state_dict(model, load_file(str(Path(weights_dir) / "adapter_model.safetensors")))
         return model, tokenizer
 
-    def objective(self, model) -> nn.Module:
-        return ConfidenceTokenLoss(model, self.cfg.confidence_loss if self.cfg is not None else "full_vocab")
+    def objective(self, model, cfg: Config | None = None) -> nn.Module:
+        cfg = cfg or self.cfg
+        return ConfidenceTokenLoss(model, cfg.confidence_loss if cfg is not None else "full_vocab")
 
     def save_extra(self, objective: nn.Module, directory: Path) -> None:
         """No extra weights. Used as the end-of-training hook: the final checkpoint goes to the Hub if asked."""

@@ -16,7 +16,7 @@ from app.data import Row, parse_binary_label
 from app.errors import UserError
 from app.extract import extract_label
 from app.generate import generate_batches
-from app.lm import CompletionLoss, continuation_logprobs
+from app.lm import CompletionLoss, continuation_logprobs, shared_prefix_length
 from app.metrics import classification_metrics
 from app.tasks.base import Feature, Task
 
@@ -46,8 +46,24 @@ class NliCot(Task):
     name = "nli_cot"
     required_columns = ("premise", "hypothesis", "label")
 
-    def objective(self, model):
-        return CompletionLoss(model)
+    def objective(self, model, cfg: Config | None = None):
+        return CompletionLoss(model, share_prefix=cfg.share_prompt_prefix if cfg is not None else True)
+
+    def truncate(self, f: Feature, limit: int) -> Feature | None:
+        """Cut the middle of the prompt: its head (the instruction, the start of the premise) and its tail (the
+        hypothesis, "Answer: ") stay, and so does every target token. None when the targets alone do not fit."""
+        prompt_len = next((i for i, t in enumerate(f.labels) if t != -100), len(f.labels))
+        room = prompt_len - (len(f.input_ids) - limit)  # prompt tokens that fit
+        if room < 2:
+            return None
+        head = room // 2
+        keep = [*range(head), *range(prompt_len - (room - head), len(f.input_ids))]
+        return Feature([f.input_ids[i] for i in keep], [f.labels[i] for i in keep], f.line, f.extra)
+
+    def collate(self, features: list[Feature], pad_id: int) -> dict:
+        batch = super().collate(features, pad_id)
+        batch["shared_prefix"] = shared_prefix_length([f.input_ids for f in features], [f.labels for f in features])
+        return batch
 
     def validate(self, path, rows: list[Row]) -> list[Row]:
         for row in rows:
@@ -69,7 +85,8 @@ class NliCot(Task):
         self, model, tokenizer, cfg: Config, rows: list[dict], device, batch_size: int, skip=None
     ) -> Iterator[tuple[list[int], list[Prediction]]]:
         prompts = [build_prompt(r, cfg) for r in rows]
-        for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, cfg.max_new_tokens, device, skip):
+        for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, cfg.max_new_tokens, device, skip,
+                                              prefill_tokens=cfg.prefill_tokens):
             found = [extract_label(t) for t in texts]
             preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
             missing = [k for k, p in enumerate(preds) if p.label is None]

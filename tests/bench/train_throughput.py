@@ -1,6 +1,7 @@
 """Training throughput: this engine against TRL's SFTTrainer (packing off and on) and a bare loop, on CPU.
 
-    python tests/bench/train_throughput.py [--steps 60] [--repeats 3] [--skip 3] [--setups engine,trl,trl_packed,bare]
+    python tests/bench/train_throughput.py [--steps 60] [--repeats 3] [--skip 3]
+                                           [--setups engine,engine_noshare,trl,trl_packed,bare]
                                            [--hidden 96] [--layers 2] [--vocab N] [--threads N] [--pack-batch N]
                                            [--trl-workers N] [--omp-passive] [--max-minutes 9] [--json OUT]
 
@@ -17,7 +18,9 @@ The engine encodes it itself; TRL gets the very same token ids, pre-tokenized (`
 TRL's prepared dataset before every TRL run).
 
   engine      `app.train.train(cfg)` with configs/tiny.py and --finetuning=lora --dev_file=None (length-grouped
-              batches from app.batching.BatchPlan)
+              batches from app.batching.BatchPlan; the prompt prefix common to a micro batch, the template's
+              instruction, computed once per micro batch: share_prompt_prefix)
+  engine_noshare  the same with --share_prompt_prefix=False: every row computes its whole prompt
   trl         SFTTrainer, packing off, train_sampling_strategy='group_by_length' (its least-padding sampler),
               dataloader_num_workers=0 (2 cores: workers would only compete with the compute threads)
   trl_packed  SFTTrainer, packing on (packing_strategy='bfd', which turns padding_free on: each batch is flattened
@@ -78,10 +81,10 @@ def write_model(out: Path, hidden: int, layers: int, vocab: int | None = None) -
     return out
 
 
-def engine_config(model_dir: Path, out_dir: Path, steps: int):
+def engine_config(model_dir: Path, out_dir: Path, steps: int, extra: tuple[str, ...] = ()):
     from app.config import load_config
 
-    return load_config(ROOT / "configs" / "tiny.py", [
+    return load_config(ROOT / "configs" / "tiny.py", [*extra,
         f"--model_name={model_dir}", f"--train_file={TRAIN_FILE}", "--dev_file=None", f"--out_dir={out_dir}",
         "--finetuning=lora", f"--max_steps={steps}", "--save_every=1000000", "--tensorboard=False",
         "--log_every=10", "--create_tiny_model=False", "--attn_implementation=sdpa"])
@@ -126,12 +129,12 @@ def rate(stamps: list[tuple[float, float]], tokens: list[int], padded: list[int]
 
 
 # --- this engine --------------------------------------------------------------------------------------------
-def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features) -> dict:
+def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features, extra: tuple[str, ...] = ()) -> dict:
     import app.train as engine
     from app.batching import BatchPlan
 
     out_dir = Path(tempfile.mkdtemp(prefix="engine-", dir=tmp))
-    cfg = engine_config(model_dir, out_dir, steps)
+    cfg = engine_config(model_dir, out_dir, steps, extra)
     with step_clock() as stamps:
         t0 = time.perf_counter()
         rc = engine.train(cfg)
@@ -313,7 +316,7 @@ def fresh_accelerate_state() -> None:
 
 
 # --- main ---------------------------------------------------------------------------------------------------
-LABELS = {"engine": "this engine", "trl": "SFTTrainer, packing off", "trl_packed": "SFTTrainer, packing on",
+LABELS = {"engine": "this engine", "engine_noshare": "engine, no prefix sharing", "trl": "SFTTrainer, packing off", "trl_packed": "SFTTrainer, packing on",
           "bare": "bare loop (random tokens)", "trl_defaults": "SFTTrainer, its defaults"}
 
 
@@ -322,7 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     p.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the timing window (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="runs per setup, interleaved (default 3)")
-    p.add_argument("--setups", default="engine,trl,trl_packed,bare", help="comma-separated subset, run in this order")
+    p.add_argument("--setups", default="engine,engine_noshare,trl,trl_packed,bare",
+                   help="comma-separated subset, run in this order")
     p.add_argument("--hidden", type=int, default=96, help="model hidden size (96 = the embedded tiny model)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (2 = the embedded tiny model)")
     p.add_argument("--vocab", type=int, default=None, help="LM-head rows (default: the tokenizer's 532; e.g. 32768 "
@@ -407,6 +411,8 @@ def main(argv=None) -> int:
                 fresh_accelerate_state()  # every setup starts from a clean accelerate singleton
                 if s == "engine":
                     res = run_engine(model_dir, tmp, args.steps, args.skip, features)
+                elif s == "engine_noshare":
+                    res = run_engine(model_dir, tmp, args.steps, args.skip, features, ("--share_prompt_prefix=False",))
                 elif s == "trl":
                     res = run_trl(model_dir, tmp, args.steps, args.skip, features, tok, cfg, False, None,
                                   args.trl_workers)
