@@ -16,10 +16,10 @@ finetuning = "full"      # a random-weight model has nothing to adapt; LoRA/QLoR
 max_seq_length = 256
 batch_size = 16
 micro_batch_size = 16
-num_epochs = 4
-learning_rate = 3e-3
-warmup_steps = 20
-weight_decay = 0.0
+num_epochs = 10      # the copy of the place word into the thought forms after ~200 steps
+learning_rate = 2e-3
+warmup_steps = 50
+weight_decay = 0.1
 
 eval_every = 100
 eval_rows = 200

@@ -7,8 +7,10 @@ Rows: `--data`, else ../shared/fixtures/nli/dev_sample.csv, else data/sample/tes
 Checkpoint: `--checkpoint`, else the one `python -m app infer` would pick under checkpoints/, else the tiny model
 trained for 100 steps into a temporary directory. Every mode uses the same prompts, model and max_new_tokens:
 
-  sorted     `NliCot.predict_batches` as `python -m app infer` runs it: length-sorted batches, stop when the JSON
-             object closes, label extraction and the forced-prefix fallback (timed as a whole)
+  sorted     `NliCot.predict_batches` as `python -m app infer` runs it: length-sorted batches, the prompt prefix
+             common to a batch prefilled once, the rest prefilled in chunks of `prefill_tokens`, one decode
+             batch over a preallocated KV cache, stop when the JSON object closes, label extraction and the
+             forced-prefix fallback (timed as a whole)
   sorted_gen the same batches, generation only (`generate_batches`)
   input      baseline: transformers' `generate` on fixed-size batches in input order (same stop rule)
   single     baseline: transformers' `generate` one row at a time (`--single-rows` of them; rows/s is compared)
@@ -125,13 +127,18 @@ def main(argv=None) -> int:
     model, tok = load_for_inference(ckpt, cfg, device)
     cut = sum(fit_prompts(rows, tok, cfg))
     prompts = [build_prompt(r, cfg) for r in rows]
-    lengths = [len(ids) for ids in tok(prompts).input_ids]
+    from app.lm import shared_prefix_length
+
+    prompt_ids = tok(prompts).input_ids
+    lengths = [len(ids) for ids in prompt_ids]
+    common = shared_prefix_length(prompt_ids)
     bs, mnt = args.batch_size, args.max_new_tokens
     modes = args.modes.split(",")
     print(f"checkpoint {ckpt}\ndata {data} x{args.rows} rows, batch {bs}, max_new_tokens {mnt}, device {device}, "
           f"torch threads {torch.get_num_threads()}, load average before {os.getloadavg()}\n"
           f"prompt tokens: mean {sum(lengths) / len(lengths):.0f}, min {min(lengths)}, max {max(lengths)}; "
-          f"{cut} rows cut to max_seq_length - max_new_tokens", flush=True)
+          f"{cut} rows cut to max_seq_length - max_new_tokens; {common} leading tokens common to every prompt "
+          f"(prefilled once per batch); prefill_tokens {cfg.prefill_tokens}", flush=True)
 
     with torch.no_grad():  # warm-up: the widest batch once
         longest = sorted(prompts, key=len)[-bs:]
@@ -205,6 +212,7 @@ def main(argv=None) -> int:
             agree[name] = round(sum(a == b for a, b in zip(ref, gens)) / len(gens), 4)
     summary = {"checkpoint": str(ckpt), "data": str(data), "rows": len(prompts), "batch_size": bs,
                "max_seq_length": args.max_seq_length, "prompt_tokens_mean": sum(lengths) / len(lengths),
+               "shared_prefix_tokens": common, "prefill_tokens": cfg.prefill_tokens,
                "max_new_tokens": mnt, "device": str(device), "threads": torch.get_num_threads(),
                "load_average_after": os.getloadavg(), "results": results, "ratios": ratios,
                "generations_equal_to_sorted": agree}
