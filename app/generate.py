@@ -7,6 +7,7 @@ dropped from the batch and its KV cache, so the remaining steps only compute row
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
@@ -42,16 +43,18 @@ def left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, t
     return input_ids.to(device), mask.to(device)
 
 
-def _slot_layer(keys: torch.Tensor, values: torch.Tensor, length: int):
-    """A KV-cache layer stored in a buffer sized for the whole generation, the first `length` slots filled.
-
-    transformers' DynamicLayer appends a token with torch.cat, copying the whole cache every step (a third
-    of a decode step on CPU at batch 128); this one writes one slot per step and hands out views.
-    """
+@functools.cache
+def _slot_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class SlotLayer(DynamicLayer):
-        def __init__(self):
+        """A KV-cache layer stored in a buffer sized for the whole generation.
+
+        transformers' DynamicLayer appends a token with torch.cat, copying the whole cache every step (a
+        third of a decode step on CPU at batch 128); this one writes one slot per step and hands out views.
+        """
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
             super().__init__()
             self.kbuf, self.vbuf, self.length = keys, values, length
             self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
@@ -76,7 +79,12 @@ def _slot_layer(keys: torch.Tensor, values: torch.Tensor, length: int):
             self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
             self._views()
 
-    return SlotLayer()
+    return SlotLayer
+
+
+def _slot_layer(keys: torch.Tensor, values: torch.Tensor, length: int):
+    """A cache layer over preallocated buffers [batch, heads, slots, head_dim], the first `length` slots filled."""
+    return _slot_layer_class()(keys, values, length)
 
 
 def prefill_chunks(lengths: Sequence[int], budget: int) -> list[range]:
