@@ -105,8 +105,9 @@ def prefill_chunks(lengths: Sequence[int], budget: int) -> list[range]:
     return chunks
 
 
-def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int, budget: int):
-    """Prefill; returns (last-token logits, attention mask, cache ready for decoding).
+def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int, budget: int, merge: bool = True):
+    """Prefill; returns (last-token logits, attention mask, cache ready for decoding); with merge=False only
+    the logits (mask and cache None).
 
     The tokens every prompt of the batch starts with (a template's instruction) run once and their keys and
     values are shared; the rest is prefilled in chunks of at most `budget` padded tokens. The merged cache is
@@ -143,6 +144,8 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits.append(out.logits[:, -1])
         kv.append(cache)
+    if not merge:
+        return torch.cat(logits), None, None
     rest_mask = left_padded(rests, pad, device)[1]
     mask = torch.cat([rest_mask.new_ones((len(ids), shared)), rest_mask], dim=1)
     end = mask.shape[1]
@@ -162,6 +165,17 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
     merged = DynamicCache()
     merged.layers = layers
     return torch.cat(logits), mask, merged
+
+
+@torch.no_grad()
+def next_token_logits(model, ids: list[list[int]], pad: int, device, prefill_tokens: int = 2048) -> torch.Tensor:
+    """Logits of the token after each prompt, in the given order, prefilled as generation does (the common
+    prefix once, the rest in length-sorted chunks)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    logits = _prefill(model, [ids[i] for i in order], pad, device, 0, prefill_tokens, merge=False)[0]
+    out = torch.empty_like(logits)
+    out[torch.tensor(order, device=logits.device)] = logits
+    return out
 
 
 @torch.no_grad()

@@ -95,31 +95,3 @@ class CompletionLoss(nn.Module):
         keep = targets != -100
         logits = head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum")
-
-
-@torch.no_grad()
-def continuation_logprobs(model, tokenizer, prefixes: list[str], continuations: list[str], device) -> torch.Tensor:
-    """log p(continuation | prefix) for each pair, summed over the continuation's tokens (one batch)."""
-    pad = tokenizer.pad_token_id
-    seqs, starts = [], []
-    for prefix, cont in zip(prefixes, continuations):
-        p = tokenizer(prefix).input_ids
-        c = tokenizer(prefix + cont).input_ids
-        # the joint tokenization may merge across the boundary; score from the first differing token
-        start = next((i for i, (a, b) in enumerate(zip(p, c)) if a != b), len(p))
-        seqs.append(c)
-        starts.append(max(start, 1))
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    hidden = last_hidden_states(model, ids, mask)
-    _, head = decoder_and_head(model)
-    out = torch.zeros(len(seqs), device=device)
-    for i, (s, start) in enumerate(zip(seqs, starts)):
-        logp = torch.log_softmax(head(hidden[i, start - 1 : len(s) - 1]).float(), dim=-1)
-        out[i] = logp.gather(1, ids[i, start : len(s)].unsqueeze(1)).sum()
-    return out

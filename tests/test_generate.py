@@ -63,6 +63,59 @@ def test_shared_prompt_prefix_runs_once_with_the_same_generations(model_and_toke
     assert got == want
 
 
+@pytest.mark.parametrize("prefill_tokens", [1, 100, 10_000])
+def test_next_token_logits_equal_one_prompt_at_a_time(model_and_tokenizer, tmp_path, prefill_tokens):
+    from app.generate import next_token_logits
+    from app.tasks.nli_cot import build_prompt
+
+    model, tok = model_and_tokenizer
+    cfg = tiny_config(model.name_or_path, tmp_path)
+    prompts = [build_prompt({"premise": p, "hypothesis": "Anna is indoors."}, cfg) for p in
+               ("Anna reads.", "In the park, Anna reads. " * 3, "", "Anna is cooking in the museum.")]
+    ids = tok(prompts).input_ids
+    got = next_token_logits(model, ids, tok.pad_token_id, "cpu", prefill_tokens)
+    with torch.no_grad():
+        want = torch.stack([model(input_ids=torch.tensor([x])).logits[0, -1] for x in ids])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tokenizer, tmp_path):
+    import copy
+
+    from app.tasks.nli_cot import NliCot, build_prompt
+
+    model, tok = model_and_tokenizer
+    cfg = tiny_config(model.name_or_path, tmp_path)
+    prompts = [build_prompt({"premise": f"In the {place}, Ben is {verb}.", "hypothesis": "Ben is indoors."}, cfg)
+               for place in ("museum", "beach", "garage", "park") for verb in ("cooking", "reading", "waiting")]
+    thoughts = ["The place is indoors.", "", "x", "The beach is outdoors. They differ."] * 3
+    def context(i: int) -> str:
+        head_text = '{"thought_process": "' + thoughts[i] + '", ' if thoughts[i] else "{"
+        return prompts[i] + head_text + '"predicted_label": '
+
+    t0, t1 = tok(context(1) + "0").input_ids[-1], tok(context(1) + "1").input_ids[-1]
+    # a random model ranks the two the same way whatever the context; make "1" win after row 0's context and
+    # lose after row 1's: its head row is "0"'s plus the difference of those two rows' final hidden states
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        h = [model.model(input_ids=torch.tensor([tok(context(i) + "0").input_ids[:-1]])).last_hidden_state[0, -1]
+             for i in (0, 1)]
+        head = model.get_output_embeddings().weight
+        head[t1] = head[t0] + 50 * (h[0] - h[1])
+    want = []
+    for prompt, thought in zip(prompts, thoughts):
+        head_text = '{"thought_process": "' + thought + '", ' if thought else "{"
+        scores = []
+        for label in "01":  # one full forward per candidate, as a reader would check it
+            full = tok(prompt + head_text + '"predicted_label": ' + label).input_ids
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([full[:-1]])).logits[0, -1].log_softmax(-1)
+            scores.append(logp[full[-1]].item())
+        want.append(int(scores[1] > scores[0]))
+    assert 0 < sum(want) < len(want)  # both labels occur: the comparison is not decided by the head alone
+    assert NliCot().forced_labels(model, tok, prompts, thoughts, "cpu", prefill_tokens=64) == want
+
+
 def test_sliding_window_model_falls_back_to_one_prefill(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

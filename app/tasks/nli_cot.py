@@ -11,12 +11,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from app.config import Config
 from app.data import Row, parse_binary_label
 from app.errors import UserError
 from app.extract import extract_label
-from app.generate import generate_batches
-from app.lm import CompletionLoss, continuation_logprobs, shared_prefix_length
+from app.generate import generate_batches, next_token_logits
+from app.lm import CompletionLoss, shared_prefix_length
 from app.metrics import classification_metrics
 from app.tasks.base import Feature, Task
 
@@ -91,22 +93,30 @@ class NliCot(Task):
             preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
             missing = [k for k, p in enumerate(preds) if p.label is None]
             if missing:
-                labels = self.forced_labels(
-                    model, tokenizer, [prompts[batch[k]] for k in missing], [preds[k].thought for k in missing], device
-                )
+                labels = self.forced_labels(model, tokenizer, [prompts[batch[k]] for k in missing],
+                                            [preds[k].thought for k in missing], device, cfg.prefill_tokens)
                 for k, label in zip(missing, labels):
                     preds[k].label, preds[k].parse_ok, preds[k].how = label, False, "forced_prefix"
             yield batch, preds
 
-    def forced_labels(self, model, tokenizer, prompts: list[str], thoughts: list[str], device) -> list[int]:
-        """Pick 0 or 1 by the model's likelihood of each after a forced `"predicted_label": ` prefix."""
-        prefixes = []
+    def forced_labels(self, model, tokenizer, prompts: list[str], thoughts: list[str], device,
+                      prefill_tokens: int = 2048) -> list[int]:
+        """Pick 0 or 1 by which label token the model ranks higher after a forced `"predicted_label": ` prefix
+        (one forward pass per row, up to the token where the two labelled texts part)."""
+        ids, zero, one = [], [], []
         for prompt, thought in zip(prompts, thoughts):
             head = '{"thought_process": ' + json.dumps(thought, ensure_ascii=False) + ", " if thought else "{"
-            prefixes.append(prompt + head + '"predicted_label": ')
-        scores = continuation_logprobs(model, tokenizer, prefixes * 2, ["0}"] * len(prefixes) + ["1}"] * len(prefixes), device)
-        zero, one = scores[: len(prefixes)], scores[len(prefixes) :]
-        return (one > zero).long().tolist()
+            prefix = prompt + head + '"predicted_label": '
+            c0, c1 = tokenizer(prefix + "0").input_ids, tokenizer(prefix + "1").input_ids
+            # the joint tokenization may merge the label with what precedes it: score where the two part
+            k = next(i for i, (a, b) in enumerate(zip(c0, c1)) if a != b)
+            ids.append(c0[:k])
+            zero.append(c0[k])
+            one.append(c1[k])
+        logits = next_token_logits(model, ids, tokenizer.pad_token_id, device, prefill_tokens)
+        rows = torch.arange(len(ids), device=logits.device)
+        return (logits[rows, torch.tensor(one, device=logits.device)]
+                > logits[rows, torch.tensor(zero, device=logits.device)]).long().tolist()
 
     def evaluate(self, model, tokenizer, cfg, rows: list[Row], device, step: int = 0) -> dict[str, float]:
         values = [r.values for r in rows]
