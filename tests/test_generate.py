@@ -36,27 +36,27 @@ def test_matches_transformers_generate_batched_and_alone(model_and_tokenizer):
     assert generate(model, tok, PROMPTS, batch_size=1, max_new_tokens=12, device="cpu", stop=None) == want
 
 
-@pytest.mark.parametrize("prefill_tokens", [1, 40, 10_000])
-def test_chunked_prefill_gives_the_same_generations(model_and_tokenizer, prefill_tokens):
-    """Chunks of every size (one row each, a few rows, the whole batch) merge into the same decoding."""
-    model, tok = model_and_tokenizer
-    want = [reference(model, tok, p, 12) for p in PROMPTS]
-    got = generate(model, tok, PROMPTS, batch_size=8, max_new_tokens=12, device="cpu", stop=None,
-                   prefill_tokens=prefill_tokens)
-    assert got == want
-
-
-@pytest.mark.parametrize("prefill_tokens", [1, 60, 10_000])
-def test_shared_prompt_prefix_runs_once_with_the_same_generations(model_and_tokenizer, tmp_path, prefill_tokens):
-    from app.lm import shared_prefix_length
+def nli_prompts(model, tmp_path) -> list[str]:
+    """Prompts of the default template: they share its instruction (>= 30 tokens)."""
     from app.tasks.nli_cot import build_prompt
 
-    model, tok = model_and_tokenizer
     cfg = tiny_config(model.name_or_path, tmp_path)
     rows = [("In the museum, Carla is cooking.", "Carla is cooking indoors."), ("x", "y"),
             ("In the beach, Grace is waiting. " * 4, "Grace is waiting indoors."), ("", "")]
-    prompts = [build_prompt({"premise": p, "hypothesis": h}, cfg) for p, h in rows]
-    assert shared_prefix_length(tok(prompts).input_ids) >= 30  # the template's instruction
+    return [build_prompt({"premise": p, "hypothesis": h}, cfg) for p, h in rows]
+
+
+@pytest.mark.parametrize("prefill_tokens", [1, 40, 10_000])
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_prefill_and_shared_prefix_give_the_same_generations(model_and_tokenizer, tmp_path, shared,
+                                                                     prefill_tokens):
+    """Chunks of every size (one row each, a few rows, the whole batch), with or without a prompt prefix common
+    to the batch (prefilled once), merge into the same decoding as transformers' generate."""
+    from app.lm import shared_prefix_length
+
+    model, tok = model_and_tokenizer
+    prompts = nli_prompts(model, tmp_path) if shared else PROMPTS
+    assert (shared_prefix_length(tok(prompts).input_ids) >= 30) == shared
     want = [reference(model, tok, p, 12) for p in prompts]
     got = generate(model, tok, prompts, batch_size=8, max_new_tokens=12, device="cpu", stop=None,
                    prefill_tokens=prefill_tokens)
