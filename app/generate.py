@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from app.extract import json_object_closed
-from app.lm import shared_prefix_length
+from app.lm import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,8 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
     laid out [shared prefix | left padding | prompt rest] per row, the padding masked out.
     """
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+    if plain_kv_cache(model.config) is None:
         # sliding-window or other special layers: one plain prefill into transformers' own cache
         input_ids, mask = left_padded(ids, pad, device)
         cache = DynamicCache(config=model.config)
@@ -126,7 +125,7 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
     shared = shared_prefix_length(ids)
     prefix_kv = []
     if shared:
-        cache = DynamicCache(config=model.config)
+        cache = plain_kv_cache(model.config)
         model(input_ids=torch.tensor([ids[0][:shared]], device=device), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -134,12 +133,9 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
     logits, kv = [], []
     for rows in prefill_chunks([len(x) for x in rests], budget):
         input_ids, mask = left_padded([rests[r] for r in rows], pad, device)
-        cache = DynamicCache(config=model.config)
+        cache = broadcast_prefix(plain_kv_cache(model.config), prefix_kv, len(rows))
         if prefix_kv:
             mask = torch.cat([mask.new_ones((len(rows), shared)), mask], dim=1)
-            for layer, (k, v) in zip(cache.layers, prefix_kv):
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0),
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits.append(out.logits[:, -1])
@@ -168,7 +164,7 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
 
 
 @torch.no_grad()
-def next_token_logits(model, ids: list[list[int]], pad: int, device, prefill_tokens: int = 2048) -> torch.Tensor:
+def next_token_logits(model, ids: list[list[int]], pad: int, device, prefill_tokens: int) -> torch.Tensor:
     """Logits of the token after each prompt, in the given order, prefilled as generation does (the common
     prefix once, the rest in length-sorted chunks)."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))

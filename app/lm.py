@@ -41,6 +41,25 @@ def shared_prefix_length(input_ids: list[list[int]], labels: list[list[int]] | N
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+def plain_kv_cache(config):
+    """A fresh DynamicCache for `config` when every layer is a plain one (full attention); None otherwise
+    (sliding-window and other special layers): only plain layers can have keys/values broadcast or spliced."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    return cache if all(type(layer) is DynamicLayer for layer in cache.layers) else None
+
+
+def broadcast_prefix(cache, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
+    """Fill a fresh plain cache with a prefix's keys/values (batch 1) broadcast to `rows` rows, without a copy:
+    the next update concatenates behind them (and autograd sums the rows' gradients back into the prefix)."""
+    for layer, (k, v) in zip(cache.layers, prefix_kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
+    return cache
+
+
 def last_hidden_states_shared_prefix(model, input_ids, attention_mask, prefix: int) -> torch.Tensor | None:
     """Hidden states of positions prefix.. for a right-padded batch whose rows share their first `prefix`
     tokens: the prefix runs once (batch 1) and its keys/values are broadcast to every row, so its forward
@@ -48,22 +67,15 @@ def last_hidden_states_shared_prefix(model, input_ids, attention_mask, prefix: i
     broadcast (summed over rows). Equal to the full forward up to float rounding, except that LoRA dropout
     draws one mask for the shared tokens of the batch. None when the model's cache cannot be shared
     (sliding-window or other special layers; gradient checkpointing, which drops caches)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     lm = unwrap_peft(model)
     name = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(lm, name, False):
-        return None
-    cache = DynamicCache(config=lm.config)
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+    prefix_cache = None if getattr(lm, name, False) else plain_kv_cache(lm.config)
+    if prefix_cache is None:
         return None
     decoder, _ = decoder_and_head(model)
-    decoder(input_ids=input_ids[:1, :prefix], past_key_values=cache, use_cache=True)
+    decoder(input_ids=input_ids[:1, :prefix], past_key_values=prefix_cache, use_cache=True)
     rows = input_ids.shape[0]
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
+    cache = broadcast_prefix(plain_kv_cache(lm.config), [(la.keys, la.values) for la in prefix_cache.layers], rows)
     positions = torch.arange(prefix, input_ids.shape[1], device=input_ids.device).expand(rows, -1)
     return decoder(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True).last_hidden_state

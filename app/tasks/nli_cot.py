@@ -100,7 +100,7 @@ class NliCot(Task):
             yield batch, preds
 
     def forced_labels(self, model, tokenizer, prompts: list[str], thoughts: list[str], device,
-                      prefill_tokens: int = 2048) -> list[int]:
+                      prefill_tokens: int) -> list[int]:
         """Pick 0 or 1 by which label token the model ranks higher after a forced `"predicted_label": ` prefix
         (one forward pass per row, up to the token where the two labelled texts part)."""
         ids, zero, one = [], [], []
