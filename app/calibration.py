@@ -108,13 +108,8 @@ def _check_probs(arr: np.ndarray, name: str) -> None:
         )
 
 
-def _binary_inputs(probs: Any, labels: Any, probs_name: str = "confidences",
-                   labels_name: str = "correct") -> tuple[np.ndarray, np.ndarray]:
-    """Validate a binary problem: scores of shape (n,) in [0, 1] and outcomes in {0, 1}."""
-    p = _to_numpy(probs, probs_name)
-    y = _to_numpy(labels, labels_name)
-    if p.ndim != 1:
-        raise ValueError(f"{probs_name} must be one-dimensional, got shape {p.shape}")
+def _check_pair(p: np.ndarray, y: np.ndarray, probs_name: str, labels_name: str) -> None:
+    """One label per score row, at least one row, scores finite and in [0, 1]."""
     if y.ndim != 1:
         raise ValueError(f"{labels_name} must be one-dimensional, got shape {y.shape}")
     if p.shape[0] != y.shape[0]:
@@ -122,6 +117,16 @@ def _binary_inputs(probs: Any, labels: Any, probs_name: str = "confidences",
     if p.shape[0] == 0:
         raise ValueError(f"{probs_name} is empty: at least one sample is needed")
     _check_probs(p, probs_name)
+
+
+def _binary_inputs(probs: Any, labels: Any, probs_name: str = "confidences",
+                   labels_name: str = "correct") -> tuple[np.ndarray, np.ndarray]:
+    """Validate a binary problem: scores of shape (n,) in [0, 1] and outcomes in {0, 1}."""
+    p = _to_numpy(probs, probs_name)
+    y = _to_numpy(labels, labels_name)
+    if p.ndim != 1:
+        raise ValueError(f"{probs_name} must be one-dimensional, got shape {p.shape}")
+    _check_pair(p, y, probs_name, labels_name)
     if not np.all((y == 0.0) | (y == 1.0)):
         bad = y[~((y == 0.0) | (y == 1.0))][0]
         raise ValueError(f"{labels_name} must be 0/1 (or booleans), found {bad!r}")
@@ -134,13 +139,7 @@ def _multiclass_inputs(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]
     y = _to_numpy(labels, "labels")
     if p.ndim not in (1, 2):
         raise ValueError(f"probs must have shape (n,) or (n, k), got {p.shape}")
-    if y.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {y.shape}")
-    if p.shape[0] != y.shape[0]:
-        raise ValueError(f"probs and labels differ in length: {p.shape[0]} vs {y.shape[0]}")
-    if p.shape[0] == 0:
-        raise ValueError("probs is empty: at least one sample is needed")
-    _check_probs(p, "probs")
+    _check_pair(p, y, "probs", "labels")
     if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
         raise ValueError("labels must be integers")
     top = 1 if p.ndim == 1 else p.shape[1] - 1
