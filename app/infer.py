@@ -592,14 +592,22 @@ def _predict_missing(task, cfg: Config, ckpt: Path, data: InputData, partial: Pa
 
 
 # --- command line --------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app infer", allow_abbrev=False,
-                                description="Batched inference on a CSV/JSONL with premise and hypothesis columns.",
+def checkpoint_command_parser(prog: str, description: str, input_help: str, output: str,
+                              output_what: str) -> argparse.ArgumentParser:
+    """Arguments of a command that runs a checkpoint over an input file into a resumable output file."""
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
                                 epilog="Any --key=value is a config override, e.g. --infer_batch_size=8.")
-    p.add_argument("input", help="CSV or JSONL with premise and hypothesis (label and id optional)")
+    p.add_argument("input", help=input_help)
     p.add_argument("--checkpoint", help="checkpoint or run directory (default: newest run under checkpoints/)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"predictions CSV (default: {DEFAULT_OUTPUT})")
+    p.add_argument("--output", default=output, help=f"{output_what} (default: {output})")
     p.add_argument("--fresh", action="store_true", help="ignore a partial file from an interrupted run")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = checkpoint_command_parser(
+        "python -m app infer", "Batched inference on a CSV/JSONL with premise and hypothesis columns.",
+        "CSV or JSONL with premise and hypothesis (label and id optional)", DEFAULT_OUTPUT, "predictions CSV")
     p.add_argument("--examples", type=int, default=5, help="example rows to print at the end (default 5)")
     return p
 

@@ -149,14 +149,12 @@ def run(input_path: str | Path, checkpoint: str | None = None, output: str | Pat
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app score-steps", allow_abbrev=False,
-                                description="Per-step confidences of step-by-step solutions (generic step JSONL).",
-                                epilog="Any --key=value is a config override, e.g. --infer_batch_size=8.")
-    p.add_argument("input", help='JSONL: {"problem": ..., "steps": [...], "labels": [...] (optional)} per line')
-    p.add_argument("--checkpoint", help="checkpoint or run directory (default: newest run under checkpoints/)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"scores JSONL (default: {DEFAULT_OUTPUT})")
-    p.add_argument("--fresh", action="store_true", help="ignore a partial file from an interrupted run")
-    return p
+    from app.infer import checkpoint_command_parser
+
+    return checkpoint_command_parser(
+        "python -m app score-steps", "Per-step confidences of step-by-step solutions (generic step JSONL).",
+        'JSONL: {"problem": ..., "steps": [...], "labels": [...] (optional)} per line', DEFAULT_OUTPUT,
+        "scores JSONL")
 
 
 def cli(argv: list[str]) -> int:
