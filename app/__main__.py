@@ -9,13 +9,13 @@ from app.errors import UserError
 
 # command -> (module, one-line help). Modules are imported lazily so that `score` never imports torch.
 COMMANDS = {
-    "train": ("app.train", "train a model from a config module: train CONFIG.py [--key=value ...]"),
+    "train": ("app.engine.loop", "train a model from a config module: train CONFIG.py [--key=value ...]"),
     "config": ("app.config", "print the resolved, validated config: config CONFIG.py [--key=value ...]"),
-    "tiny-model": ("app.tiny", "write the embedded tiny model and tokenizer: tiny-model DIR"),
+    "tiny-model": ("app.lm.tiny", "write the embedded tiny model and tokenizer: tiny-model DIR"),
     "infer": ("app.infer", "batched inference on a CSV/JSONL: infer INPUT [--checkpoint DIR] [--output FILE]"),
     "score": ("app.score", "score predictions against gold labels: score --pred FILE --gold FILE"),
-    "tag": ("app.tag", "confidence-token training rows from raw QA + a model: tag INPUT --output OUT.jsonl [...]"),
-    "score-steps": ("app.score_steps", "per-step confidences of step solutions: score-steps INPUT [--checkpoint DIR]"),
+    "tag": ("app.tasks.confidence_tokens.tag", "confidence-token training rows from raw QA + a model: tag INPUT --output OUT.jsonl [...]"),
+    "score-steps": ("app.tasks.confidence_head.score_steps", "per-step confidences of step solutions: score-steps INPUT [--checkpoint DIR]"),
 }
 
 

@@ -59,7 +59,7 @@ from app.config import FIELDS, Config, parse_override
 from app.data import parse_binary_label, read_rows
 from app.atomic import write_atomic
 from app.errors import UserError
-from app.metrics import classification_metrics, format_table
+from app.metrics.classification import classification_metrics, format_table
 
 log = logging.getLogger("app.infer")
 
@@ -236,7 +236,7 @@ def fit_prompts(values: list[dict], tokenizer, cfg: Config) -> list[bool]:
 
     Returns, per row, whether it was cut.
     """
-    from app.tasks.nli_cot import build_prompt
+    from app.tasks.nli_cot.task import build_prompt
 
     budget = cfg.max_seq_length - cfg.max_new_tokens
     empty = len(tokenizer(build_prompt({"premise": "", "hypothesis": ""}, cfg), verbose=False).input_ids)
@@ -403,9 +403,9 @@ def vllm_predictions(cfg: Config, checkpoint: Path, tokenizer, values: list[dict
         from vllm.lora.request import LoRARequest
     except ImportError:
         raise UserError(_NO_VLLM) from None
-    from app.extract import extract_label
-    from app.modeling import is_adapter_dir
-    from app.tasks.nli_cot import Prediction, build_prompt
+    from app.tasks.nli_cot.extract import extract_label
+    from app.lm.modeling import is_adapter_dir
+    from app.tasks.nli_cot.task import Prediction, build_prompt
 
     adapter = is_adapter_dir(checkpoint)
     llm = LLM(
@@ -544,21 +544,21 @@ def run(input_path: str | Path, checkpoint: str | None = None, output: str | Pat
 def _predict_missing(task, cfg: Config, ckpt: Path, data: InputData, partial: PartialFile, progress: bool) -> None:
     from tqdm import tqdm
 
-    from app.extract import json_object_closed
+    from app.tasks.nli_cot.extract import json_object_closed
 
     values = [dict(v) for v in data.values]
     if cfg.backend == "vllm":
-        from app.modeling import load_tokenizer
+        from app.lm.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(cfg, str(ckpt))
         model = None
     else:
-        from app.modeling import load_for_inference
+        from app.lm.modeling import load_for_inference
 
-        from app.modeling import is_adapter_dir
+        from app.lm.modeling import is_adapter_dir
 
         if cfg.create_tiny_model and is_adapter_dir(ckpt) and not (Path(cfg.model_name) / "config.json").is_file():
-            from app.tiny import ensure_tiny_model
+            from app.lm.tiny import ensure_tiny_model
 
             ensure_tiny_model(cfg.model_name)  # an adapter over the embedded tiny model: its base is rebuilt as trained
         model, tokenizer = load_for_inference(ckpt, cfg, _device())

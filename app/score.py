@@ -8,7 +8,7 @@ position; a length mismatch is an error, never a truncation. When both files hav
 Prints the metrics as a table and as JSON; `--json OUT` also writes the JSON (atomically). Imports no torch.
 
 Calibration: when the predictions carry a `confidence` column (the model's probability that its prediction is right,
-in [0, 1]), the report gains `calibration`: app.calibration.calibration_report of the confidences against whether each
+in [0, 1]), the report gains `calibration`: app.metrics.calibration.calibration_report of the confidences against whether each
 prediction matches its gold label (binned errors, ECE, Brier, reliability bins; `--n_bins`, `--calib_beta`).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from app.data import read_text, parse_binary_label, read_rows
 from app import atomic
 from app.errors import UserError
-from app.metrics import classification_metrics, format_table
+from app.metrics.classification import classification_metrics, format_table
 
 __all__ = ["Labels", "cli", "read_labels", "score_files", "write_json_atomic"]
 
@@ -125,7 +125,7 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 def calibration(pred: Labels, gold: Labels, n_bins: int = 10, calib_beta: int | None = None) -> dict:
     """Calibration of the prediction confidences against correctness (prediction == gold)."""
-    from app.calibration import calibration_report
+    from app.metrics.calibration import calibration_report
 
     for name, value in (("--n_bins", n_bins), ("--calib_beta", calib_beta)):
         if value is not None and value < 1:

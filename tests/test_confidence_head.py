@@ -20,9 +20,9 @@ from conftest import ALL_LINEAR, ROOT, read_metrics
 from app.config import load_config
 from app.data import Row
 from app.errors import UserError
-from app.lm import last_hidden_states
-from app.step_data import read_step_file
-from app.tasks.confidence_head import (
+from app.lm.forward import last_hidden_states
+from app.tasks.confidence_head.step_data import read_step_file
+from app.tasks.confidence_head.task import (
     HEAD_FILE,
     ConfidenceHead,
     collate_steps,
@@ -30,7 +30,7 @@ from app.tasks.confidence_head import (
     load_head,
     score_features,
 )
-from app.train import train
+from app.engine.loop import train
 
 CPU = torch.device("cpu")
 DEV = ROOT / "data/sample/steps/dev.jsonl"
@@ -149,8 +149,8 @@ def test_positions_tiny_tokenizer(tiny_model_dir, tmp_path):
 
 
 def test_positions_real_mistral_tokenizer(mistral_tokenizer_dir, tiny_model_dir, tmp_path):
-    from app.modeling import fit_embeddings, load_tokenizer
-    from app.tiny import build_model
+    from app.lm.modeling import fit_embeddings, load_tokenizer
+    from app.lm.tiny import build_model
 
     cfg = ch_config(tiny_model_dir, tmp_path, tokenizer_name=str(mistral_tokenizer_dir))
     tokenizer = load_tokenizer(cfg)
@@ -195,7 +195,7 @@ def test_truncation_drops_cut_steps_instead_of_shifting_labels(tiny_model_dir, t
     s_short = scores_of(objective, tok, [Row(1, {**row.values})], 1, max_len=cut_at)[0]
     assert s_short[2:] == [None, None] and s_short[:2] == pytest.approx(s_full[:2], abs=1e-6)
     with pytest.raises(UserError):  # the engine's other overlength choices still apply to whole examples
-        from app.train import encode_all
+        from app.engine.loop import encode_all
 
         encode_all(task, [row], tok, ch_config(tiny_model_dir, tmp_path, max_seq_length=cut_at, overlength="error"), "x")
 
@@ -244,7 +244,7 @@ def test_full_finetuning_learns_the_synthetic_task(full_run, tiny_model_dir):
 
 
 def test_full_checkpoint_round_trip_gives_identical_scores(full_run):
-    from app.score_steps import load_scorer
+    from app.tasks.confidence_head.score_steps import load_scorer
 
     rows = dev_rows(12)
     objective, tokenizer = load_scorer(full_run["final"], full_run["cfg"], CPU)
@@ -253,7 +253,7 @@ def test_full_checkpoint_round_trip_gives_identical_scores(full_run):
 
 
 def test_head_loads_with_strict_key_check(full_run, tmp_path):
-    from app.tasks.confidence_head import ConfidenceMLP
+    from app.tasks.confidence_head.task import ConfidenceMLP
 
     state = load_file(str(full_run["final"] / HEAD_FILE))
     head = ConfidenceMLP(96)
@@ -298,7 +298,7 @@ def test_lora_trains_adapter_marker_row_and_head(lora_run, tiny_model_dir):
 
 
 def test_lora_checkpoint_round_trip_gives_identical_scores(lora_run):
-    from app.score_steps import load_scorer
+    from app.tasks.confidence_head.score_steps import load_scorer
 
     rows = dev_rows(12)
     objective, tokenizer = load_scorer(lora_run["final"], lora_run["cfg"], CPU)
@@ -309,7 +309,7 @@ def test_lora_checkpoint_round_trip_gives_identical_scores(lora_run):
 def test_score_steps_command(full_run, tmp_path, capsys):
     from app.__main__ import main
     from app.infer import PartialFile, checkpoint_config, fingerprint
-    from app.tasks.confidence_head import step_metrics
+    from app.tasks.confidence_head.task import step_metrics
 
     records = [json.loads(line) for line in DEV.read_text().splitlines()[:10]]
     records[3] = {"problem": records[3]["problem"], "steps": records[3]["steps"], "id": "no-labels"}

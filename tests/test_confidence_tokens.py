@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import checkpoint as ckpt
+from app.engine import checkpoint as ckpt
 from app.__main__ import main
 from app.config import load_config
 from app.data import Row
 from app.errors import UserError
-from app.tasks.confidence_tokens import (
+from app.tasks.confidence_tokens.task import (
     ConfidenceTokens, Judged, all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa, summarize,
     synthetic_raw, synthetic_tagged,
 )
-from app.train import train
+from app.engine.loop import train
 from conftest import ALL_LINEAR, ROOT, read_metrics
 
 TINY_CONFIG = ROOT / "configs" / "confidence_tokens_tiny.py"
@@ -361,9 +361,9 @@ def test_validation_metrics_per_dataset_reliability_files_and_checkpoints(boolq_
 
 
 def test_tokens_survive_adapter_save_and_load(boolq_run):
-    from app.lm import decoder_and_head
-    from app.modeling import load_for_inference
-    from app.tasks.confidence_tokens import project
+    from app.lm.forward import decoder_and_head
+    from app.lm.modeling import load_for_inference
+    from app.tasks.confidence_tokens.task import project
 
     cfg, final = boolq_run["cfg"], boolq_run["out"] / "checkpoints" / "final"
     trained = boolq_run["model"]
@@ -422,7 +422,7 @@ def test_tag_bad_input_exits_2_with_one_line(tmp_path, capsys, lines, args, mess
 
 # --- a synthetic task: correctness follows from the input ------------------------------------------------------------
 def _place_questions(n: int, seed: int) -> list[dict]:
-    """BoolQ-shaped rows "is the <place> indoors", gold answer from app.sample_data.PLACES."""
+    """BoolQ-shaped rows "is the <place> indoors", gold answer from app.tasks.nli_cot.sample.PLACES."""
     rows = synthetic_raw("boolq", n, seed, claims=("indoors",))
     for row in rows:
         del row["passage"]
@@ -434,8 +434,8 @@ def _answerer(tiny_model_dir: Path, out: Path, cfg) -> Path:
     """The tiny model taught (plain loop, full fine-tuning) to answer "yes" to every question, then EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.lm import CompletionLoss
-    from app.tasks.confidence_tokens import answer_ids, prompt_ids
+    from app.lm.forward import CompletionLoss
+    from app.tasks.confidence_tokens.task import answer_ids, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
@@ -541,7 +541,7 @@ def test_validation_rows_interleave_datasets_and_dev_loss_rows(tiny_model_dir, t
     cfg = ct_config(tiny_model_dir, tmp_path)
     rows = task.load_rows(cfg, "dev")
     assert len(rows) == 96 and [r.values["dataset"] for r in rows[:4]] == ["boolq", "medqa", "boolq", "medqa"]
-    from app.modeling import load_tokenizer
+    from app.lm.modeling import load_tokenizer
 
     tok = load_tokenizer(cfg)
     tok.add_special_tokens({"additional_special_tokens": all_tokens(cfg)}, replace_extra_special_tokens=False)
@@ -560,8 +560,8 @@ def test_validation_rows_interleave_datasets_and_dev_loss_rows(tiny_model_dir, t
 
 
 def test_truncation_keeps_the_answer_and_the_token_last(tiny_model_dir, tmp_path, shared_fixtures):
-    from app.modeling import load_tokenizer
-    from app.train import encode_all
+    from app.lm.modeling import load_tokenizer
+    from app.engine.loop import encode_all
 
     task = ConfidenceTokens()
     cfg = ct_config(tiny_model_dir, tmp_path, max_seq_length=64, overlength="truncate")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.extract import Extraction, extract_label, json_object_closed, label_from_value
+from app.tasks.nli_cot.extract import Extraction, extract_label, json_object_closed, label_from_value
 
 # (generation, expected label, expected ok, expected how or None for "don't care")
 CORPUS = [

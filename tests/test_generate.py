@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.generate import _slot_layer, generate, length_sorted_batches, prefill_chunks
-from app.modeling import load_tokenizer
+from app.lm.generate import _slot_layer, generate, length_sorted_batches, prefill_chunks
+from app.lm.modeling import load_tokenizer
 from conftest import tiny_config
 
 PROMPTS = ["Premise: Anna is reading in the park.\nHypothesis: Anna is indoors.\nAnswer: ",
@@ -38,7 +38,7 @@ def test_matches_transformers_generate_batched_and_alone(model_and_tokenizer):
 
 def nli_prompts(model, tmp_path) -> list[str]:
     """Prompts of the default template: they share its instruction (>= 30 tokens)."""
-    from app.tasks.nli_cot import build_prompt
+    from app.tasks.nli_cot.task import build_prompt
 
     cfg = tiny_config(model.name_or_path, tmp_path)
     rows = [("In the museum, Carla is cooking.", "Carla is cooking indoors."), ("x", "y"),
@@ -52,7 +52,7 @@ def test_chunked_prefill_and_shared_prefix_give_the_same_generations(model_and_t
                                                                      prefill_tokens):
     """Chunks of every size (one row each, a few rows, the whole batch), with or without a prompt prefix common
     to the batch (prefilled once), merge into the same decoding as transformers' generate."""
-    from app.lm import shared_prefix_length
+    from app.lm.forward import shared_prefix_length
 
     model, tok = model_and_tokenizer
     prompts = nli_prompts(model, tmp_path) if shared else PROMPTS
@@ -65,8 +65,8 @@ def test_chunked_prefill_and_shared_prefix_give_the_same_generations(model_and_t
 
 @pytest.mark.parametrize("prefill_tokens", [1, 100, 10_000])
 def test_next_token_logits_equal_one_prompt_at_a_time(model_and_tokenizer, tmp_path, prefill_tokens):
-    from app.generate import next_token_logits
-    from app.tasks.nli_cot import build_prompt
+    from app.lm.generate import next_token_logits
+    from app.tasks.nli_cot.task import build_prompt
 
     model, tok = model_and_tokenizer
     cfg = tiny_config(model.name_or_path, tmp_path)
@@ -82,7 +82,7 @@ def test_next_token_logits_equal_one_prompt_at_a_time(model_and_tokenizer, tmp_p
 def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tokenizer, tmp_path):
     import copy
 
-    from app.tasks.nli_cot import NliCot, build_prompt
+    from app.tasks.nli_cot.task import NliCot, build_prompt
 
     model, tok = model_and_tokenizer
     cfg = tiny_config(model.name_or_path, tmp_path)

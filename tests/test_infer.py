@@ -32,7 +32,7 @@ BATCH = "--infer_batch_size=4"
 def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     """A directory holding checkpoints/tinyrun/checkpoints/final, trained for a few steps."""
     from app.config import load_config
-    from app.train import train
+    from app.engine.loop import train
 
     root = tmp_path_factory.mktemp("infer")
     cfg = load_config(ROOT / "configs" / "tiny.py", [
@@ -72,7 +72,7 @@ def mirrored_input(workdir) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from app.tasks.nli_cot import build_prompt
+    from app.tasks.nli_cot.task import build_prompt
     from app.config import Config
 
     tok = AutoTokenizer.from_pretrained(ckpt(workdir))
@@ -285,7 +285,7 @@ def test_fit_prompts_respects_budget(workdir):
 
     from app.config import Config
     from app.infer import fit_prompts
-    from app.tasks.nli_cot import build_prompt
+    from app.tasks.nli_cot.task import build_prompt
 
     tok = AutoTokenizer.from_pretrained(ckpt(workdir))
     cfg = Config(max_seq_length=120, max_new_tokens=20)

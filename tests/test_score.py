@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
 from app.errors import UserError
-from app.metrics import METRIC_NAMES, classification_metrics, format_table
+from app.metrics.classification import METRIC_NAMES, classification_metrics, format_table
 from app.score import cli, read_labels, score_files, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +343,7 @@ def test_real_course_files_as_gold(tmp_path, name, rows):
 
 
 def test_confidence_column_adds_calibration(tmp_path, capsys):
-    from app.calibration import calibration_report
+    from app.metrics.calibration import calibration_report
 
     rng = np.random.default_rng(11)
     gold = rng.integers(0, 2, 80).tolist()

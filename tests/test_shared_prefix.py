@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.lm import MIN_SHARED_PREFIX, CompletionLoss, shared_prefix_length
-from app.modeling import load_tokenizer
-from app.tasks.nli_cot import NliCot
-from app.train import train
+from app.lm.forward import MIN_SHARED_PREFIX, CompletionLoss, shared_prefix_length
+from app.lm.modeling import load_tokenizer
+from app.tasks.nli_cot.task import NliCot
+from app.engine.loop import train
 from conftest import ROOT, read_metrics, tiny_config
 
 
@@ -57,10 +57,10 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(setup):
 
 def test_gradient_checkpointing_turns_sharing_off(setup):
     cfg, task, model, tok, features = setup
-    from app.lm import last_hidden_states_shared_prefix
+    from app.lm.forward import last_hidden_states_shared_prefix
 
     batch = task.collate(features, tok.pad_token_id)
-    from app.modeling import enable_activation_checkpointing
+    from app.lm.modeling import enable_activation_checkpointing
 
     enable_activation_checkpointing(model)
     try:

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT
 
 from app.errors import UserError
-from app.step_data import main as step_data_main
-from app.step_data import mix, read_step_file, synthetic_example, write_synthetic
+from app.tasks.confidence_head.step_data import main as step_data_main
+from app.tasks.confidence_head.step_data import mix, read_step_file, synthetic_example, write_synthetic
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -258,7 +258,7 @@ def test_metrics_match_scipy_and_sklearn():
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import roc_auc_score
 
-    from app.tasks.confidence_head import auroc, pearson, spearman, step_metrics
+    from app.tasks.confidence_head.task import auroc, pearson, spearman, step_metrics
 
     rng = np.random.default_rng(0)
     y = rng.choice([0.0, 0.5, 1.0], size=300)

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from app.data import Row
-from app.extract import extract_label
-from app.modeling import load_tokenizer
-from app.tasks.nli_cot import NliCot, build_prompt, build_target
-from app.tiny import write_tiny_model
+from app.tasks.nli_cot.extract import extract_label
+from app.lm.modeling import load_tokenizer
+from app.tasks.nli_cot.task import NliCot, build_prompt, build_target
+from app.lm.tiny import write_tiny_model
 from conftest import ROOT, tiny_config
 
 ROW = {"premise": "Zoë's café — naïve résumé 😀 stays open.", "hypothesis": "The café is closed.", "label": 0,
@@ -86,7 +86,7 @@ def test_tiny_model_is_deterministic_and_loads_through_from_pretrained(tmp_path,
 
 
 def test_sample_data_is_the_generator_output(tmp_path):
-    from app.sample_data import write_sample
+    from app.tasks.nli_cot.sample import write_sample
 
     write_sample(tmp_path)
     for split in ("train", "dev", "test"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import checkpoint as ckpt
-from app.tasks.nli_cot import NliCot
-from app.train import train
+from app.engine import checkpoint as ckpt
+from app.tasks.nli_cot.task import NliCot
+from app.engine.loop import train
 from conftest import ALL_LINEAR, read_metrics, tiny_config
 
 
@@ -141,8 +141,8 @@ def test_rerun_of_a_finished_run_does_not_train_again(tiny_model_dir, tmp_path, 
 
 def test_overlength_examples_are_counted_and_handled(tiny_model_dir, tmp_path, caplog):
     from app.errors import UserError
-    from app.modeling import load_tokenizer
-    from app.train import encode_all
+    from app.lm.modeling import load_tokenizer
+    from app.engine.loop import encode_all
 
     task = NliCot()
     cfg = tiny_config(tiny_model_dir, tmp_path, max_seq_length=90)

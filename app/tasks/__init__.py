@@ -6,13 +6,13 @@ import difflib
 import importlib
 
 from app.errors import UserError
-from app.tasks.base import Feature, Task
+from app.tasks.protocol import Feature, Task
 
 # name -> "module:Class", imported on demand so one task's optional dependencies never load for another
 TASKS = {
-    "nli_cot": "app.tasks.nli_cot:NliCot",
-    "confidence_tokens": "app.tasks.confidence_tokens:ConfidenceTokens",
-    "confidence_head": "app.tasks.confidence_head:ConfidenceHead",
+    "nli_cot": "app.tasks.nli_cot.task:NliCot",
+    "confidence_tokens": "app.tasks.confidence_tokens.task:ConfidenceTokens",
+    "confidence_head": "app.tasks.confidence_head.task:ConfidenceHead",
 }
 
 

@@ -5,8 +5,8 @@
                                                [--device cpu|cuda] [--lora] [--json OUT]
 
 Both paths train the same model with the same head and optimizer: the embedded tiny Mistral-architecture model
-(`app.tiny.build_model`) with a 32k vocabulary (untied LM head), fp32, SDPA attention, full fine-tuning (`--lora`:
-LoRA on q,k,v,o with the marker row trainable), the MLP head of `app.tasks.confidence_head` (1024, 256, dropout 0.1),
+(`app.lm.tiny.build_model`) with a 32k vocabulary (untied LM head), fp32, SDPA attention, full fine-tuning (`--lora`:
+LoRA on q,k,v,o with the marker row trainable), the MLP head of `app.tasks.confidence_head.task` (1024, 256, dropout 0.1),
 AdamW, one optimizer step per batch of `--batch` random sequences of `--seq` tokens with a marker every
 `--marker-every` tokens (16 steps per sequence by default) and random targets in [0, 1]; MSE summed over markers.
 
@@ -50,8 +50,8 @@ def build(args, device):
     import torch
 
     from app.config import Config
-    from app.tasks.confidence_head import ConfidenceHead
-    from app.tiny import build_model
+    from app.tasks.confidence_head.task import ConfidenceHead
+    from app.lm.tiny import build_model
 
     torch.manual_seed(0)
     model = build_model(vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers)
@@ -59,7 +59,7 @@ def build(args, device):
     marker = args.vocab - 1
     cfg = Config(task="confidence_head", finetuning="lora" if args.lora else "full", lora_dropout=0.1)
     if args.lora:
-        from app.modeling import add_adapters
+        from app.lm.modeling import add_adapters
 
         model = add_adapters(model, cfg, [marker])
     model.to(device)

@@ -3,7 +3,7 @@
     python tests/bench/confidence_step.py [--vocab 32000] [--seq 512] [--batch 8] [--hidden 256] [--layers 2]
                                           [--steps 5] [--repeats 3] [--threads 1] [--device cpu|cuda] [--json OUT]
 
-Model: the embedded tiny Mistral-architecture model (`app.tiny.build_model`) with a 32k vocabulary (the size of the
+Model: the embedded tiny Mistral-architecture model (`app.lm.tiny.build_model`) with a 32k vocabulary (the size of the
 real Mistral tokenizer) plus the four confidence tokens, fp32 on CPU (bf16 autocast on CUDA), LoRA as the recipe
 (r=16, alpha=32, all linear projections) with the token rows trainable in the input embeddings and the LM head
 (`app.tasks.confidence_tokens.add_lora`), AdamW. Batch: `--batch` random sequences of `--seq` tokens, each ending in
@@ -58,8 +58,8 @@ def worker(args) -> dict:
     import torch.nn.functional as F
 
     from app.config import Config
-    from app.tasks.confidence_tokens import ConfidenceTokenLoss, add_lora
-    from app.tiny import build_model
+    from app.tasks.confidence_tokens.task import ConfidenceTokenLoss, add_lora
+    from app.lm.tiny import build_model
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -51,7 +51,7 @@ def pick_checkpoint(arg: str | None, tmp: Path) -> Path:
     except UserError:
         pass
     from app.config import load_config
-    from app.train import train
+    from app.engine.loop import train
 
     out = tmp / "run"
     cfg = load_config(ROOT / "configs" / "tiny.py", [
@@ -67,7 +67,7 @@ def hf_generate(model, tok, prompts, max_new_tokens, device):
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from app.extract import json_object_closed
+    from app.tasks.nli_cot.extract import json_object_closed
 
     enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
     width = enc.input_ids.shape[1]
@@ -110,11 +110,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from app.extract import extract_label
-    from app.generate import generate, generate_batches
+    from app.tasks.nli_cot.extract import extract_label
+    from app.lm.generate import generate, generate_batches
     from app.infer import checkpoint_config, fit_prompts
-    from app.modeling import load_for_inference
-    from app.tasks.nli_cot import NliCot, build_prompt
+    from app.lm.modeling import load_for_inference
+    from app.tasks.nli_cot.task import NliCot, build_prompt
 
     shared = ROOT.parent / "shared" / "fixtures" / "nli" / "dev_sample.csv"
     data = Path(args.data) if args.data else (shared if shared.is_file() else ROOT / "data" / "sample" / "test.csv")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     model, tok = load_for_inference(ckpt, cfg, device)
     cut = sum(fit_prompts(rows, tok, cfg))
     prompts = [build_prompt(r, cfg) for r in rows]
-    from app.lm import shared_prefix_length
+    from app.lm.forward import shared_prefix_length
 
     prompt_ids = tok(prompts).input_ids
     lengths = [len(ids) for ids in prompt_ids]

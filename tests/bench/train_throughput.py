@@ -5,8 +5,8 @@
                                            [--hidden 96] [--layers 2] [--vocab N] [--threads N] [--pack-batch N]
                                            [--trl-workers N] [--omp-passive] [--max-minutes 9] [--json OUT]
 
-Every setup trains the same model: the embedded tiny Mistral-architecture model (`app.tiny`; `--hidden`,
-`--layers` and `--vocab` make a larger variant through `app.tiny.build_model`, still one model for every setup),
+Every setup trains the same model: the embedded tiny Mistral-architecture model (`app.lm.tiny`; `--hidden`,
+`--layers` and `--vocab` make a larger variant through `app.lm.tiny.build_model`, still one model for every setup),
 fp32, SDPA attention, no gradient checkpointing, LoRA with the settings of `app.config.Config` (r, alpha, dropout,
 target modules), AdamW, cosine schedule with the warmup and learning rate of configs/tiny.py, grad-norm clip, the
 same number of optimizer steps and the same micro batch (16 examples, no accumulation) and max sequence length
@@ -17,8 +17,8 @@ The engine encodes it itself; TRL gets the very same token ids, pre-tokenized (`
 `completion_only_loss=True`), so both sides train on identical tokens with loss on the completion only (checked on
 TRL's prepared dataset before every TRL run).
 
-  engine      `app.train.train(cfg)` with configs/tiny.py and --finetuning=lora --dev_file=None (length-grouped
-              batches from app.batching.BatchPlan; the prompt prefix common to a micro batch, the template's
+  engine      `app.engine.loop.train(cfg)` with configs/tiny.py and --finetuning=lora --dev_file=None (length-grouped
+              batches from app.engine.batching.BatchPlan; the prompt prefix common to a micro batch, the template's
               instruction, computed once per micro batch: share_prompt_prefix)
   engine_noshare  the same with --share_prompt_prefix=False: every row computes its whole prompt
   trl         SFTTrainer, packing off, train_sampling_strategy='group_by_length' (its least-padding sampler),
@@ -69,7 +69,7 @@ TRAIN_FILE = ROOT / "data" / "sample" / "train.csv"
 
 # --- shared setup -------------------------------------------------------------------------------------------
 def write_model(out: Path, hidden: int, layers: int, vocab: int | None = None) -> Path:
-    from app.tiny import build_model, build_tokenizer, write_tiny_model
+    from app.lm.tiny import build_model, build_tokenizer, write_tiny_model
 
     if (hidden, layers, vocab) == (96, 2, None):
         return write_tiny_model(out)
@@ -93,9 +93,9 @@ def engine_config(model_dir: Path, out_dir: Path, steps: int, extra: tuple[str, 
 def encode_features(cfg):
     """The features exactly as the engine builds them (same tokenizer setup, same encode, same over-length rule)."""
     from app.data import read_rows
-    from app.modeling import load_tokenizer
+    from app.lm.modeling import load_tokenizer
     from app.tasks import get_task
-    from app.train import encode_all
+    from app.engine.loop import encode_all
 
     task = get_task(cfg.task)
     tok = load_tokenizer(cfg)
@@ -130,8 +130,8 @@ def rate(stamps: list[tuple[float, float]], tokens: list[int], padded: list[int]
 
 # --- this engine --------------------------------------------------------------------------------------------
 def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features, extra: tuple[str, ...] = ()) -> dict:
-    import app.train as engine
-    from app.batching import BatchPlan
+    import app.engine.loop as engine
+    from app.engine.batching import BatchPlan
 
     out_dir = Path(tempfile.mkdtemp(prefix="engine-", dir=tmp))
     cfg = engine_config(model_dir, out_dir, steps, extra)

@@ -40,7 +40,7 @@ a per-dataset table. Checkpoints `best_accuracy/` (token_accuracy) and `best_cal
 
 `hub_repo` pushes the final adapter and tokenizer to the Hugging Face Hub (token from HF_TOKEN in the environment).
 
-Sample data: `python -m app.tasks.confidence_tokens data/sample/confidence` (deterministic; see `write_sample`).
+Sample data: `python -m app.tasks.confidence_tokens.task data/sample/confidence` (deterministic; see `write_sample`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from torch import nn
 from app.config import Config
 from app.data import Row, read_rows
 from app.errors import UserError
-from app.tasks.base import Feature, Task
+from app.tasks.protocol import Feature, Task
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class ConfidenceTokenLoss(nn.Module):
         self.mode = mode
 
     def forward(self, input_ids, attention_mask, labels, conf_index, pair):
-        from app.lm import decoder_and_head, last_hidden_states
+        from app.lm.forward import decoder_and_head, last_hidden_states
 
         width = int(conf_index.max())  # positions after the last token predict nothing
         hidden = last_hidden_states(self.model, input_ids[:, :width], attention_mask[:, :width])
@@ -389,7 +389,7 @@ def _generate_ids(model, batch: list[list[int]], pad_id: int, stop_ids: list[int
                   never: list[int] = (), not_first: list[int] = ()):
     from transformers import LogitsProcessorList
 
-    from app.generate import left_padded
+    from app.lm.generate import left_padded
 
     ids, mask = left_padded(batch, pad_id, device)
     width = ids.shape[1]
@@ -409,9 +409,9 @@ def _generate_ids(model, batch: list[list[int]], pad_id: int, stop_ids: list[int
 def generate_continuations(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, device,
                            stop_ids: list[int], never: list[int] = ()) -> list[list[int]]:
     """Greedy continuations (token ids, cut after the first stop id) in input order; length-sorted left-padded
-    batches as in app.generate, stopping at EOS or any of `stop_ids` (the confidence tokens). The first new token is
+    batches as in app.lm.generate, stopping at EOS or any of `stop_ids` (the confidence tokens). The first new token is
     never EOS or a stop id (an answer comes first); `never` are not generated at all."""
-    from app.generate import length_sorted_batches, split_on_oom
+    from app.lm.generate import length_sorted_batches, split_on_oom
 
     stops = list(dict.fromkeys([tokenizer.eos_token_id, *stop_ids]))
     model.eval()
@@ -429,7 +429,7 @@ def generate_continuations(model, tokenizer, prompts: list[list[int]], batch_siz
 def token_position_logits(model, contexts: list[list[int]], pad_id: int, batch_size: int, device,
                           pairs: list[tuple[int, int]]) -> list[tuple[float, float, float]]:
     """(logit of C, logit of U, log-sum-exp over the vocabulary) at the position after each context."""
-    from app.lm import decoder_and_head, last_hidden_states
+    from app.lm.forward import decoder_and_head, last_hidden_states
 
     _, head = decoder_and_head(model)
     out: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(contexts)
@@ -508,7 +508,7 @@ def judge(model, tokenizer, cfg: Config, qas: list[QA], device, batch_size: int)
 
 def summarize(judged: list[Judged], cfg: Config) -> tuple[dict, dict]:
     """(metrics of these rows, calibration report of these rows)."""
-    from app.calibration import calibration_report
+    from app.metrics.calibration import calibration_report
 
     n = len(judged)
     correct = [j.correct for j in judged]
@@ -568,7 +568,7 @@ class ConfidenceTokens(Task):
     def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
         """As Task.load_model, plus: the LM-head rows of the tokens train too (not only the input embeddings), and
         tokens new to the tokenizer start at the mean row even where the embedding matrix has spare rows (Qwen)."""
-        from app import modeling
+        from app.lm import modeling
 
         self.cfg = cfg
         tokens = self.added_tokens(cfg)
@@ -599,7 +599,7 @@ class ConfidenceTokens(Task):
 
     def save_extra(self, objective: nn.Module, directory: Path) -> None:
         """No extra weights. Used as the end-of-training hook: the final checkpoint goes to the Hub if asked."""
-        from app import checkpoint as ckpt
+        from app.engine import checkpoint as ckpt
 
         cfg = self.cfg
         if cfg is None or not cfg.hub_repo:
@@ -717,7 +717,7 @@ class ConfidenceTokens(Task):
         return f"reliability_step_{step}"
 
     def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device, step: int = 0) -> dict[str, float]:
-        from app.calibration import save_reliability_json, save_reliability_png
+        from app.metrics.calibration import save_reliability_json, save_reliability_png
 
         self.cfg = cfg
         qas = [r.values["_qa"] if "_qa" in r.values else raw_qa(r.values, r.values.get("dataset"), "dev", r.line)
@@ -762,7 +762,7 @@ def init_rows(model, ids: list[int]) -> None:
 
 
 def add_lora(model, cfg: Config, token_ids: list[int]):
-    """LoRA as app.modeling.add_adapters, with the token rows trainable in the input embeddings *and* the LM head
+    """LoRA as app.lm.modeling.add_adapters, with the token rows trainable in the input embeddings *and* the LM head
     (an untied head would otherwise keep identical rows for C and U, and p(C) / (p(C) + p(U)) would stay 0.5)."""
     from app.errors import UserError as _UserError
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -826,8 +826,8 @@ WHERE_OPTIONS = ("indoors", "outdoors", "in the sea", "in the air", "under the g
 
 def synthetic_raw(dataset: str, n: int, seed: int, claims=("indoors", "outdoors")) -> list[dict]:
     """Raw rows: BoolQ-like (question, passage, answer) or MedQA-like (question, options A-E, answer letter), each
-    with `place` (the word the answer depends on). Gold answers follow app.sample_data.PLACES."""
-    from app.sample_data import ACTIVITIES, NAMES, PLACES
+    with `place` (the word the answer depends on). Gold answers follow app.tasks.nli_cot.sample.PLACES."""
+    from app.tasks.nli_cot.sample import ACTIVITIES, NAMES, PLACES
 
     rng = random.Random(seed)
     rows = []

@@ -22,7 +22,7 @@ def build_tokenizer(vocab_size: int = 640):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from app.sample_data import tokenizer_corpus
+    from app.tasks.nli_cot.sample import tokenizer_corpus
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -43,7 +43,7 @@ class Task:
 
     def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
         """(model, tokenizer) ready to train. `weights_dir` holds a checkpoint to resume from."""
-        from app import modeling
+        from app.lm import modeling
 
         tokenizer = modeling.load_tokenizer(cfg, str(weights_dir) if weights_dir else None)
         new = [t for t in self.added_tokens(cfg) if t not in tokenizer.get_vocab()]

@@ -2,7 +2,7 @@
 
 Per-step confidences from a trained `confidence_head` checkpoint for step-by-step solutions in the generic step
 JSONL (`{"problem": ..., "steps": [...], "labels": [...]}`, labels optional, an `id` is copied; other formats convert
-with `python -m app.step_data convert`).
+with `python -m app.tasks.confidence_head.step_data convert`).
 
 Checkpoint and config: as `python -m app infer` (a checkpoint or run directory, else the newest run under
 checkpoints/; the checkpoint's run_config.json, then `--key=value` overrides such as `--infer_batch_size=8`).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from app.errors import UserError
 
-log = logging.getLogger("app.score_steps")
+log = logging.getLogger("app.tasks.confidence_head.score_steps")
 
 DEFAULT_OUTPUT = "step_scores.jsonl"
 CHECKPOINT_ROOT = Path("checkpoints")
@@ -44,11 +44,11 @@ def output_paths(output: str | Path) -> tuple[Path, Path, Path]:
 
 def load_scorer(ckpt: Path, cfg, device):
     """(objective in eval mode, tokenizer) from a confidence_head checkpoint."""
-    from app.modeling import is_adapter_dir, load_for_inference
-    from app.tasks.confidence_head import ConfidenceHead, load_head
+    from app.lm.modeling import is_adapter_dir, load_for_inference
+    from app.tasks.confidence_head.task import ConfidenceHead, load_head
 
     if cfg.create_tiny_model and is_adapter_dir(ckpt) and not (Path(cfg.model_name) / "config.json").is_file():
-        from app.tiny import ensure_tiny_model
+        from app.lm.tiny import ensure_tiny_model
 
         ensure_tiny_model(cfg.model_name)  # an adapter over the embedded tiny model: its base is rebuilt as trained
     model, tokenizer = load_for_inference(ckpt, cfg, device)
@@ -65,15 +65,15 @@ def run(input_path: str | Path, checkpoint: str | None = None, output: str | Pat
 
     from app.infer import PartialFile, _write_text_atomic, checkpoint_config, fingerprint, resolve_checkpoint
     from app.score import write_json_atomic
-    from app.step_data import detect_format, read_records, read_step_file
-    from app.tasks.confidence_head import encode_steps, labelled_pairs, score_features, step_metrics
+    from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
+    from app.tasks.confidence_head.task import encode_steps, labelled_pairs, score_features, step_metrics
 
     input_path = Path(input_path)
     records = read_records(input_path)  # bad input fails before any model loads
     fmt = detect_format(input_path, records[0].values)
     if fmt != "generic":
         raise UserError(f"{input_path}: {fmt} records; score-steps reads the generic step JSONL "
-                        f"(python -m app.step_data convert {input_path} OUT.jsonl)")
+                        f"(python -m app.tasks.confidence_head.step_data convert {input_path} OUT.jsonl)")
     out, metrics_path, partial_path = output_paths(output)
     if out.resolve() == input_path.resolve():
         raise UserError(f"--output {out} is the input file; choose another path")
@@ -130,7 +130,7 @@ def run(input_path: str | Path, checkpoint: str | None = None, output: str | Pat
     if y_flat:
         import numpy as np
 
-        from app.calibration import calibration_report
+        from app.metrics.calibration import calibration_report
 
         summary["metrics"] = step_metrics(s_flat, y_flat)
         summary["calibration"] = calibration_report(np.clip(s_flat, 0, 1), (np.asarray(y_flat) >= 0.5).astype(float))

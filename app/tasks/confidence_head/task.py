@@ -20,7 +20,7 @@ marker with its own step's label. Truncation (`overlength="truncate"`) keeps the
 `max_seq_length`: a step whose marker falls past the limit loses its label (and its score is null at scoring time);
 the labels of the steps before it stay on their markers.
 
-Data: `app.step_data` (generic JSONL, PRM800K, REVEAL, eQASC; mappings documented there). Several training files mix
+Data: `app.tasks.confidence_head.step_data` (generic JSONL, PRM800K, REVEAL, eQASC; mappings documented there). Several training files mix
 by weight (`step_train_files`, `step_mix_size`, seeded by `seed`).
 
 Checkpoint: the engine's weights (adapter with the marker row, or the full model) + `head.safetensors` (this module,
@@ -43,8 +43,8 @@ from torch import nn
 from app.config import Config
 from app.data import Row
 from app.errors import UserError
-from app.lm import last_hidden_states, unwrap_peft
-from app.tasks.base import Feature, Task
+from app.lm.forward import last_hidden_states, unwrap_peft
+from app.tasks.protocol import Feature, Task
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def auroc(scores, positive) -> float:
 def step_metrics(scores, labels, n_bins: int = 10) -> dict:
     """MSE, MAE, Pearson, Spearman, AUROC (label >= 0.5 is a correct step), calibration (equal-width ECE of the
     scores against label >= 0.5, Brier) over labelled steps. NaN where a metric is undefined."""
-    from app.calibration import calibration_report
+    from app.metrics.calibration import calibration_report
 
     s, y = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
     out = {"steps": float(len(s))}
@@ -325,12 +325,12 @@ class ConfidenceHead(Task):
 
     # data
     def _read(self, cfg: Config, path: str, require_labels: bool = True) -> list[Row]:
-        from app.step_data import read_step_file
+        from app.tasks.confidence_head.step_data import read_step_file
 
         return read_step_file(path, cfg.step_formats.get(path, "auto"), cfg.step_marker, require_labels)
 
     def load_rows(self, cfg: Config, split: str) -> list[Row]:
-        from app.step_data import mix
+        from app.tasks.confidence_head.step_data import mix
 
         if split != "train":
             files = list(cfg.step_dev_files) or ([cfg.dev_file] if cfg.dev_file else [])
@@ -394,7 +394,7 @@ class ConfidenceHead(Task):
         s, y = labelled_pairs([r.values["labels"] for r in rows], scores)
         metrics = step_metrics(s, y)
         if s and step:
-            from app.calibration import reliability_data, save_reliability_json
+            from app.metrics.calibration import reliability_data, save_reliability_json
 
             save_reliability_json(reliability_data(np.clip(s, 0, 1), (np.asarray(y) >= 0.5).astype(float)),
                                   cfg.out_path / "eval" / f"step_{step:07d}_reliability.json")

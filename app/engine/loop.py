@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from app import checkpoint as ckpt
-from app.batching import BatchPlan
+from app.engine import checkpoint as ckpt
+from app.engine.batching import BatchPlan
 from app.config import Config, load_config
 from app.errors import UserError
 from app.tasks import Feature, Task, get_task
 
-log = logging.getLogger("app.train")
+log = logging.getLogger("app.engine.loop")
 
 
 @dataclass
@@ -249,7 +249,7 @@ def _train(cfg: Config) -> int:
     train_rows = task.load_rows(cfg, "train")
     dev_rows = task.load_rows(cfg, "dev")
     if cfg.create_tiny_model:
-        from app.tiny import ensure_tiny_model
+        from app.lm.tiny import ensure_tiny_model
 
         ensure_tiny_model(cfg.model_name)
 

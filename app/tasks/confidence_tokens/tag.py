@@ -30,7 +30,7 @@ from app.config import load_config
 from app.atomic import write_atomic
 from app.errors import UserError
 
-log = logging.getLogger("app.tag")
+log = logging.getLogger("app.tasks.confidence_tokens.tag")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None):
     """Normalised questions of a raw file; UserError naming file and line for anything unusable."""
-    from app.tasks.confidence_tokens import domain_tokens, read_raw_qa
+    from app.tasks.confidence_tokens.task import domain_tokens, read_raw_qa
 
     pairs = domain_tokens(cfg)
     if dataset is not None and dataset not in pairs:
@@ -59,14 +59,14 @@ def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None
 
 
 def load_model(cfg, checkpoint: str | None, device):
-    from app import modeling
+    from app.lm import modeling
 
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
             raise UserError(f"--checkpoint {checkpoint}: not a directory")
         return modeling.load_for_inference(checkpoint, cfg, device)
     if cfg.create_tiny_model:
-        from app.tiny import ensure_tiny_model
+        from app.lm.tiny import ensure_tiny_model
 
         ensure_tiny_model(cfg.model_name)
     tokenizer = modeling.load_tokenizer(cfg)
@@ -79,7 +79,7 @@ def load_model(cfg, checkpoint: str | None, device):
 
 def tag_rows(model, tokenizer, cfg, qas, device) -> list[dict]:
     """Generate, parse, judge and tag; one output dict per question, in order."""
-    from app.tasks.confidence_tokens import (all_tokens, answer_text, domain_tokens, fit_prompt,
+    from app.tasks.confidence_tokens.task import (all_tokens, answer_text, domain_tokens, fit_prompt,
                                              generate_continuations, parse_answer, prompt_ids)
 
     pairs = domain_tokens(cfg)

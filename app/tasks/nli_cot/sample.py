@@ -4,7 +4,7 @@ Premises place a person in a room or outdoors; hypotheses claim the person is in
 The label follows from one fact per place, so a tiny model can learn it on a CPU in a minute, and the
 thought process spells out the reasoning so chain-of-thought training has something to imitate.
 
-Regenerate with `python -m app.sample_data data/sample` (deterministic).
+Regenerate with `python -m app.tasks.nli_cot.sample data/sample` (deterministic).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ eqasc     eQASC (Jhamtani & Clark 2020), the released JSON array of QASC questio
           "unsure", "?", "fact12", "bad-answer", "fact1", "fact2" (the mapping of the eQASC reference reader:
           only "yes" is positive). Chains on wrong choices and chains without a turk label are skipped.
 
-`python -m app.step_data synthetic DIR` writes the bundled synthetic set (data/sample/steps/);
-`python -m app.step_data convert IN OUT [--format F]` writes any supported file as generic JSONL.
+`python -m app.tasks.confidence_head.step_data synthetic DIR` writes the bundled synthetic set (data/sample/steps/);
+`python -m app.tasks.confidence_head.step_data convert IN OUT [--format F]` writes any supported file as generic JSONL.
 """
 
 from __future__ import annotations
@@ -370,8 +370,8 @@ def write_synthetic(out_dir: str | Path) -> list[Path]:
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-USAGE = ("usage: python -m app.step_data synthetic DIR\n"
-         "       python -m app.step_data convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
+USAGE = ("usage: python -m app.tasks.confidence_head.step_data synthetic DIR\n"
+         "       python -m app.tasks.confidence_head.step_data convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
 
 
 def main(argv: list[str]) -> int:

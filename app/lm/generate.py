@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from app.extract import json_object_closed
-from app.lm import broadcast_prefix, plain_kv_cache, shared_prefix_length
+from app.tasks.nli_cot.extract import json_object_closed
+from app.lm.forward import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import torch
 from app.config import Config
 from app.data import Row, parse_binary_label
 from app.errors import UserError
-from app.extract import extract_label
-from app.generate import generate_batches, next_token_logits
-from app.lm import CompletionLoss, shared_prefix_length
-from app.metrics import classification_metrics
-from app.tasks.base import Feature, Task
+from app.tasks.nli_cot.extract import extract_label
+from app.lm.generate import generate_batches, next_token_logits
+from app.lm.forward import CompletionLoss, shared_prefix_length
+from app.metrics.classification import classification_metrics
+from app.tasks.protocol import Feature, Task
 
 
 def build_prompt(row: dict, cfg: Config) -> str:
