@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from app import calibration as cal
+from app.metrics import calibration as cal
 
 ref = pytest.importorskip("calibration", reason="uncertainty-calibration (dev extra) is needed for reference checks")
 torch = pytest.importorskip("torch")

@@ -18,10 +18,10 @@ from app.__main__ import main
 from app.config import load_config
 from app.data import Row
 from app.errors import UserError
-from app.tasks.confidence_tokens.task import (
-    ConfidenceTokens, Judged, all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa, summarize,
-    synthetic_raw, synthetic_tagged,
-)
+from app.tasks.confidence_tokens.judge import Judged, summarize
+from app.tasks.confidence_tokens.qa import all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa
+from app.tasks.confidence_tokens.sample import synthetic_raw, synthetic_tagged
+from app.tasks.confidence_tokens.task import ConfidenceTokens
 from app.engine.loop import train
 from conftest import ALL_LINEAR, ROOT, read_metrics
 
@@ -363,7 +363,7 @@ def test_validation_metrics_per_dataset_reliability_files_and_checkpoints(boolq_
 def test_tokens_survive_adapter_save_and_load(boolq_run):
     from app.lm.forward import decoder_and_head
     from app.lm.modeling import load_for_inference
-    from app.tasks.confidence_tokens.task import project
+    from app.tasks.confidence_tokens.loss import project
 
     cfg, final = boolq_run["cfg"], boolq_run["out"] / "checkpoints" / "final"
     trained = boolq_run["model"]
@@ -435,7 +435,7 @@ def _answerer(tiny_model_dir: Path, out: Path, cfg) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.lm.forward import CompletionLoss
-    from app.tasks.confidence_tokens.task import answer_ids, prompt_ids
+    from app.tasks.confidence_tokens.qa import answer_ids, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)

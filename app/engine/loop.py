@@ -8,7 +8,6 @@ gradient accumulation, mixed precision, multi-process (accelerate: DDP under `ac
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -22,6 +21,8 @@ import torch
 
 from app.engine import checkpoint as ckpt
 from app.engine.batching import BatchPlan
+from app.engine.optim import make_optimizer, make_scheduler
+from app.engine.runlog import RunLog
 from app.config import Config, load_config
 from app.errors import UserError
 from app.tasks import Feature, Task, get_task
@@ -49,31 +50,6 @@ def make_accelerator(cfg: Config):
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(mixed_precision=mp, cpu=not cuda)
-
-
-def make_optimizer(cfg: Config, params):
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        # the fused kernel does the whole update in one pass (CPU and CUDA); same state, same results
-        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda")
-                    for p in params)
-        return torch.optim.AdamW(params, fused=fused, **kwargs)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError(f"optimizer={cfg.optimizer!r} needs bitsandbytes: pip install 'finetune-runner[quant]'") from None
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
-    return cls(params, **kwargs)
-
-
-def make_scheduler(cfg: Config, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
@@ -181,51 +157,6 @@ def improved_bests(task: Task, cfg: Config, metrics: dict, state: TrainState) ->
 
 
 # --- logging ----------------------------------------------------------------------------------------------
-class RunLog:
-    """metrics.jsonl (one line per step and per eval) + optional TensorBoard and W&B; rank 0 only."""
-
-    def __init__(self, cfg: Config, resume_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = cfg.out_path / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.file = open(self.path, "a", encoding="utf-8")
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(cfg.out_path / "tensorboard"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb=True needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(cfg.out_path), config=cfg.model_dump(),
-                                    resume="allow", id=cfg.out_path.resolve().name)
-
-    def write(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        for k, v in values.items():
-            if self.tb is not None:
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-
 # --- the run ----------------------------------------------------------------------------------------------
 def prepare_out_dir(cfg: Config, is_main: bool) -> Path | None:
     """The checkpoint to resume from, or None. `resume='fresh'` moves old checkpoints aside, never deletes."""

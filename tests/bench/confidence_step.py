@@ -58,7 +58,8 @@ def worker(args) -> dict:
     import torch.nn.functional as F
 
     from app.config import Config
-    from app.tasks.confidence_tokens.task import ConfidenceTokenLoss, add_lora
+    from app.tasks.confidence_tokens.loss import ConfidenceTokenLoss
+    from app.tasks.confidence_tokens.task import add_lora
     from app.lm.tiny import build_model
 
     torch.set_num_threads(args.threads)

@@ -50,7 +50,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 def load_questions(path: str, dataset: str | None, cfg, limit: int | None = None):
     """Normalised questions of a raw file; UserError naming file and line for anything unusable."""
-    from app.tasks.confidence_tokens.task import domain_tokens, read_raw_qa
+    from app.tasks.confidence_tokens.qa import domain_tokens, read_raw_qa
 
     pairs = domain_tokens(cfg)
     if dataset is not None and dataset not in pairs:
@@ -79,8 +79,8 @@ def load_model(cfg, checkpoint: str | None, device):
 
 def tag_rows(model, tokenizer, cfg, qas, device) -> list[dict]:
     """Generate, parse, judge and tag; one output dict per question, in order."""
-    from app.tasks.confidence_tokens.task import (all_tokens, answer_text, domain_tokens, fit_prompt,
-                                             generate_continuations, parse_answer, prompt_ids)
+    from app.tasks.confidence_tokens.judge import generate_continuations
+    from app.tasks.confidence_tokens.qa import all_tokens, answer_text, domain_tokens, fit_prompt, parse_answer, prompt_ids
 
     pairs = domain_tokens(cfg)
     vocab = tokenizer.get_vocab()
