@@ -43,6 +43,6 @@ lock() {  # OUTPUT INPUT... [--extra NAME ...]
     echo "wrote $out ($(grep -cE '^[a-z0-9]' "$out") packages)"
 }
 
-lock docker/requirements-train.lock pyproject.toml docker/requirements-train.in --extra quant --extra wandb
+lock docker/requirements-train.lock pyproject.toml docker/requirements-train.in --extra quant --extra wandb --extra plots
 lock docker/requirements-infer.lock pyproject.toml --extra quant
 lock docker/requirements-vllm.lock pyproject.toml --extra quant --extra vllm

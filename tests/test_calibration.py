@@ -2,8 +2,6 @@
 
 import json
 import math
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -326,47 +324,37 @@ def test_accepts_torch_tensors_and_booleans():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _png_chunks(blob):
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(blob):
-        (length,) = struct.unpack(">I", blob[pos:pos + 4])
-        kind, body = blob[pos + 4:pos + 8], blob[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", blob[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks.append((kind, body))
-        pos += 12 + length
-    return chunks
+def _read_png(path):
+    """(height, width, distinct RGB colours) of a PNG read back with matplotlib."""
+    image = pytest.importorskip("matplotlib.image", reason="matplotlib (plots extra) draws the PNGs")
+    rgb = np.round(image.imread(str(path))[..., :3] * 255).astype(np.uint8)
+    return rgb.shape[0], rgb.shape[1], len(np.unique(rgb.reshape(-1, 3), axis=0))
 
 
-@pytest.mark.parametrize("size", [400, 160])
+@pytest.mark.parametrize("size", [600, 400])
 def test_png_is_valid(tmp_path, size):
+    pytest.importorskip("matplotlib")
     rng = np.random.default_rng(16)
     s, y = _random_case(rng, n=300)
     data = cal.reliability_data(s, y, n_bins=10)
     path = cal.save_reliability_png(data, tmp_path / "sub" / "reliability_epoch_1.png", size=size)
-    blob = path.read_bytes()
-    chunks = _png_chunks(blob)
-    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    width, height, depth, colour, comp, filt, inter = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (width, height, depth, colour, comp, filt, inter) == (size, size, 8, 2, 0, 0, 0)
-    raw = zlib.decompress(chunks[1][1])
-    assert len(raw) == height * (1 + 3 * width)
-    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert not pixels[:, 0].any()  # filter type 0 on every row
-    rgb = pixels[:, 1:].reshape(height, width, 3)
-    assert (rgb == (70, 130, 180)).all(axis=2).sum() > 0.02 * size * size  # accuracy bars are drawn
-    assert (rgb == 0).all(axis=2).sum() > size  # axes
+    assert path == tmp_path / "sub" / "reliability_epoch_1.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, colours = _read_png(path)
+    assert (height, width) == (size, size)
+    assert colours > 20  # bars, gap, diagonal, text: not a blank canvas
     assert [p.name for p in path.parent.iterdir()] == ["reliability_epoch_1.png"]  # no temp file left
 
 
 def test_png_with_empty_bins_and_bad_data(tmp_path):
+    pytest.importorskip("matplotlib")
     data = cal.reliability_data([0.95, 0.97], [1, 0], n_bins=10)
     assert sum(b["count"] == 0 for b in data["bins"]) == 9
     cal.save_reliability_png(data, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="bins"):
-        cal.render_reliability_png({"n_bins": 3})
+        cal.save_reliability_png({"n_bins": 3}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_json_round_trip(tmp_path):

@@ -38,7 +38,9 @@ Metrics
 * **Brier score**: mean of ``(confidence - outcome)^2``.
 
 * **Reliability diagram**: per equal-width bin the mean confidence, accuracy and count (here a score of 1.0
-  belongs to the last bin), written as JSON or as a small PNG drawn without any plotting library.
+  belongs to the last bin), written as JSON (:func:`save_reliability_json`) or drawn as a PNG with matplotlib by
+  :func:`save_reliability_png`, re-exported from :mod:`app.metrics.plots` (matplotlib is the optional ``plots``
+  extra, imported only when a PNG is drawn; without it the PNG is skipped with a warning).
 
 Inputs are sequences, numpy arrays or (CPU or not) torch tensors. Bad inputs raise ``ValueError``: different
 lengths, no samples, non-finite values, probabilities outside [0, 1], outcomes other than 0/1.
@@ -49,8 +51,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-import zlib
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +59,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from app.atomic import write_atomic
+from app.metrics.plots import save_reliability_png
 
 __all__ = [
     "REFERENCE_NUM_BINS",
@@ -71,7 +72,6 @@ __all__ = [
     "equal_width_calibration_error",
     "is_discrete",
     "reliability_data",
-    "render_reliability_png",
     "save_reliability_json",
     "save_reliability_png",
 ]
@@ -475,7 +475,7 @@ def calibration_report(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing: JSON and a small PNG
+# Writing: JSON (the PNG diagram is drawn by app.metrics.plots)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -483,133 +483,3 @@ def save_reliability_json(data: Mapping[str, Any], path: str | os.PathLike) -> P
     """Write ``data`` (e.g. :func:`reliability_data` or a whole report) as JSON, atomically."""
     text = json.dumps(data, indent=2, allow_nan=False)
     return write_atomic(path, (text + "\n").encode("utf-8"))
-
-
-# 3x5 bitmap glyphs: five rows of three pixels, "#" set.
-_GLYPHS = {
-    "0": ("###", "#.#", "#.#", "#.#", "###"),
-    "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "5": ("###", "#..", "###", "..#", "###"),
-    ".": ("...", "...", "...", "...", ".#."),
-    "A": (".#.", "#.#", "###", "#.#", "#.#"),
-    "C": (".##", "#..", "#..", "#..", ".##"),
-    "D": ("##.", "#.#", "#.#", "#.#", "##."),
-    "E": ("###", "#..", "##.", "#..", "###"),
-    "F": ("###", "#..", "##.", "#..", "#.."),
-    "I": ("###", ".#.", ".#.", ".#.", "###"),
-    "N": ("#.#", "###", "###", "#.#", "#.#"),
-    "O": (".#.", "#.#", "#.#", "#.#", ".#."),
-    "R": ("##.", "#.#", "##.", "#.#", "#.#"),
-    "U": ("#.#", "#.#", "#.#", "#.#", "###"),
-    "Y": ("#.#", "#.#", ".#.", ".#.", ".#."),
-    " ": ("...", "...", "...", "...", "..."),
-}
-
-
-def _text_mask(text: str, scale: int) -> np.ndarray:
-    """Boolean bitmap of ``text`` (3x5 glyphs, one blank column between), scaled by ``scale``."""
-    cols = []
-    for i, ch in enumerate(text.upper()):
-        glyph = np.array([[px == "#" for px in row] for row in _GLYPHS.get(ch, _GLYPHS[" "])])
-        if i:
-            cols.append(np.zeros((5, 1), dtype=bool))
-        cols.append(glyph)
-    mask = np.hstack(cols) if cols else np.zeros((5, 0), dtype=bool)
-    return np.kron(mask, np.ones((scale, scale), dtype=bool)).astype(bool)
-
-
-def _stamp(img: np.ndarray, mask: np.ndarray, top: int, left: int, color: tuple[int, int, int]) -> None:
-    h, w = mask.shape
-    H, W = img.shape[:2]
-    t0, l0 = max(top, 0), max(left, 0)
-    t1, l1 = min(top + h, H), min(left + w, W)
-    if t0 >= t1 or l0 >= l1:
-        return
-    region = img[t0:t1, l0:l1]
-    region[mask[t0 - top:t1 - top, l0 - left:l1 - left]] = color
-
-
-def _png_bytes(img: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as an 8-bit RGB PNG."""
-    h, w = img.shape[:2]
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    raw = np.hstack([np.zeros((h, 1), dtype=np.uint8), img.reshape(h, w * 3)]).tobytes()  # filter 0 per row
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
-def render_reliability_png(data: Mapping[str, Any], size: int = 400) -> bytes:
-    """Draw a reliability diagram: accuracy bars per bin, mean-confidence ticks, the diagonal, axes, labels."""
-    if size < 120:
-        raise ValueError(f"size must be at least 120 pixels, got {size}")
-    bins = data.get("bins")
-    if not isinstance(bins, (list, tuple)):
-        raise ValueError("reliability data needs a 'bins' list (see reliability_data)")
-    black = (0, 0, 0)
-    grid, diag = (225, 225, 225), (110, 110, 110)
-    bar, bar_edge, gap_col = (70, 130, 180), (40, 80, 120), (215, 60, 50)
-
-    img = np.full((size, size, 3), 255, dtype=np.uint8)
-    scale = max(1, size // 160)
-    left, bottom, top, right = 14 * scale + 16, 14 * scale + 16, 10, 10
-    x0, x1 = left, size - right           # plot area columns [x0, x1]
-    y0, y1 = top, size - bottom           # plot area rows [y0, y1]; y1 is value 0
-
-    def px(v: float) -> int:
-        return int(round(x0 + v * (x1 - x0)))
-
-    def py(v: float) -> int:
-        return int(round(y1 - v * (y1 - y0)))
-
-    for g in (0.2, 0.4, 0.6, 0.8, 1.0):   # light grid
-        img[py(g), x0:x1 + 1] = grid
-        img[y0:y1 + 1, px(g)] = grid
-
-    for b in bins:
-        if not b.get("count") or b.get("accuracy") is None:
-            continue
-        lo, hi = float(b["lower"]), float(b["upper"])
-        xa, xb = px(lo) + 1, max(px(hi) - 1, px(lo) + 1)
-        acc = min(max(float(b["accuracy"]), 0.0), 1.0)
-        ya = py(acc)
-        if ya < y1:
-            img[ya:y1, xa:xb + 1] = bar
-            img[ya, xa:xb + 1] = bar_edge
-            img[ya:y1, xa] = bar_edge
-            img[ya:y1, xb] = bar_edge
-        conf = b.get("mean_confidence")
-        if conf is not None:
-            yc = py(min(max(float(conf), 0.0), 1.0))
-            img[max(yc - 1, y0):min(yc + 2, y1 + 1), xa:xb + 1] = gap_col
-
-    t = np.linspace(0.0, 1.0, 4 * size)   # diagonal, 2 px thick
-    cols, rows = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y1 - t * (y1 - y0)).astype(int)
-    for d in (0, 1):
-        img[np.clip(rows - d, 0, size - 1), cols] = diag
-
-    img[y0:y1 + 1, x0 - 1:x0 + 1] = black   # axes
-    img[y1:y1 + 2, x0 - 1:x1 + 1] = black
-    for v, label in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
-        img[y1 + 2:y1 + 2 + 2 * scale, px(v)] = black                      # x tick
-        img[py(v), x0 - 1 - 2 * scale:x0 - 1] = black                      # y tick
-        m = _text_mask(label, scale)
-        _stamp(img, m, y1 + 3 + 2 * scale, px(v) - m.shape[1] // 2, black)
-        _stamp(img, m, py(v) - m.shape[0] // 2, x0 - 3 - 2 * scale - m.shape[1], black)
-
-    m = _text_mask("CONFIDENCE", scale)
-    _stamp(img, m, size - m.shape[0] - 4, (x0 + x1) // 2 - m.shape[1] // 2, black)
-    m = np.rot90(_text_mask("ACCURACY", scale))
-    _stamp(img, m, (y0 + y1) // 2 - m.shape[0] // 2, 3, black)
-    return _png_bytes(img)
-
-
-def save_reliability_png(data: Mapping[str, Any], path: str | os.PathLike, size: int = 400) -> Path:
-    """Write the reliability diagram of ``data`` (from :func:`reliability_data`) as a PNG, atomically."""
-    return write_atomic(path, render_reliability_png(data, size))
