@@ -14,7 +14,6 @@ prediction matches its gold label (binned errors, ECE, Brier, reliability bins; 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -26,7 +25,7 @@ from app import atomic
 from app.errors import UserError
 from app.metrics.classification import classification_metrics, format_table
 
-__all__ = ["Labels", "cli", "read_labels", "score_files", "write_json_atomic"]
+__all__ = ["Labels", "read_labels", "run", "score_files", "write_json_atomic"]
 
 _LABEL_LINE = re.compile(r"\s*[01](?:\.0)?\s*")
 _FALSE_WORDS = {"false", "0", "no", "n"}
@@ -147,23 +146,10 @@ def format_calibration(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m app score",
-        description="Score predictions against gold labels: accuracy, macro/weighted precision, recall, F1, MCC.",
-    )
-    parser.add_argument("--pred", required=True, help="predictions CSV (predicted_label column) or one 0/1 per line")
-    parser.add_argument("--gold", required=True, help="gold CSV/JSONL (label column) or one 0/1 per line")
-    parser.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics JSON to OUT")
-    parser.add_argument("--n_bins", type=int, default=10, help="equal-width bins of the ECE (confidence column)")
-    parser.add_argument("--calib_beta", type=int, default=None,
-                        help="equal-mass calibration bins of this many samples (default: the reference binning)")
-    return parser
-
-
-def cli(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    metrics, pred, _gold = score_files(args.pred, args.gold)
+def run(pred_path: str, gold_path: str, json_out: str | None = None, n_bins: int = 10,
+        calib_beta: int | None = None) -> int:
+    """Score, print the table and the JSON report, write it to `json_out` when given; returns the exit code."""
+    metrics, pred, _gold = score_files(pred_path, gold_path)
     report = dict(metrics)
     if pred.parse_failures is not None:
         report["parse_failures"] = pred.parse_failures
@@ -171,10 +157,10 @@ def cli(argv: list[str]) -> int:
     if pred.parse_failures:
         print(f"({pred.parse_failures} of {metrics['n']} predictions were not parsed from the model's JSON)")
     if pred.confidence is not None:
-        report["calibration"] = calibration(pred, _gold, args.n_bins, args.calib_beta)
+        report["calibration"] = calibration(pred, _gold, n_bins, calib_beta)
         print(format_calibration(report["calibration"]))
     print(json.dumps(report, indent=2))
-    if args.json_out:
-        write_json_atomic(args.json_out, report)
-        print(f"wrote {args.json_out}", file=sys.stderr)
+    if json_out:
+        write_json_atomic(json_out, report)
+        print(f"wrote {json_out}", file=sys.stderr)
     return 0

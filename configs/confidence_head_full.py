@@ -14,7 +14,7 @@ step_marker = "<CONFIDENCE>"
 head_hidden_sizes = [1024, 256]
 head_dropout = 0.1
 head_loss = "mse"           # or "huber" (head_huber_delta)
-head_metric_for_best = "dev_loss"
+metric_for_best = "dev_loss"
 
 finetuning = "full"
 quantization = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import Config, load_config, parse_override
+from app.config import Config, config_class, load_config, parse_override, saved_config
 from app.errors import UserError
 from conftest import ROOT, run_app
 
@@ -116,9 +116,64 @@ def test_config_command_prints_resolved_json():
     r = run_app("config", "configs/ablation1.py", "--lora_r=64")
     assert r.returncode == 0, r.stderr
     resolved = json.loads(r.stdout)
-    assert resolved["lora_r"] == 64 and resolved["warmup_steps"] == 150 and set(resolved) == set(Config.model_fields)
+    assert resolved["lora_r"] == 64 and resolved["warmup_steps"] == 150 and set(resolved) == set(config_class("nli_cot").model_fields)
 
 
-def test_every_field_has_a_description():
-    for name, field in Config.model_fields.items():
+@pytest.mark.parametrize("task", ["nli_cot", "confidence_tokens", "confidence_head"])
+def test_every_field_has_a_description(task):
+    for name, field in config_class(task).model_fields.items():
         assert field.description, name
+
+
+def test_task_settings_share_the_flat_namespace_and_stay_with_their_task(tmp_path):
+    cfg = load_config(ROOT / "configs/confidence_tokens_tiny.py", ["--calib_beta=25", "--lora_r=64"])
+    assert (cfg.calib_beta, cfg.lora_r) == (25, 64) and isinstance(cfg, Config)
+    with pytest.raises(UserError) as err:  # a setting of another task names that task
+        load_config(ROOT / "configs/tiny.py", ["--calib_beta=25", "--calib_bta=3"])
+    msg = str(err.value)
+    assert "'calib_beta' is a setting of task 'confidence_tokens', not of task 'nli_cot'" in msg
+    with pytest.raises(UserError, match="did you mean 'calib_beta'"):  # suggestions come from both schemas
+        load_config(ROOT / "configs/confidence_tokens_tiny.py", ["--calib_bta=3"])
+    path = tmp_path / "c.py"
+    path.write_text('task = "confidence_head"\nhead_dropout = 0.2\n')
+    assert load_config(path).head_dropout == 0.2
+
+
+def test_best_metric_is_one_the_task_declares():
+    assert load_config(ROOT / "configs/tiny.py", ["--metric_for_best='accuracy'"]).metric_for_best == "accuracy"
+    with pytest.raises(UserError, match=r"metric_for_best='pearson' is not a metric of task 'nli_cot'.*macro_f1"):
+        load_config(ROOT / "configs/tiny.py", ["--metric_for_best='pearson'", "--lora_r=0"])
+    assert load_config(ROOT / "configs/confidence_head_tiny.py", ["--metric_for_best='pearson'"]).metric_for_best == "pearson"
+
+
+def test_config_list_groups_fields_by_section():
+    r = run_app("config", "--list", "--task", "confidence_head")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for section in ("[Task and data]", "[Model]", "[Fine-tuning method]", "[Optimisation]", "[Evaluation]",
+                    "[Run directory, logging and checkpoints]", "[Inference]", "[Task confidence_head"):
+        assert section in out, section
+    assert "head_hidden_sizes" in out and "calib_beta" not in out and "lora_r" in out
+    assert "metric_for_best of task confidence_head: dev_loss (min)" in out
+    assert run_app("config", "--list", "--task", "nli_cott").returncode == 2
+
+
+OLD_RUN_CONFIG_KEYS = {  # a run_config.json as written before the task sections (every task's field in one schema)
+    "task": "confidence_head", "head_metric_for_best": "pearson", "metric_for_best": "macro_f1",
+    "confidence_tokens": {"boolq": ["<C_READ>", "<U_READ>"]}, "calib_beta": 50, "prompt_template": "{premise}",
+    "step_marker": "<CONFIDENCE>", "lora_r": 8, "trust_remote_code": True,
+}
+
+
+def test_run_configs_from_before_the_task_sections_still_load(tmp_path):
+    path = tmp_path / "run_config.json"
+    import json
+
+    path.write_text(json.dumps(OLD_RUN_CONFIG_KEYS))
+    cfg = saved_config(path)
+    assert (cfg.task, cfg.lora_r, cfg.metric_for_best, cfg.step_marker) == ("confidence_head", 8, "pearson", "<CONFIDENCE>")
+    assert cfg.trust_remote_code is False  # widening trust never comes from a saved file
+    assert saved_config(path, ["--trust_remote_code=True"]).trust_remote_code is True
+    path.write_text(json.dumps({**OLD_RUN_CONFIG_KEYS, "task": "nli_cot"}))
+    cfg = saved_config(path)
+    assert cfg.metric_for_best == "macro_f1" and cfg.prompt_template == "{premise}"

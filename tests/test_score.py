@@ -15,7 +15,12 @@ from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_
 
 from app.errors import UserError
 from app.metrics.classification import METRIC_NAMES, classification_metrics, format_table
-from app.score import cli, read_labels, score_files, write_json_atomic
+from app.__main__ import main as app_main
+from app.score import read_labels, score_files, write_json_atomic
+
+
+def cli(argv):
+    return app_main(["score", *argv])
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

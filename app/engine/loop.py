@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -23,9 +24,10 @@ from app.engine import checkpoint as ckpt
 from app.engine.batching import BatchPlan
 from app.engine.optim import make_optimizer, make_scheduler
 from app.engine.runlog import RunLog
-from app.config import Config, load_config
+from app.config import Config
 from app.errors import UserError
-from app.tasks import Feature, Task, get_task
+from app.tasks import get_task
+from app.tasks.protocol import EvalContext, Feature, Task
 
 log = logging.getLogger("app.engine.loop")
 
@@ -42,14 +44,60 @@ class TrainState:
 
 
 # --- setup ------------------------------------------------------------------------------------------------
-def make_accelerator(cfg: Config):
+def make_accelerator(cfg: Config, ddp_options: dict | None = None):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, cpu=not cuda)
+    handlers = [DistributedDataParallelKwargs(**ddp_options)] if ddp_options else []
+    return Accelerator(mixed_precision=mp, cpu=not cuda, kwargs_handlers=handlers)
+
+
+def loss_counts(task: Task, feature: Feature) -> dict[str, int]:
+    """The task's loss items of one example, by loss name ("loss" when the task has a single loss)."""
+    items = task.loss_items(feature)
+    return dict(items) if isinstance(items, dict) else {"loss": int(items)}
+
+
+def named_losses(out) -> dict:
+    """An objective's output as {name: summed loss}."""
+    return dict(out) if isinstance(out, dict) else {"loss": out}
+
+
+def weighted_total(sums: dict, global_items: dict[str, int], weights: dict[str, float], world: int):
+    """What one micro batch backpropagates: each summed loss over its count in the whole global batch, weighted.
+    DDP averages gradients over processes, hence the factor `world`: the result is the global per-item mean."""
+    total = 0
+    for name, value in sums.items():
+        if global_items.get(name):
+            term = value * world / global_items[name]
+            total = total + (term if weights.get(name, 1.0) == 1.0 else weights[name] * term)
+    return total
+
+
+def loss_values(names: list[str], sums: list[float], items: dict[str, int], weights: dict[str, float]) -> dict:
+    """Logged losses of one step: `loss` (the weighted total of the per-item means), and `loss/<name>` for each when
+    there are several."""
+    means = {n: s / items[n] for n, s in zip(names, sums) if items.get(n)}
+    out = {"loss": sum(weights.get(n, 1.0) * v for n, v in means.items())}
+    if len(names) > 1:
+        out.update({f"loss/{n}": v for n, v in means.items()})
+    return out
+
+
+def write_training_curves(out_dir: Path) -> None:
+    """training_curves.png next to metrics.jsonl (matplotlib, when installed); never fails the run."""
+    try:
+        from app.metrics.plots import save_training_curves
+    except ImportError:
+        return
+    try:
+        save_training_curves(out_dir)
+    except Exception as err:  # a plot must never cost a finished run
+        log.warning("training curves not written: %s: %s", type(err).__name__, err)
 
 
 def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
@@ -67,7 +115,7 @@ def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feat
             f = task.truncate(f, cfg.max_seq_length)
             if f is None:
                 continue
-        if task.loss_items(f) > 0:
+        if sum(loss_counts(task, f).values()) > 0:
             features.append(f)
     if over:
         log.warning("%s: %d of %d examples longer than max_seq_length=%d (%s)", path, over, len(rows),
@@ -93,9 +141,9 @@ class StopFlag:
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
-def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg):
+def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg) -> Path:
     out = cfg.out_path
-    tmp = ckpt.temp_dir(out, name)
+    tmp, final = ckpt.temp_dir(out, name), ckpt.checkpoints_dir(out) / name
     if accelerator.is_main_process:
         import shutil
 
@@ -105,42 +153,48 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
     ckpt.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if hasattr(model, "peft_config"):
-            # added-token rows travel as trainable-token deltas; the resized matrices are rebuilt at load
-            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        task.save_extra(objective, tmp)
+        task.save_weights(model, tokenizer, tmp)
+        task.save_extra(objective, tmp, cfg)
         ckpt.save_optimizer(optimizer, tmp)
         ckpt.save_scheduler(scheduler, tmp)
-        (tmp / "run_config.json").write_text(cfg.to_json(), encoding="utf-8")
+        ckpt.write_json(tmp / "run_config.json", cfg.model_dump())
         ckpt.write_json(tmp / "trainer_state.json", asdict(state))  # written last: marks the dir complete
-        ckpt.publish(tmp, ckpt.checkpoints_dir(out) / name)
+        ckpt.publish(tmp, final)
         if name.startswith("step_"):
             ckpt.prune(out, cfg.keep_last)
         log.info("checkpoint %s written", name)
     accelerator.wait_for_everyone()
+    return final
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
-@torch.no_grad()
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device, accelerator, step) -> dict:
+@torch.no_grad()
+def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx: EvalContext) -> dict:
+    """dev_loss (the weighted total of the per-item dev losses; with several losses also dev_loss/<name>) and the
+    task's own metrics."""
     objective.eval()
-    total, items = 0.0, 0
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for i in range(0, len(dev_features), cfg.micro_batch_size):
         chunk = dev_features[i : i + cfg.micro_batch_size]
-        batch = to_device(task.collate(chunk, tokenizer.pad_token_id), device)
+        batch = to_device(task.collate(chunk, tokenizer.pad_token_id), ctx.device)
         with accelerator.autocast():
-            total += float(objective(**batch))
-        items += sum(task.loss_items(f) for f in chunk)
-    metrics = {"dev_loss": total / max(items, 1)}
+            for name, value in named_losses(objective(**batch)).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        for f in chunk:
+            for name, n in loss_counts(task, f).items():
+                counts[name] = counts.get(name, 0) + n
+    means = {name: totals[name] / max(counts.get(name, 0), 1) for name in totals}
+    weights = task.loss_weights(cfg)
+    metrics = {"dev_loss": sum(weights.get(k, 1.0) * v for k, v in means.items())}
+    if len(means) > 1:
+        metrics.update({f"dev_loss/{k}": v for k, v in means.items()})
     rows = dev_rows[: cfg.eval_rows] if cfg.eval_rows else dev_rows
-    metrics.update(task.evaluate(model, tokenizer, cfg, rows, device, step))
+    metrics.update(task.evaluate(model, tokenizer, cfg, rows, ctx))
     objective.train()
     return metrics
 
@@ -158,6 +212,21 @@ def improved_bests(task: Task, cfg: Config, metrics: dict, state: TrainState) ->
 
 # --- logging ----------------------------------------------------------------------------------------------
 # --- the run ----------------------------------------------------------------------------------------------
+_OWN_ENTRY = re.compile(r"^(step_\d+|final|best[\w.-]*|\.tmp-.*|\.old-.*)$")
+
+
+def check_fresh_target(cfg: Config) -> None:
+    """`resume='fresh'` only ever moves the run's own checkpoints: an out_dir whose checkpoints/ holds anything else,
+    or that holds other runs, is refused (an empty or mistyped out_dir must not move every run aside)."""
+    out, root = cfg.out_path, ckpt.checkpoints_dir(cfg.out_dir)
+    foreign = sorted(p.name for p in root.iterdir() if not _OWN_ENTRY.match(p.name)) if root.is_dir() else []
+    others = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "checkpoints").is_dir()) if out.is_dir() else []
+    if foreign or others:
+        what = f"{root} holds {', '.join(foreign[:3])}" if foreign else f"{out} holds other runs ({', '.join(others[:3])})"
+        raise UserError(f"out_dir={cfg.out_dir!r}: resume='fresh' refused: {what}, not only this run's checkpoints; "
+                        "give the run's own directory")
+
+
 def prepare_out_dir(cfg: Config, is_main: bool) -> Path | None:
     """The checkpoint to resume from, or None. `resume='fresh'` moves old checkpoints aside, never deletes."""
     root = ckpt.checkpoints_dir(cfg.out_dir)
@@ -179,12 +248,12 @@ def _train(cfg: Config) -> int:
     # bad data is reported before any model loads
     train_rows = task.load_rows(cfg, "train")
     dev_rows = task.load_rows(cfg, "dev")
-    if cfg.create_tiny_model:
-        from app.lm.tiny import ensure_tiny_model
+    if cfg.resume == "fresh":
+        check_fresh_target(cfg)
+    from app.runs import ensure_base_model
 
-        ensure_tiny_model(cfg.model_name)
-
-    accelerator = make_accelerator(cfg)
+    ensure_base_model(cfg)
+    accelerator = make_accelerator(cfg, task.ddp_options(cfg))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise UserError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
@@ -214,12 +283,15 @@ def _train(cfg: Config) -> int:
     if plan.steps_per_epoch == 0:
         raise UserError(f"{cfg.train_file}: {len(features)} usable examples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
-    loss_items = [task.loss_items(f) for f in features]  # per example, counted once: the step loop only adds them up
+    loss_items = [loss_counts(task, f) for f in features]  # per example, counted once: the step loop only adds them up
+    loss_weights = task.loss_weights(cfg)
+    loss_names = list(dict.fromkeys(n for counts in loss_items for n in counts))
 
     objective = task.objective(model, cfg)
     objective.to(device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    groups = task.param_groups(objective, cfg)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(cfg, groups)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     state = TrainState(total_steps=total_steps, world_size=world, seed=cfg.seed)
     if resume_from is not None:
@@ -258,20 +330,19 @@ def _train(cfg: Config) -> int:
             epoch_steps, epoch_of_plan = plan.epoch_order(epoch), epoch
         # every process knows the whole global batch, so the loss normaliser needs no communication
         slots = epoch_steps[step_in_epoch]
-        global_items = sum(loss_items[i] for slot in slots for i in slot)
+        global_items = {n: sum(loss_items[i][n] for slot in slots for i in slot) for n in loss_names}
         window_tokens += sum(plan.lengths[i] for slot in slots for i in slot)
 
         # ---- one optimizer step ----
-        step_loss = torch.zeros((), device=device)
+        step_loss = torch.zeros(len(loss_names), device=device)
         micro_batches = plan.micro_batches(epoch_steps, step_in_epoch, rank)
         for k, indices in enumerate(micro_batches):
             batch = to_device(task.collate([features[i] for i in indices], tokenizer.pad_token_id), device)
             sync = k == len(micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_objective)), accelerator.autocast():
-                loss_sum = ddp_objective(**batch)
-                # DDP averages gradients over processes: scale so the result is the global per-item mean
-                accelerator.backward(loss_sum * world / global_items)
-            step_loss += loss_sum.detach()
+                sums = named_losses(ddp_objective(**batch))
+                accelerator.backward(weighted_total(sums, global_items, loss_weights, world))
+            step_loss += torch.stack([sums[n].detach().float() for n in loss_names])
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -291,12 +362,12 @@ def _train(cfg: Config) -> int:
             norms = torch.stack(pending_norms).tolist()  # already global: clipping all-reduces gradients first
             for i, (loss, norm, (items, lr)) in enumerate(zip(losses, norms, pending_items)):
                 step = state.step - len(losses) + i + 1
-                run_log.write(step, {"loss": loss / items, "lr": lr, "grad_norm": norm})
+                run_log.write(step, {**loss_values(loss_names, loss, items, loss_weights), "lr": lr, "grad_norm": norm})
             tps = window_tokens / elapsed
             run_log.write(state.step, {"tokens_per_s": tps})
             if progress is not None:
-                progress.set_postfix(loss=f"{losses[-1] / pending_items[-1][0]:.4f}", lr=f"{pending_items[-1][1]:.2e}",
-                                     tok_s=f"{tps:,.0f}")
+                shown = loss_values(loss_names, losses[-1], pending_items[-1][0], loss_weights)["loss"]
+                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{pending_items[-1][1]:.2e}", tok_s=f"{tps:,.0f}")
                 progress.update(len(losses))
             pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
 
@@ -309,8 +380,9 @@ def _train(cfg: Config) -> int:
         if dev_features and (state.step % cfg.eval_every == 0 or last) and stop.signum is None:
             decision = [[], state.best]  # decided on rank 0, shared with all
             if is_main:
-                last_metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, device,
-                                        accelerator, state.step)
+                ctx = EvalContext(state.step, state.step // plan.steps_per_epoch, plan.steps_per_epoch, cfg.out_path,
+                                  objective, device)
+                last_metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx)
                 run_log.write(state.step, {f"eval/{k}": v for k, v in last_metrics.items()})
                 log.info("step %d eval: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in last_metrics.items()))
                 decision = [improved_bests(task, cfg, last_metrics, state), state.best]
@@ -323,7 +395,9 @@ def _train(cfg: Config) -> int:
                 save(name)
 
         if last:
-            save("final")
+            final_dir = save("final")
+            if is_main:
+                task.on_train_end(cfg, final_dir)
         elif state.step % cfg.save_every == 0 or stop.signum is not None or steps_this_run == cfg.stop_after_steps:
             save(ckpt.step_name(state.step))
         if stop.signum is not None or (steps_this_run == cfg.stop_after_steps and not last):
@@ -332,6 +406,8 @@ def _train(cfg: Config) -> int:
     if progress is not None:
         progress.close()
     run_log.close()
+    if is_main:
+        write_training_curves(cfg.out_path)
     accelerator.wait_for_everyone()
     if is_main and state.step == total_steps:
         summary = {"step": state.step, "out_dir": str(cfg.out_dir), **last_metrics}
@@ -343,13 +419,6 @@ def _train(cfg: Config) -> int:
                     state.step)
         return stop.exit_code
     return 0
-
-
-def cli(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("--"):
-        raise UserError("usage: python -m app train CONFIG.py [--key=value ...]")
-    cfg = load_config(argv[0], argv[1:])
-    return train(cfg)
 
 
 def train(cfg: Config) -> int:

@@ -10,21 +10,23 @@ from app.config import Config
 from app.errors import UserError
 
 
-def make_optimizer(cfg: Config, params):
+def make_optimizer(cfg: Config, groups: list[dict]):
+    """The optimizer over the task's parameter groups (each group may set its own lr / weight_decay)."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "adamw":
         # the fused kernel does the whole update in one pass (CPU and CUDA); same state, same results
         fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) and p.device.type in ("cpu", "cuda")
                     for p in params)
-        return torch.optim.AdamW(params, fused=fused, **kwargs)
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise UserError(f"optimizer={cfg.optimizer!r} needs bitsandbytes: pip install 'finetune-runner[quant]'") from None
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
-    return cls(params, **kwargs)
+    return cls(groups, **kwargs)
 
 
 def make_scheduler(cfg: Config, optimizer, total_steps: int):

@@ -1,28 +1,93 @@
-"""Task registry: config `task = "name"` -> Task instance. A new task is a module plus one line here."""
+"""Task registry: config `task = "name"` -> the task's package under app/tasks/.
+
+A task is a package with
+  config.py    its config section (a pydantic `Section`), METRICS (name -> "max"/"min") and DEFAULT_METRIC;
+               torch-free, so `python -m app config` stays light
+  task.py      a `Task` subclass (protocol: app/tasks/protocol.py)
+  commands.py  optional: click commands of its own (`tag`, `score-steps`, ...), a list named COMMANDS
+Adding one is a package plus one entry here; the engine does not change.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from dataclasses import dataclass
+from functools import cache
 
 from app.errors import UserError
-from app.tasks.protocol import Feature, Task
 
-# name -> "module:Class", imported on demand so one task's optional dependencies never load for another
+
+@dataclass(frozen=True)
+class TaskEntry:
+    package: str  # app.tasks.<name>
+    schema: str  # class name in <package>.config
+    task: str  # class name in <package>.task
+    sample: str  # "module:function" writing the bundled sample data to a directory
+    has_commands: bool = False
+
+
 TASKS = {
-    "nli_cot": "app.tasks.nli_cot.task:NliCot",
-    "confidence_tokens": "app.tasks.confidence_tokens.task:ConfidenceTokens",
-    "confidence_head": "app.tasks.confidence_head.task:ConfidenceHead",
+    "nli_cot": TaskEntry("app.tasks.nli_cot", "NliCotConfig", "NliCot", "sample:write_sample"),
+    "confidence_tokens": TaskEntry("app.tasks.confidence_tokens", "ConfidenceTokensConfig", "ConfidenceTokens",
+                                   "sample:write_sample", has_commands=True),
+    "confidence_head": TaskEntry("app.tasks.confidence_head", "ConfidenceHeadConfig", "ConfidenceHead",
+                                 "step_data:write_synthetic", has_commands=True),
 }
 
 
-def get_task(name: str) -> Task:
+def check_task_name(name: str) -> None:
     if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=1)
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"task={name!r}: unknown task{hint}; known: {', '.join(TASKS)}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Feature", "Task", "TASKS", "get_task"]
+@cache
+def task_config_module(name: str):
+    """The task's config module: its section class, METRICS and DEFAULT_METRIC (no torch)."""
+    check_task_name(name)
+    return importlib.import_module(f"{TASKS[name].package}.config")
+
+
+def task_schema(name: str):
+    return getattr(task_config_module(name), TASKS[name].schema)
+
+
+def task_metrics(name: str) -> dict[str, str]:
+    return dict(task_config_module(name).METRICS)
+
+
+def default_metric(name: str) -> str:
+    return task_config_module(name).DEFAULT_METRIC
+
+
+def get_task(name: str):
+    """A fresh instance of the task's `Task` class (imports torch and the task's model code)."""
+    check_task_name(name)
+    entry = TASKS[name]
+    return getattr(importlib.import_module(f"{entry.package}.task"), entry.task)()
+
+
+def write_sample(name: str, directory) -> list:
+    """Write the task's bundled sample data set to `directory`; the files written."""
+    from pathlib import Path
+
+    check_task_name(name)
+    module, function = TASKS[name].sample.split(":")
+    before = {p: p.stat().st_mtime_ns for p in Path(directory).rglob("*")} if Path(directory).is_dir() else {}
+    getattr(importlib.import_module(f"{TASKS[name].package}.{module}"), function)(Path(directory))
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
+
+
+def task_commands() -> list:
+    """The click commands tasks register (their modules import click only; the work is imported when run)."""
+    out = []
+    for entry in TASKS.values():
+        if entry.has_commands:
+            out += importlib.import_module(f"{entry.package}.commands").COMMANDS
+    return out
+
+
+__all__ = ["TASKS", "check_task_name", "default_metric", "get_task", "task_commands", "task_metrics", "task_schema",
+           "write_sample"]

@@ -1,19 +1,58 @@
-"""The task interface: what the engine asks of a task module.
+"""The task protocol: everything the engine and the inference commands ask of a task, in one place.
 
-The engine owns the loop (data order, accumulation, optimizer, checkpoints, resume, processes); a task owns
-everything about its data and its loss. Adding a task is a new module under app/tasks/ with a subclass of
-`Task`, registered in app/tasks/__init__.py; the engine does not change.
+The engine (app/engine/loop.py) owns the loop: data order, accumulation, mixed precision, processes, optimizer,
+schedule, checkpoints and exact resume. A task owns its data, its model construction, its loss and its metrics.
+Every method receives the context it needs (the config always), so a task keeps no state between calls.
 
-A task's `objective` is an nn.Module whose forward takes a collated batch and returns the *sum* of the
-per-item losses of that batch. The engine divides by the number of loss items in the whole global batch
-(known ahead of time from `loss_items`), so 1 process and N processes, or 1 and k accumulation steps,
-give the same gradient.
+    method                         default                              override when
+    ------                         -------                              -------------
+    load_rows(cfg, split)          read_rows(train_file / dev_file)     several files, mixing, raw validation rows
+    encode(row, tokenizer, cfg)    (required)                           always: row -> Feature
+    truncate(feature, limit)       cut prompt tokens after BOS          a smarter cut
+    loss_items(feature)            target tokens                        other units; {"name": count} for several losses
+    collate(features, pad_id)      right-padded ids, mask, labels       extra tensors (a plain int passes through)
+    added_tokens(cfg)              none                                 special tokens to add (their rows train)
+    adapter_options(cfg)           {}                                   e.g. {"head_rows": True} (app.lm.modeling)
+    load_model(cfg, device, dir)   Hugging Face causal LM + adapters    another architecture (from scratch, an encoder)
+    save_weights(model, tok, dir)  save_pretrained (safetensors)        weights of another kind
+    objective(model, cfg)          (required)                           always: nn.Module, forward(**batch) -> sums
+    save_extra / load_extra        nothing                              weights beside the model's (a score head)
+    param_groups(objective, cfg)   one group of trainable parameters    several learning rates / no decay groups
+    loss_weights(cfg)              1.0 each                             weighted sum of several named losses
+    ddp_options(cfg)               {}                                   e.g. {"find_unused_parameters": True}
+    evaluate(model, tok, cfg,      {}                                   task metrics; files it writes go under
+             rows, ctx)                                                 ctx.out_dir (ctx.step, ctx.epoch, ctx.objective)
+    best_checkpoints(cfg)          {"best": metric_for_best}            several best-by-metric checkpoints
+    on_train_end(cfg, final_dir)   nothing                              push to a hub, export
+    predictor(cfg)                 None (no inference command)          what `infer` reads, predicts and writes
+
+Losses. `objective(**batch)` returns the *sum* of the per-item losses of the batch (a tensor), or several named sums
+(`{"lm": tensor, "confidence": tensor}`) with `loss_items` giving the matching counts per example
+(`{"lm": 12, "confidence": 1}`). The engine divides each sum by its count over the whole global batch (known ahead
+from the data plan, no communication), backpropagates the `loss_weights`-weighted total and logs every loss, so 1 and
+N processes, or 1 and k accumulation steps, give the same update.
+
+A minimal task (see app/tasks/nli_cot/ for a full one):
+
+    class Echo(Task):
+        name = "echo"
+        def encode(self, row, tokenizer, cfg):
+            prompt = tokenizer(row.values["text"]).input_ids
+            target = tokenizer(row.values["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            return Feature(prompt + target, [-100] * len(prompt) + target, row.line)
+        def objective(self, model, cfg):
+            return CompletionLoss(model)           # app.lm.forward: summed cross-entropy on target tokens
+
+plus its config section (app/tasks/echo/config.py: a `Section` subclass, METRICS, DEFAULT_METRIC) and one entry in
+app/tasks/__init__.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,46 +71,85 @@ class Feature:
     extra: dict = field(default_factory=dict)  # task-specific tensors-to-be (e.g. regression targets)
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluation knows besides the model: where it is in the run and the loss module being trained."""
+
+    step: int
+    epoch: int  # completed epochs
+    steps_per_epoch: int
+    out_dir: Path
+    objective: nn.Module | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def end_of_epoch(self) -> bool:
+        return self.steps_per_epoch > 0 and self.step % self.steps_per_epoch == 0
+
+
+class Predictor(Protocol):
+    """What an inference command runs for a task (app/runs.py calls these in this order)."""
+
+    default_output: str  # file name of the main output
+    verb: str  # progress-bar label
+
+    def fingerprint_parts(self, cfg) -> dict: ...  # extra identity of the outputs, beside input/checkpoint/config
+    def read_input(self, path: Path, cfg): ...  # before any model loads: bad input is a UserError naming the line
+    def output_paths(self, output: Path): ...  # has .main and .partial
+    def load(self, checkpoint: Path, cfg, device): ...  # whatever predict needs (model, tokenizer, ...)
+    def predict(self, state, cfg, inputs, device, skip) -> Iterator[list[dict]]: ...  # records with "i", per batch
+    def finish(self, inputs, records: list[dict], paths, summary: dict, examples: int) -> dict: ...  # write, print
+
+
 class Task:
     name = "base"
     required_columns: tuple[str, ...] = ()
 
-    # --- model --------------------------------------------------------------------------------------
+    # --- model --------------------------------------------------------------------------------------------------
     def added_tokens(self, cfg: Config) -> list[str]:
-        """Special tokens this task adds to the tokenizer (their embeddings train)."""
+        """Special tokens this task adds to the tokenizer (their embedding rows train)."""
         return []
 
+    def adapter_options(self, cfg: Config) -> dict:
+        """Keyword options of app.lm.modeling.add_adapters for this task."""
+        return {}
+
     def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
-        """(model, tokenizer) ready to train. `weights_dir` holds a checkpoint to resume from."""
+        """(model, tokenizer) ready to train; `weights_dir` holds a checkpoint to resume from."""
         from app.lm import modeling
 
-        tokenizer = modeling.load_tokenizer(cfg, str(weights_dir) if weights_dir else None)
-        new = [t for t in self.added_tokens(cfg) if t not in tokenizer.get_vocab()]
-        if new:
-            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-        full_ckpt = weights_dir is not None and not modeling.is_adapter_dir(weights_dir)
-        model = modeling.load_base_model(cfg, device, path=str(weights_dir) if full_ckpt else None)
-        modeling.fit_embeddings(model, tokenizer)
-        trainable_ids = tokenizer.convert_tokens_to_ids(self.added_tokens(cfg))
-        model = modeling.add_adapters(model, cfg, trainable_ids)
-        if weights_dir is not None and modeling.is_adapter_dir(weights_dir):
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+        return modeling.load_trainable(cfg, device, self.added_tokens(cfg), weights_dir, **self.adapter_options(cfg))
 
-            set_peft_model_state_dict(model, load_file(str(Path(weights_dir) / "adapter_model.safetensors")))
-        return model, tokenizer
+    def save_weights(self, model, tokenizer, directory: Path) -> None:
+        """Model weights (safetensors only) and tokenizer into a checkpoint directory."""
+        from app.lm import modeling
 
-    def objective(self, model, cfg: Config | None = None) -> nn.Module:
-        """The loss module. The engine passes the run's config; tests may leave it out (defaults apply)."""
+        modeling.save_weights(model, tokenizer, directory)
+
+    def objective(self, model, cfg: Config) -> nn.Module:
+        """The loss module: forward(**batch) -> summed loss (or {name: sum})."""
         raise NotImplementedError
 
-    def save_extra(self, objective: nn.Module, directory: Path) -> None:
+    def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
         """Write task-owned weights (e.g. a regression head) next to the model weights."""
 
     def load_extra(self, objective: nn.Module, directory: Path) -> None:
         """Read what save_extra wrote (strict key check)."""
 
-    # --- data ---------------------------------------------------------------------------------------
+    # --- optimisation -------------------------------------------------------------------------------------------
+    def param_groups(self, objective: nn.Module, cfg: Config) -> list[dict]:
+        """Optimizer parameter groups; each dict may set its own lr / weight_decay. Default: one group."""
+        return [{"params": [p for p in objective.parameters() if p.requires_grad]}]
+
+    def loss_weights(self, cfg: Config) -> dict[str, float]:
+        """Weight of each named loss in the total that is backpropagated (names missing here weigh 1.0)."""
+        return {}
+
+    def ddp_options(self, cfg: Config) -> dict:
+        """Keyword arguments of torch DDP for this task's objective (e.g. find_unused_parameters=True)."""
+        return {}
+
+    # --- data ---------------------------------------------------------------------------------------------------
     def load_rows(self, cfg: Config, split: str) -> list[Row]:
         """Rows of `split` ("train" or "dev"). Override to mix several files (weights, per-dataset tags)."""
         from app.data import read_rows
@@ -79,9 +157,9 @@ class Task:
         path = cfg.train_file if split == "train" else cfg.dev_file
         if path is None:
             return []
-        return self.validate(path, read_rows(path, self.required_columns))
+        return self.validate(path, read_rows(path, self.required_columns), cfg)
 
-    def validate(self, path: str, rows: list[Row]) -> list[Row]:
+    def validate(self, path: str, rows: list[Row], cfg: Config) -> list[Row]:
         """Check rows; raise UserError naming file and line. Returns the rows to use."""
         return rows
 
@@ -98,8 +176,9 @@ class Task:
         keep = [0, *range(1 + excess, len(f.input_ids))]
         return Feature([f.input_ids[i] for i in keep], [f.labels[i] for i in keep], f.line, f.extra)
 
-    def loss_items(self, feature: Feature) -> int:
-        """How many loss terms this example contributes (target tokens, marked positions, ...)."""
+    def loss_items(self, feature: Feature) -> int | dict[str, int]:
+        """How many loss terms this example contributes (target tokens, marked positions, ...), or one count per
+        named loss."""
         return sum(1 for t in feature.labels[1:] if t != -100)
 
     def collate(self, features: list[Feature], pad_id: int) -> dict:
@@ -116,12 +195,22 @@ class Task:
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    # --- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device: torch.device, step: int) -> dict[str, float]:
-        """Task metrics on dev rows (beyond dev loss, which the engine computes). Files a task writes per
-        evaluation (reliability diagrams, say) go under cfg.out_dir, named with `step`."""
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
+        """Task metrics on dev rows (beyond dev loss, which the engine computes)."""
         return {}
 
     def best_checkpoints(self, cfg: Config) -> dict[str, tuple[str, str]]:
         """Checkpoint name -> (metric, "max" | "min"): each is kept as the best by its metric so far."""
-        return {"best": (cfg.metric_for_best, "min" if cfg.metric_for_best.endswith("loss") else "max")}
+        from app.tasks import default_metric, task_metrics
+
+        metric = cfg.metric_for_best or default_metric(cfg.task)
+        return {"best": (metric, task_metrics(cfg.task).get(metric, "min" if metric.endswith("loss") else "max"))}
+
+    def on_train_end(self, cfg: Config, final_dir: Path) -> None:
+        """Called once on the main process after the final checkpoint is published."""
+
+    # --- inference ----------------------------------------------------------------------------------------------
+    def predictor(self, cfg: Config) -> Predictor | None:
+        """What `python -m app infer` runs for this task's checkpoints; None when it has no inference command."""
+        return None

@@ -4,7 +4,7 @@ Per-step confidences from a trained `confidence_head` checkpoint for step-by-ste
 JSONL (`{"problem": ..., "steps": [...], "labels": [...]}`, labels optional, an `id` is copied; other formats convert
 with `python -m app.tasks.confidence_head.step_data convert`).
 
-Checkpoint and config: as `python -m app infer` (a checkpoint or run directory, else the newest run under
+Checkpoint and config: as every checkpoint command (app/runs.py) (a checkpoint or run directory, else the newest run under
 checkpoints/; the checkpoint's run_config.json, then `--key=value` overrides such as `--infer_batch_size=8`).
 
 Outputs, for `--output DIR/NAME.jsonl` (default `step_scores.jsonl`):
@@ -14,159 +14,118 @@ Outputs, for `--output DIR/NAME.jsonl` (default `step_scores.jsonl`):
   DIR/NAME.metrics.json        counts, and when the input has labels: MSE, MAE, Pearson, Spearman, AUROC (label >= 0.5
                                is a correct step), ECE and the full calibration report, over the labelled steps
   DIR/NAME.jsonl.partial.jsonl finished batches (fsynced), so a re-run continues; removed at the end
-Final files are written to a temporary file and renamed into place. Batches are length-sorted (`infer_batch_size`).
+Final files are written to a temporary file and renamed into place. `python -m app infer` on a
+confidence_head checkpoint runs the same. Batches are length-sorted (`infer_batch_size`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
-import time
 from pathlib import Path
 
+from app.atomic import write_atomic, write_json_atomic
 from app.errors import UserError
 
-log = logging.getLogger("app.tasks.confidence_head.score_steps")
-
 DEFAULT_OUTPUT = "step_scores.jsonl"
-CHECKPOINT_ROOT = Path("checkpoints")
 
 
-def output_paths(output: str | Path) -> tuple[Path, Path, Path]:
-    out = Path(output)
-    stem = out.with_suffix("") if out.suffix else out
-    if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
-        raise UserError(f"--output {out}: give the scores JSONL path (e.g. step_scores.jsonl)")
-    return out, stem.with_name(stem.name + ".metrics.json"), out.with_name(out.name + ".partial.jsonl")
+class OutputPaths:
+    def __init__(self, output: Path):
+        out = Path(output)
+        if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
+            raise UserError(f"--output {out}: give the scores JSONL path (e.g. {DEFAULT_OUTPUT})")
+        stem = out.with_suffix("") if out.suffix else out
+        self.main, self.metrics = out, stem.with_name(stem.name + ".metrics.json")
+        self.partial = out.with_name(out.name + ".partial.jsonl")
 
 
 def load_scorer(ckpt: Path, cfg, device):
     """(objective in eval mode, tokenizer) from a confidence_head checkpoint."""
-    from app.lm.modeling import is_adapter_dir, load_for_inference
+    from app.lm.modeling import load_for_inference
     from app.tasks.confidence_head.task import ConfidenceHead, load_head
 
-    if cfg.create_tiny_model and is_adapter_dir(ckpt) and not (Path(cfg.model_name) / "config.json").is_file():
-        from app.lm.tiny import ensure_tiny_model
-
-        ensure_tiny_model(cfg.model_name)  # an adapter over the embedded tiny model: its base is rebuilt as trained
     model, tokenizer = load_for_inference(ckpt, cfg, device)
-    objective = ConfidenceHead().objective_for(model, cfg)
+    objective = ConfidenceHead().objective(model, cfg)
     load_head(objective.head, ckpt)
     objective.eval()
     return objective, tokenizer
 
 
-def run(input_path: str | Path, checkpoint: str | None = None, output: str | Path = DEFAULT_OUTPUT,
-        overrides: list[str] = (), fresh: bool = False, checkpoint_root: str | Path = CHECKPOINT_ROOT,
-        progress: bool = True) -> dict:
-    import torch
+class StepScorer:
+    """What `score-steps` (and `infer`) run for a confidence_head checkpoint (app.tasks.protocol.Predictor)."""
 
-    from app.infer import PartialFile, _write_text_atomic, checkpoint_config, fingerprint, resolve_checkpoint
-    from app.score import write_json_atomic
-    from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
-    from app.tasks.confidence_head.task import encode_steps, labelled_pairs, score_features, step_metrics
+    default_output = DEFAULT_OUTPUT
+    verb = "score"
 
-    input_path = Path(input_path)
-    records = read_records(input_path)  # bad input fails before any model loads
-    fmt = detect_format(input_path, records[0].values)
-    if fmt != "generic":
-        raise UserError(f"{input_path}: {fmt} records; score-steps reads the generic step JSONL "
-                        f"(python -m app.tasks.confidence_head.step_data convert {input_path} OUT.jsonl)")
-    out, metrics_path, partial_path = output_paths(output)
-    if out.resolve() == input_path.resolve():
-        raise UserError(f"--output {out} is the input file; choose another path")
-    ckpt, why = resolve_checkpoint(checkpoint, checkpoint_root)
-    print(f"checkpoint: {ckpt} ({why})", file=sys.stderr)
-    cfg = checkpoint_config(ckpt, list(overrides))
-    if cfg.task != "confidence_head":
-        raise UserError(f"{ckpt}: trained for task={cfg.task!r}; score-steps needs a confidence_head checkpoint")
-    rows = read_step_file(input_path, "generic", cfg.step_marker, require_labels=False)
-    n = len(rows)
+    def __init__(self, task):
+        self.task = task
 
-    partial = PartialFile(partial_path, fingerprint(input_path, ckpt, cfg), n, fresh=fresh)
-    started, t0 = len(partial.done), time.perf_counter()
-    if 0 < started < n:
-        print(f"resuming: {started} of {n} rows already scored in {partial_path}", file=sys.stderr)
-    try:
-        if started < n:
-            from tqdm import tqdm
+    def fingerprint_parts(self, cfg) -> dict:
+        return {}
 
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            objective, tokenizer = load_scorer(ckpt, cfg, device)
-            features = [encode_steps(r.values["problem"], r.values["steps"], r.values["labels"], tokenizer,
-                                     cfg.step_marker, cfg.max_seq_length, r.line, str(input_path)) for r in rows]
-            bar = tqdm(total=n, initial=started, unit="row", desc="score", file=sys.stderr, disable=not progress)
-            try:
-                batches = score_features(objective, features, tokenizer.pad_token_id, device, cfg.infer_batch_size,
-                                         skip=lambda batch: all(i in partial.done for i in batch))
-                for batch, scores in batches:
-                    bar.update(len(partial.add([{"i": i, "scores": s} for i, s in zip(batch, scores)])))
-            finally:
-                bar.close()
-    finally:
-        partial.close()
-    missing = [i for i in range(n) if i not in partial.done]
-    if missing:
-        raise RuntimeError(f"{len(missing)} rows got no scores (first: row {missing[0]})")
-    elapsed = time.perf_counter() - t0
-    scores = [partial.done[i]["scores"] for i in range(n)]
+    def read_input(self, path: Path, cfg):
+        from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
 
-    lines = []
-    for i, (row, s) in enumerate(zip(rows, scores)):
-        rec = {"index": i, "line": row.line}
-        if "id" in row.values:
-            rec["id"] = row.values["id"]
-        rec["scores"] = s
-        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-    summary: dict = {"input": str(input_path), "checkpoint": str(ckpt), "rows": n,
-                     "steps": sum(len(s) for s in scores), "steps_cut": sum(x is None for s in scores for x in s),
-                     "rows_scored_now": n - started,
-                     "rows_per_s": round((n - started) / elapsed, 2) if elapsed > 0 and n > started else None}
-    labels = [r.values["labels"] for r in rows]
-    s_flat, y_flat = labelled_pairs(labels, scores)
-    summary["labelled_steps"] = len(y_flat)
-    if y_flat:
-        import numpy as np
+        records = read_records(path)
+        fmt = detect_format(path, records[0].values)
+        if fmt != "generic":
+            raise UserError(f"{path}: {fmt} records; score-steps reads the generic step JSONL "
+                            f"(python -m app steps convert {path} OUT.jsonl)")
+        rows = read_step_file(path, "generic", cfg.step_marker, require_labels=False)
+        for r in rows:
+            r.values["source"] = str(path)
+        return rows
 
-        from app.metrics.calibration import calibration_report
+    def output_paths(self, output: Path) -> OutputPaths:
+        return OutputPaths(output)
 
-        summary["metrics"] = step_metrics(s_flat, y_flat)
-        summary["calibration"] = calibration_report(np.clip(s_flat, 0, 1), (np.asarray(y_flat) >= 0.5).astype(float))
-    _write_text_atomic(out, "".join(lines))
-    write_json_atomic(metrics_path, summary)
-    partial_path.unlink(missing_ok=True)
+    def load(self, checkpoint: Path, cfg, device):
+        return load_scorer(checkpoint, cfg, device)
 
-    print(f"{n} rows, {summary['steps']} steps scored ({summary['steps_cut']} cut by max_seq_length="
-          f"{cfg.max_seq_length}: null scores)")
-    if y_flat:
-        m = summary["metrics"]
-        print("  ".join(f"{k}={m[k]:.4f}" for k in ("mse", "mae", "pearson", "spearman", "auroc", "ece")) +
-              f"  (over {len(y_flat)} labelled steps)")
-    print(f"wrote {out}, {metrics_path}", file=sys.stderr)
-    return summary
+    def predict(self, state, cfg, rows, device, skip):
+        from app.tasks.confidence_head.task import encode_steps, score_features
+
+        objective, tokenizer = state
+        features = [encode_steps(r.values["problem"], r.values["steps"], r.values["labels"], tokenizer,
+                                 cfg.step_marker, cfg.max_seq_length, r.line, r.values["source"]) for r in rows]
+        for batch, scores in score_features(objective, features, tokenizer.pad_token_id, device, cfg.infer_batch_size,
+                                            skip=skip):
+            yield [{"i": i, "scores": s} for i, s in zip(batch, scores)]
+
+    def finish(self, rows, records: list[dict], paths: OutputPaths, summary: dict, examples: int) -> dict:
+        from app.tasks.confidence_head.task import labelled_pairs, step_metrics
+
+        scores = [r["scores"] for r in records]
+        lines = []
+        for i, (row, s) in enumerate(zip(rows, scores)):
+            rec = {"index": i, "line": row.line, **({"id": row.values["id"]} if "id" in row.values else {}), "scores": s}
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        summary.update(steps=sum(len(s) for s in scores), steps_cut=sum(x is None for s in scores for x in s))
+        s_flat, y_flat = labelled_pairs([r.values["labels"] for r in rows], scores)
+        summary["labelled_steps"] = len(y_flat)
+        if y_flat:
+            import numpy as np
+
+            from app.metrics.calibration import calibration_report
+
+            summary["metrics"] = step_metrics(s_flat, y_flat)
+            summary["calibration"] = calibration_report(np.clip(s_flat, 0, 1), (np.asarray(y_flat) >= 0.5).astype(float))
+        write_atomic(paths.main, "".join(lines))
+        write_json_atomic(paths.metrics, summary)
+        print(f"{len(rows)} rows, {summary['steps']} steps scored ({summary['steps_cut']} cut by max_seq_length: "
+              "null scores)")
+        if y_flat:
+            m = summary["metrics"]
+            print("  ".join(f"{k}={m[k]:.4f}" for k in ("mse", "mae", "pearson", "spearman", "auroc", "ece")) +
+                  f"  (over {len(y_flat)} labelled steps)")
+        print(f"wrote {paths.main}, {paths.metrics}", file=sys.stderr)
+        return summary
 
 
-def _parser() -> argparse.ArgumentParser:
-    from app.infer import checkpoint_command_parser
+def run(input_path, checkpoint=None, output=DEFAULT_OUTPUT, overrides=(), fresh=False, checkpoint_root="checkpoints",
+        progress=True) -> dict:
+    from app.runs import run_predictor
 
-    return checkpoint_command_parser(
-        "python -m app score-steps", "Per-step confidences of step-by-step solutions (generic step JSONL).",
-        'JSONL: {"problem": ..., "steps": [...], "labels": [...] (optional)} per line', DEFAULT_OUTPUT,
-        "scores JSONL")
-
-
-def cli(argv: list[str]) -> int:
-    args, rest = _parser().parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}; usage: python -m app score-steps INPUT [--checkpoint DIR] "
-                        "[--output FILE] [--key=value ...]")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        run(args.input, args.checkpoint, args.output, rest, fresh=args.fresh)
-    except KeyboardInterrupt:
-        print("interrupted: finished batches are saved; re-run the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return run_predictor(input_path, checkpoint, output, overrides, fresh=fresh, examples=0, root=checkpoint_root,
+                         progress=progress, task_name="confidence_head")

@@ -44,12 +44,11 @@ from app.config import Config
 from app.data import Row
 from app.errors import UserError
 from app.lm.forward import last_hidden_states, unwrap_peft
-from app.tasks.protocol import Feature, Task
+from app.tasks.protocol import EvalContext, Feature, Task
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "head.safetensors"
-LOWER_IS_BETTER = {"dev_loss", "mse", "mae", "ece"}
 
 
 # --- text ---------------------------------------------------------------------------------------------------------
@@ -286,39 +285,21 @@ def labelled_pairs(rows_labels: list[list], rows_scores: list[list]) -> tuple[li
 class ConfidenceHead(Task):
     name = "confidence_head"
 
-    def __init__(self):
-        self._cfg: Config | None = None
-        self._objective: StepConfidenceObjective | None = None
-        self._warned_cut = False
-
     # model
     def added_tokens(self, cfg: Config) -> list[str]:
         return [cfg.step_marker]
 
-    def load_model(self, cfg: Config, device, weights_dir: Path | None = None):
-        self._cfg = cfg  # objective() is given only the model
-        return super().load_model(cfg, device, weights_dir)
-
-    def objective(self, model, cfg: Config | None = None) -> nn.Module:
-        if cfg is not None:
-            return self.objective_for(model, cfg)
-        if self._cfg is None:
-            raise RuntimeError("objective() needs the config: call load_model(cfg, ...) or objective_for(model, cfg)")
-        return self.objective_for(model, self._cfg)
-
-    def objective_for(self, model, cfg: Config) -> StepConfidenceObjective:
+    def objective(self, model, cfg: Config) -> StepConfidenceObjective:
         """The loss module: backbone + a fresh head (a saved head is loaded through load_extra)."""
         lm = unwrap_peft(model)
         out_emb, in_emb = lm.get_output_embeddings(), lm.get_input_embeddings()
         if out_emb is not None and out_emb.weight is not in_emb.weight:
             # the LM head is never computed: nothing to train there (and DDP would wait for its gradient forever)
             out_emb.weight.requires_grad_(False)
-        self._cfg = cfg
-        self._objective = build_objective(model, cfg)
-        return self._objective
+        return build_objective(model, cfg)
 
-    def save_extra(self, objective: nn.Module, directory: Path) -> None:
-        save_head(objective.head, directory, self._cfg)
+    def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
+        save_head(objective.head, directory, cfg)
 
     def load_extra(self, objective: nn.Module, directory: Path) -> None:
         load_head(objective.head, directory)
@@ -353,15 +334,15 @@ class ConfidenceHead(Task):
 
     def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
         v = row.values
-        cut_at = cfg.max_seq_length if cfg.overlength == "truncate" else None
-        f = encode_steps(v["problem"], v["steps"], v["labels"], tokenizer, cfg.step_marker, cut_at, row.line,
-                         v.get("source", ""))
-        if f.extra["steps_cut"] and not self._warned_cut:
-            self._warned_cut = True
-            log.warning("%s:%d: longer than max_seq_length=%d: cut there; %d of its %d steps lose their labels (steps "
-                        "past the limit never shift onto other markers; further cuts are not reported)",
-                        v.get("source", ""), row.line, cfg.max_seq_length, f.extra["steps_cut"], f.extra["n_steps"])
-        return f
+        return encode_steps(v["problem"], v["steps"], v["labels"], tokenizer, cfg.step_marker, None, row.line,
+                            v.get("source", ""))
+
+    def truncate(self, f: Feature, limit: int) -> Feature:
+        """Keep the start of the text, cut at `limit`: a step whose marker falls past the limit loses its label;
+        the labels of the steps before it stay on their markers (nothing shifts onto another marker)."""
+        kept = f.labels[:limit]
+        cut = sum(k != -100 for k in f.labels[limit:])
+        return Feature(f.input_ids[:limit], kept, f.line, {**f.extra, "steps_cut": f.extra.get("steps_cut", 0) + cut})
 
     def loss_items(self, feature: Feature) -> int:
         targets = feature.extra["targets"]
@@ -381,10 +362,9 @@ class ConfidenceHead(Task):
                 scores[i] = s
         return scores
 
-    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device, step: int = 0) -> dict[str, float]:
-        objective = self._objective
-        if objective is None or objective.model is not model:
-            raise RuntimeError("evaluate() needs the objective built for this model (call objective() first)")
+    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
+        objective = ctx.objective
+        device, step = ctx.device, ctx.step
         was_training = model.training
         model.eval()
         try:
@@ -397,10 +377,11 @@ class ConfidenceHead(Task):
             from app.metrics.calibration import reliability_data, save_reliability_json
 
             save_reliability_json(reliability_data(np.clip(s, 0, 1), (np.asarray(y) >= 0.5).astype(float)),
-                                  cfg.out_path / "eval" / f"step_{step:07d}_reliability.json")
+                                  Path(ctx.out_dir) / "eval" / f"step_{step:07d}_reliability.json")
         return metrics
 
-    def best_checkpoints(self, cfg: Config) -> dict[str, tuple[str, str]]:
-        metric = cfg.head_metric_for_best
-        return {"best": (metric, "min" if metric in LOWER_IS_BETTER else "max")}
+    # inference
+    def predictor(self, cfg: Config):
+        from app.tasks.confidence_head.score_steps import StepScorer
 
+        return StepScorer(self)

@@ -3,7 +3,8 @@
 
 Each raw row (BoolQ: question, passage, answer true/false; MedQA: question, options A-E, answer letter; see
 app/tasks/confidence_tokens.py) is put to the model with the same prompt the task trains and validates with; the
-answer is generated greedily in length-sorted batches (`infer_batch_size` rows, `max_new_tokens`), parsed (yes/no,
+answer is generated greedily by app.lm.generate (length-sorted batches of `infer_batch_size` rows, prompts prefilled
+`prefill_tokens` at a time, `max_new_tokens`, stopping at EOS or a confidence token), parsed (yes/no,
 or the option letter), compared with the gold answer, and the dataset's token is appended: `<C_…>` when it is
 correct, `<U_…>` when it is not (an unparseable answer is not correct).
 
@@ -19,7 +20,6 @@ renamed into place. A per-dataset summary (rows, parsed, accuracy) is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -31,17 +31,6 @@ from app.atomic import write_atomic
 from app.errors import UserError
 
 log = logging.getLogger("app.tasks.confidence_tokens.tag")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app tag", description=__doc__.split("\n\n")[0])
-    p.add_argument("input", help="raw QA rows, JSONL or CSV")
-    p.add_argument("--output", required=True, help="training JSONL to write")
-    p.add_argument("--dataset", help="dataset of every row (else the rows' dataset column)")
-    p.add_argument("--config", help="config module (model, tokens, prompt, batch sizes)")
-    p.add_argument("--checkpoint", help="answer with this run checkpoint instead of the config's base model")
-    p.add_argument("--limit", type=int, help="only the first N rows")
-    return p
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
@@ -87,7 +76,8 @@ def tag_rows(model, tokenizer, cfg, qas, device) -> list[dict]:
     stop_ids = [vocab[t] for t in all_tokens(cfg) if t in vocab]  # a checkpoint's tokenizer knows them
     limit = max(cfg.max_seq_length - cfg.max_new_tokens, 2)
     prompts = [fit_prompt(prompt_ids(q.text, tokenizer, cfg), limit) for q in qas]
-    conts = generate_continuations(model, tokenizer, prompts, cfg.infer_batch_size, cfg.max_new_tokens, device, stop_ids)
+    conts = generate_continuations(model, tokenizer, prompts, cfg.infer_batch_size, cfg.max_new_tokens, device, stop_ids,
+                                   prefill_tokens=cfg.prefill_tokens)
     out = []
     for q, ids in zip(qas, conts):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -108,30 +98,28 @@ def summary(tagged: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str]) -> int:
-    args, rest = _parser().parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise UserError(f"tag: unexpected argument(s) {' '.join(bad)} (config overrides look like --name=value)")
-    cfg = load_config(args.config, rest)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit={args.limit}: must be at least 1")
-    output = Path(args.output)
-    if output.resolve() == Path(args.input).resolve():
-        raise UserError(f"--output {output}: would overwrite the input")
-    if output.is_dir():
-        raise UserError(f"--output {output}: is a directory")
-    qas = load_questions(args.input, args.dataset, cfg, args.limit)  # bad data is reported before the model loads
+def run(input_path: str, output: str, dataset: str | None = None, config: str | None = None,
+        checkpoint: str | None = None, limit: int | None = None, overrides=()) -> int:
+    """Tag every raw row of `input_path` and write the training JSONL to `output` (see the module docstring)."""
+    cfg = load_config(config, list(overrides))
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit={limit}: must be at least 1")
+    out = Path(output)
+    if out.resolve() == Path(input_path).resolve():
+        raise UserError(f"--output {out}: would overwrite the input")
+    if out.is_dir():
+        raise UserError(f"--output {out}: is a directory")
+    qas = load_questions(input_path, dataset, cfg, limit)  # bad data is reported before the model loads
 
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(cfg, args.checkpoint, device)
+    model, tokenizer = load_model(cfg, checkpoint, device)
     tagged = tag_rows(model, tokenizer, cfg, qas, device)
-    write_jsonl_atomic(output, tagged)
+    write_jsonl_atomic(out, tagged)
     print(summary(tagged))
     counts = Counter(r["tagged_response"].rsplit(" ", 1)[-1] for r in tagged)
-    print(f"wrote {len(tagged)} rows to {output} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})",
+    print(f"wrote {len(tagged)} rows to {out} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})",
           file=sys.stderr)
     return 0

@@ -59,7 +59,7 @@ from app.tasks.confidence_tokens.hub import hub_token, push_to_hub
 from app.tasks.confidence_tokens.judge import format_summary, judge, summarize
 from app.tasks.confidence_tokens.loss import ConfidenceTokenLoss
 from app.tasks.confidence_tokens.qa import QA, all_tokens, answer_ids, answer_text, domain_tokens, prompt_ids, raw_qa, read_raw_qa, wrong_answer
-from app.tasks.protocol import Feature, Task
+from app.tasks.protocol import EvalContext, Feature, Task
 
 log = logging.getLogger(__name__)
 
@@ -73,61 +73,25 @@ class ConfidenceTokens(Task):
     name = "confidence_tokens"
     required_columns = ("question", "tagged_response", "dataset")
 
-    def __init__(self):
-        self.cfg: Config | None = None
-        self._train_rows: set[int] = set()  # id() of the training rows, to count the features of an epoch
-        self._train_features = 0
-
     # --- model --------------------------------------------------------------------------------------------------
     def added_tokens(self, cfg: Config) -> list[str]:
         return all_tokens(cfg)
 
-    def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
-        """As Task.load_model, plus: the LM-head rows of the tokens train too (not only the input embeddings), and
-        tokens new to the tokenizer start at the mean row even where the embedding matrix has spare rows (Qwen)."""
-        from app.lm import modeling
+    def adapter_options(self, cfg: Config) -> dict:
+        # the LM-head rows of the tokens train too: an untied head would otherwise keep identical rows for C and U,
+        # and p(C) / (p(C) + p(U)) would stay 0.5
+        return {"head_rows": True}
 
-        self.cfg = cfg
-        tokens = self.added_tokens(cfg)
-        tokenizer = modeling.load_tokenizer(cfg, str(weights_dir) if weights_dir else None)
-        new = [t for t in tokens if t not in tokenizer.get_vocab()]
-        if new:
-            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-        full_ckpt = weights_dir is not None and not modeling.is_adapter_dir(weights_dir)
-        model = modeling.load_base_model(cfg, device, path=str(weights_dir) if full_ckpt else None)
-        modeling.fit_embeddings(model, tokenizer)
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        if new and not full_ckpt:
-            init_rows(model, tokenizer.convert_tokens_to_ids(new))
-        if cfg.finetuning == "full":
-            model = modeling.add_adapters(model, cfg)
-        else:
-            model = add_lora(model, cfg, ids)
-        if weights_dir is not None and modeling.is_adapter_dir(weights_dir):
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+    def objective(self, model, cfg: Config) -> nn.Module:
+        return ConfidenceTokenLoss(model, cfg.confidence_loss)
 
-            set_peft_model_state_dict(model, load_file(str(Path(weights_dir) / "adapter_model.safetensors")))
-        return model, tokenizer
-
-    def objective(self, model, cfg: Config | None = None) -> nn.Module:
-        cfg = cfg or self.cfg
-        return ConfidenceTokenLoss(model, cfg.confidence_loss if cfg is not None else "full_vocab")
-
-    def save_extra(self, objective: nn.Module, directory: Path) -> None:
-        """No extra weights. Used as the end-of-training hook: the final checkpoint goes to the Hub if asked."""
-        from app.engine import checkpoint as ckpt
-
-        cfg = self.cfg
-        if cfg is None or not cfg.hub_repo:
-            return
-        if Path(directory).resolve() != ckpt.temp_dir(cfg.out_dir, "final").resolve():
-            return
-        push_to_hub(Path(directory), cfg.hub_repo)
+    def on_train_end(self, cfg: Config, final_dir: Path) -> None:
+        """The final adapter and tokenizer go to the Hub when `hub_repo` is set (a failure is logged, not raised)."""
+        if cfg.hub_repo:
+            push_to_hub(Path(final_dir), cfg.hub_repo)
 
     # --- data -----------------------------------------------------------------------------------------------------
     def _check_cfg(self, cfg: Config) -> None:
-        self.cfg = cfg
         domain_tokens(cfg)
         if not cfg.confidence_chat_template and "{question}" not in cfg.confidence_prompt:
             raise UserError(f"confidence_prompt={cfg.confidence_prompt!r}: needs {{question}}")
@@ -137,10 +101,7 @@ class ConfidenceTokens(Task):
         if split == "train":
             if cfg.hub_repo and not hub_token():
                 raise UserError(f"hub_repo={cfg.hub_repo!r} needs a Hugging Face token in the environment (HF_TOKEN)")
-            rows = self.validate(cfg.train_file, read_rows(cfg.train_file, self.required_columns))
-            self._train_rows = {id(r) for r in rows}
-            self._train_features = 0
-            return rows
+            return self.validate(cfg.train_file, read_rows(cfg.train_file, self.required_columns), cfg)
         return self.validation_rows(cfg)
 
     def validation_rows(self, cfg: Config) -> list[Row]:
@@ -161,8 +122,7 @@ class ConfidenceTokens(Task):
             merged += [rows[k] for rows in per_file if k < len(rows)]
         return merged
 
-    def validate(self, path, rows: list[Row]) -> list[Row]:
-        cfg = self.cfg
+    def validate(self, path, rows: list[Row], cfg: Config) -> list[Row]:
         pairs = domain_tokens(cfg)
         every = all_tokens(cfg)
         for row in rows:
@@ -190,7 +150,6 @@ class ConfidenceTokens(Task):
         return rows
 
     def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
-        self.cfg = self.cfg or cfg
         v = row.values
         pairs = domain_tokens(cfg)
         qa: QA | None = v.get("_qa")
@@ -201,7 +160,7 @@ class ConfidenceTokens(Task):
             token = pairs[qa.dataset][0 if good else 1]
         else:
             if "_token" not in v:
-                self.validate("data", [row])
+                self.validate("data", [row], cfg)
             text, answer, token = v["question"], v["_answer"], v["_token"]
         ids = prompt_ids(text, tokenizer, cfg) + answer_ids(answer, tokenizer, cfg)
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -209,8 +168,6 @@ class ConfidenceTokens(Task):
         if token_id in (None, tokenizer.unk_token_id) or c_id == u_id:
             raise UserError(f"{token!r} is not a token of this tokenizer (load the model through the task)")
         ids.append(token_id)
-        if id(row) in self._train_rows and (len(ids) <= cfg.max_seq_length or cfg.overlength == "truncate"):
-            self._train_features += 1
         return Feature(ids, [-100] * (len(ids) - 1) + [token_id], line=row.line, extra={"pair": [c_id, u_id]})
 
     def loss_items(self, feature: Feature) -> int:
@@ -226,22 +183,18 @@ class ConfidenceTokens(Task):
     def best_checkpoints(self, cfg: Config) -> dict[str, tuple[str, str]]:
         return {"best_accuracy": ("token_accuracy", "max"), "best_calibration": ("calibration_error", "min")}
 
-    def eval_name(self, cfg: Config, step: int) -> str:
+    def eval_name(self, ctx: EvalContext) -> str:
         """reliability_epoch_N at the end of epoch N, reliability_step_S elsewhere."""
-        steps_per_epoch = self._train_features // cfg.batch_size if self._train_features else 0
-        if steps_per_epoch and step % steps_per_epoch == 0:
-            return f"reliability_epoch_{step // steps_per_epoch}"
-        return f"reliability_step_{step}"
+        return f"reliability_epoch_{ctx.epoch}" if ctx.end_of_epoch else f"reliability_step_{ctx.step}"
 
-    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], device, step: int = 0) -> dict[str, float]:
+    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
         from app.metrics.calibration import save_reliability_json, save_reliability_png
 
-        self.cfg = cfg
         qas = [r.values["_qa"] if "_qa" in r.values else raw_qa(r.values, r.values.get("dataset"), "dev", r.line)
                for r in rows]
         if not qas:
             return {}
-        judged = judge(model, tokenizer, cfg, qas, device, cfg.eval_batch_size)
+        judged = judge(model, tokenizer, cfg, qas, ctx.device, cfg.eval_batch_size)
         names = list(dict.fromkeys(j.dataset for j in judged))
         per_dataset, reports = {}, {}
         for name in names:
@@ -250,9 +203,9 @@ class ConfidenceTokens(Task):
         average["n"] = float(len(judged))
         _, pooled = summarize(judged, cfg)
 
-        stem = cfg.out_path / self.eval_name(cfg, step)
+        stem = Path(ctx.out_dir) / self.eval_name(ctx)
         save_reliability_json({
-            "step": step, "calibration_metric": cfg.calibration_metric, "confidence_loss": cfg.confidence_loss,
+            "step": ctx.step, "calibration_metric": cfg.calibration_metric, "confidence_loss": cfg.confidence_loss,
             "average": average, "datasets": {n: {"metrics": per_dataset[n], "calibration": reports[n]} for n in names},
             "all": pooled,
         }, stem.with_suffix(".json"))
@@ -260,48 +213,9 @@ class ConfidenceTokens(Task):
         if len(names) > 1:
             for n in names:
                 save_reliability_png(reports[n]["reliability"], stem.parent / f"{stem.name}_{_safe(n)}.png")
-        print(f"\nconfidence tokens, step {step} ({stem.name}):\n{format_summary(per_dataset, average)}\n", flush=True)
+        print(f"\nconfidence tokens, step {ctx.step} ({stem.name}):\n{format_summary(per_dataset, average)}\n", flush=True)
 
         metrics = dict(average)
         for n in names:
             metrics.update({f"{n}/{k}": v for k, v in per_dataset[n].items()})
         return metrics
-
-
-# --- model helpers ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def init_rows(model, ids: list[int]) -> None:
-    """Rows of new tokens = the mean of the rows before them (input embeddings and LM head)."""
-    first = min(ids)
-    for emb in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
-        weight = emb.weight
-        weight[ids] = weight[:first].float().mean(0).to(weight.dtype)
-
-
-def add_lora(model, cfg: Config, token_ids: list[int]):
-    """LoRA as app.lm.modeling.add_adapters, with the token rows trainable in the input embeddings *and* the LM head
-    (an untied head would otherwise keep identical rows for C and U, and p(C) / (p(C) + p(U)) would stay 0.5)."""
-    from app.errors import UserError as _UserError
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    ids = list(token_ids)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    names = {id(m): n for n, m in model.named_modules()}
-    embed = names[id(model.get_input_embeddings())].rsplit(".", 1)[-1]
-    head_module = model.get_output_embeddings()
-    if tied or head_module is None:
-        trainable = ids
-    else:
-        trainable = {embed: ids, names[id(head_module)].rsplit(".", 1)[-1]: ids}
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
-                      trainable_token_indices=trainable or None)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise _UserError(f"target_modules={cfg.target_modules}: {str(err).splitlines()[0]}") from None

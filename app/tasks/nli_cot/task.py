@@ -20,19 +20,8 @@ from app.tasks.nli_cot.extract import extract_label
 from app.lm.generate import generate_batches, next_token_logits
 from app.lm.forward import CompletionLoss, shared_prefix_length
 from app.metrics.classification import classification_metrics
-from app.tasks.protocol import Feature, Task
-
-
-def build_prompt(row: dict, cfg: Config) -> str:
-    try:
-        return cfg.prompt_template.format(premise=row.get("premise") or "", hypothesis=row.get("hypothesis") or "")
-    except (KeyError, IndexError, ValueError) as err:
-        raise UserError(f"prompt_template: cannot fill it ({err}); use {{premise}} and {{hypothesis}}") from None
-
-
-def build_target(label: int, thought: str | None) -> str:
-    obj = {"thought_process": thought, "predicted_label": label} if thought else {"predicted_label": label}
-    return json.dumps(obj, ensure_ascii=False)
+from app.tasks.nli_cot.prompts import build_prompt, build_target
+from app.tasks.protocol import EvalContext, Feature, Task
 
 
 @dataclass
@@ -48,8 +37,8 @@ class NliCot(Task):
     name = "nli_cot"
     required_columns = ("premise", "hypothesis", "label")
 
-    def objective(self, model, cfg: Config | None = None):
-        return CompletionLoss(model, share_prefix=cfg.share_prompt_prefix if cfg is not None else True)
+    def objective(self, model, cfg: Config):
+        return CompletionLoss(model, share_prefix=cfg.share_prompt_prefix)
 
     def truncate(self, f: Feature, limit: int) -> Feature | None:
         """Cut the middle of the prompt: its head (the instruction, the start of the premise) and its tail (the
@@ -67,7 +56,7 @@ class NliCot(Task):
         batch["shared_prefix"] = shared_prefix_length([f.input_ids for f in features], [f.labels for f in features])
         return batch
 
-    def validate(self, path, rows: list[Row]) -> list[Row]:
+    def validate(self, path, rows: list[Row], cfg: Config) -> list[Row]:
         for row in rows:
             row.values["label"] = parse_binary_label(row.values.get("label"), path, row.line)
             for col in ("premise", "hypothesis"):
@@ -118,10 +107,10 @@ class NliCot(Task):
         return (logits[rows, torch.tensor(one, device=logits.device)]
                 > logits[rows, torch.tensor(zero, device=logits.device)]).long().tolist()
 
-    def evaluate(self, model, tokenizer, cfg, rows: list[Row], device, step: int = 0) -> dict[str, float]:
+    def evaluate(self, model, tokenizer, cfg, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
         values = [r.values for r in rows]
         preds: list[Prediction | None] = [None] * len(values)
-        for batch, out in self.predict_batches(model, tokenizer, cfg, values, device, cfg.eval_batch_size):
+        for batch, out in self.predict_batches(model, tokenizer, cfg, values, ctx.device, cfg.eval_batch_size):
             for i, p in zip(batch, out):
                 preds[i] = p
         gold = [int(v["label"]) for v in values]
@@ -132,3 +121,7 @@ class NliCot(Task):
             "parse_failures": float(sum(not p.parse_ok for p in preds)),
         }
 
+    def predictor(self, cfg: Config):
+        from app.tasks.nli_cot.predict import NliPredictor
+
+        return NliPredictor(self, cfg)

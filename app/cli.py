@@ -1,0 +1,160 @@
+"""The command line: one click group for `python -m app` and the `finetune-runner` console script.
+
+Core commands live here; each task adds its own (app/tasks/<name>/commands.py, registered in app/tasks). Every
+command imports its work only when it runs, so `--help` and `score` never import torch. Any `--key=value` a command
+does not know is a config override and passes through unchanged. Errors: a `UserError` is one line on stderr
+(`error: ...`), exit code 2; usage errors exit 2 too.
+
+Shell completion (bash; zsh and fish likewise with zsh_source / fish_source):
+    eval "$(_FINETUNE_RUNNER_COMPLETE=bash_source finetune-runner)"
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from app.errors import UserError
+
+# unknown options are kept as arguments: they are the `--key=value` config overrides
+OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
+
+
+def overrides_argument(f):
+    return click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--key=value]...")(f)
+
+
+def check_overrides(overrides: tuple[str, ...], usage: str) -> list[str]:
+    """The overrides as a list; anything that is not `--name=value` is a usage error naming it."""
+    for arg in overrides:
+        if not (arg.startswith("--") and "=" in arg):
+            hint = "config overrides take the form --name=value" if arg.startswith("--") else f"usage: {usage}"
+            raise click.UsageError(f"unexpected argument {arg!r}; {hint}")
+    return list(overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+def cli():
+    """finetune-runner: fine-tune LLMs, train small models, run batched inference, from Python config modules."""
+
+
+@cli.command(context_settings=OVERRIDES)
+@click.argument("config_file", metavar="CONFIG.py", type=click.Path(dir_okay=False))
+@overrides_argument
+def train(config_file, overrides):
+    """Train a model from a config module, or resume its run (re-run the same command after a stop)."""
+    from app.config import load_config
+    from app.engine.loop import train as run_training
+
+    cfg = load_config(config_file, check_overrides(overrides, "train CONFIG.py [--key=value ...]"))
+    return run_training(cfg)
+
+
+@cli.command("config", context_settings=OVERRIDES)
+@click.argument("config_file", metavar="[CONFIG.py]", required=False)
+@click.option("--list", "list_fields", is_flag=True, help="print every field by section, with default and meaning")
+@click.option("--task", help="with --list: only the core sections and this task's section")
+@overrides_argument
+def config_command(config_file, list_fields, task, overrides):
+    """Print the resolved, validated config of CONFIG.py (with overrides) as JSON, or list every field."""
+    from app.config import describe_fields, load_config
+
+    if list_fields:
+        if task is not None:
+            from app.tasks import check_task_name
+
+            check_task_name(task)
+        click.echo(describe_fields(task))
+        return 0
+    if config_file is None:
+        raise click.UsageError("give CONFIG.py, or --list")
+    cfg = load_config(config_file, check_overrides(overrides, "config CONFIG.py [--key=value ...]"))
+    click.echo(cfg.to_json())
+    return 0
+
+
+@cli.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+def tiny_model(directory):
+    """Write the embedded tiny model and tokenizer (random weights, no download) to DIRECTORY."""
+    from app.lm.tiny import write_tiny_model
+
+    click.echo(f"wrote tiny model and tokenizer to {write_tiny_model(directory)}")
+    return 0
+
+
+@cli.command(context_settings=OVERRIDES)
+@click.argument("input_file", metavar="INPUT", type=click.Path(dir_okay=True))
+@click.option("--checkpoint", help="checkpoint or run directory (default: the newest run under checkpoints/)")
+@click.option("--output", help="the main output file (default: the task's, e.g. predictions.csv)")
+@click.option("--fresh", is_flag=True, help="ignore a partial file from an interrupted run")
+@click.option("--examples", type=int, default=5, show_default=True, help="example rows to print at the end")
+@overrides_argument
+def infer(input_file, checkpoint, output, fresh, examples, overrides):
+    """Batched inference of a checkpoint on INPUT (CSV or JSONL): what the checkpoint's task predicts."""
+    from app.infer import run_cli
+
+    overrides = check_overrides(overrides, "infer INPUT [--checkpoint DIR] [--output FILE] [--key=value ...]")
+    return run_cli(input_file, checkpoint, output, overrides, fresh=fresh, examples=examples)
+
+
+@cli.command()
+@click.option("--pred", required=True, help="predictions CSV (predicted_label column) or one 0/1 per line")
+@click.option("--gold", required=True, help="gold CSV/JSONL (label column) or one 0/1 per line")
+@click.option("--json", "json_out", metavar="OUT", help="also write the metrics JSON to OUT")
+@click.option("--n_bins", type=int, default=10, show_default=True, help="equal-width bins of the ECE (confidence column)")
+@click.option("--calib_beta", type=int, default=None,
+              help="equal-mass calibration bins of this many samples (default: the reference binning)")
+def score(pred, gold, json_out, n_bins, calib_beta):
+    """Score predictions against gold labels: accuracy, macro/weighted precision, recall, F1, MCC (no torch)."""
+    from app.score import run
+
+    return run(pred, gold, json_out, n_bins, calib_beta)
+
+
+@cli.command("sample-data")
+@click.argument("task")
+@click.argument("directory", type=click.Path(file_okay=False))
+def sample_data(task, directory):
+    """Write a task's bundled sample data set to DIRECTORY (deterministic)."""
+    from app.tasks import check_task_name, write_sample
+
+    check_task_name(task)
+    for path in write_sample(task, directory):
+        click.echo(f"wrote {path}")
+    return 0
+
+
+def _register_optional() -> None:
+    from app.tasks import task_commands
+
+    for command in task_commands():
+        cli.add_command(command)
+    try:
+        from app.engine.verify import verify_command
+    except ImportError:
+        return
+    cli.add_command(verify_command)
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = cli.main(args=argv, prog_name="python -m app", standalone_mode=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Exit as err:  # --help
+        return err.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    return int(result or 0)

@@ -1,0 +1,170 @@
+"""Experiment configs: Python modules of plain assignments, validated by the core schema plus the task's section.
+
+    cfg = load_config("configs/tiny.py", ["--lora_r=64"])
+
+One flat namespace, several schemas: the core sections (app/config/core.py: data, model, method, optimisation,
+evaluation, run, inference) and the chosen task's section (app/tasks/<task>/config.py) are validated together, so
+`--lora_r=64` and `--calib_beta=50` both work in files and on the command line. Every problem is reported at once,
+one per line: an unknown name with the closest valid one (or the task whose setting it is), a wrong type with the
+key, value and what was expected, a best-checkpoint metric the task does not declare.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import cache
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.config.core import SECTIONS, TRUST_FIELDS, CoreConfig, Section
+from app.config.modules import Values, add_overrides, parse_override, read_config_file
+from app.errors import UserError
+
+Config = CoreConfig  # every run's config is an instance of a subclass of it
+
+
+@cache
+def config_class(task: str) -> type[CoreConfig]:
+    """The config class of a task: the core sections plus the task's own section, one flat model."""
+    from app.tasks import task_schema
+
+    schema = task_schema(task)
+    return type(f"{schema.__name__}Run", (CoreConfig, schema), {"__doc__": f"Config of a {task} run."})
+
+
+def make_config(**values) -> CoreConfig:
+    """A validated config from keyword values (defaults for the rest); the task is `task` (default nli_cot)."""
+    return validate({k: (v, "arguments") for k, v in values.items()})
+
+
+def _other_task_owning(name: str, task: str) -> str | None:
+    from app.tasks import TASKS, task_schema
+
+    return next((t for t in TASKS if t != task and name in task_schema(t).model_fields), None)
+
+
+def _unknown(name: str, where: str, fields, task: str) -> str:
+    owner = _other_task_owning(name, task)
+    if owner is not None:
+        return f"{where}: {name!r} is a setting of task {owner!r}, not of task {task!r}"
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+    return f"{where}: unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _describe_type(cls, name: str) -> str:
+    ann = cls.model_fields[name].annotation
+    return str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _metric_problem(task: str, metric, where: str) -> str | None:
+    from app.tasks import task_metrics
+
+    metrics = task_metrics(task)
+    if metric is None or not isinstance(metric, str) or metric in metrics:
+        return None  # a non-string is reported as a type error
+    return f"{where}: metric_for_best={metric!r} is not a metric of task {task!r} (one of: {', '.join(metrics)})"
+
+
+def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
+    """Validate merged values (name -> (value, where)) against the core schema and the task's section."""
+    from app.tasks import check_task_name
+
+    problems = list(problems or [])
+    task = values.get("task", (CoreConfig.model_fields["task"].default, ""))[0]
+    try:
+        check_task_name(task)
+    except UserError as err:
+        problems.append(f"{values['task'][1]}: {err}")
+        raise UserError(_join(problems)) from None
+    cls = config_class(task)
+    for name, (_, where) in values.items():
+        if name not in cls.model_fields:
+            problems.append(_unknown(name, where, cls.model_fields, task))
+    known = {k: v for k, (v, _) in values.items() if k in cls.model_fields}
+    for k, v in known.items():  # ints are fine for float fields (lr=1 is 1.0); strict mode would reject them
+        if cls.model_fields[k].annotation in (float, float | None) and type(v) is int:
+            known[k] = float(v)
+    cfg = None
+    try:
+        cfg = cls(**known)
+    except ValidationError as err:
+        for e in err.errors():
+            key = str(e["loc"][0]) if e["loc"] else "?"
+            where = values[key][1] if key in values else "config"
+            value = repr(e.get("input"))
+            value = value if len(value) <= 80 else value[:77] + "..."
+            problems.append(f"{where}: {key}={value}: {e['msg'].lower()} (expected {_describe_type(cls, key)})")
+    problem = _metric_problem(task, *values.get("metric_for_best", (None, "config")))
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise UserError(_join(problems))
+    return cfg
+
+
+def _join(problems: list[str]) -> str:
+    return "invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0]
+
+
+def load_config(path: str | Path | None, overrides=()) -> CoreConfig:
+    """Merge a config file (and its bases) with `--name=value` overrides, validate, report every problem at once."""
+    values = read_config_file(Path(path)) if path is not None else {}
+    problems: list[str] = []
+    values = add_overrides(values, overrides, problems)
+    return validate(values, problems)
+
+
+def saved_config(path: Path, overrides=()) -> CoreConfig:
+    """The config a checkpoint was trained with (its run_config.json), with the user's overrides on top.
+
+    Settings that widen trust (TRUST_FIELDS) are never taken from the file: only an override sets them.
+    Files from older versions of this program still load: settings of other tasks (all fields used to live in one
+    schema) are dropped, `head_metric_for_best` becomes `metric_for_best`, and a best-checkpoint metric the task
+    does not declare falls back to the task's default.
+    """
+    from app.tasks import TASKS, task_metrics
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise UserError(f"{path}: cannot read the run config ({err})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    task = saved.get("task", CoreConfig.model_fields["task"].default)
+    if task in TASKS:
+        fields = config_class(task).model_fields
+        if "head_metric_for_best" in saved and task == "confidence_head":
+            saved["metric_for_best"] = saved["head_metric_for_best"]
+        saved = {k: v for k, v in saved.items() if k in fields and k not in TRUST_FIELDS}
+        if saved.get("metric_for_best") not in task_metrics(task):
+            saved.pop("metric_for_best", None)
+    problems: list[str] = []
+    values = add_overrides({k: (v, str(path)) for k, v in saved.items()}, overrides, problems)
+    return validate(values, problems)
+
+
+def describe_fields(task: str | None = None) -> str:
+    """Every field by section: name, default, meaning (`python -m app config --list [--task NAME]`)."""
+    from app.tasks import TASKS, default_metric, task_metrics, task_schema
+
+    sections: list[tuple[str, type[Section]]] = [(s.__doc__ or s.__name__, s) for s in SECTIONS]
+    for name in [task] if task else list(TASKS):
+        schema = task_schema(name)
+        sections.append(((schema.__doc__ or name).strip().splitlines()[0], schema))
+    out = []
+    for title, section in sections:
+        out.append(f"[{title}]")
+        for name in section.__annotations__:
+            field = section.model_fields[name]
+            out.append(f"  {name:<26} {field.default!r:<30.30} {field.description}")
+        out.append("")
+    for name in [task] if task else list(TASKS):
+        metrics = ", ".join(f"{m} ({d})" for m, d in task_metrics(name).items())
+        out.append(f"metric_for_best of task {name}: {metrics}; default {default_metric(name)}")
+    return "\n".join(out)
+
+
+__all__ = ["Config", "CoreConfig", "config_class", "describe_fields", "load_config", "make_config",
+           "parse_override", "saved_config", "validate"]

@@ -1,0 +1,347 @@
+"""NLI inference: `python -m app infer INPUT [--checkpoint DIR] [--output FILE] [--fresh] [--examples N] [--key=value]`.
+
+Input: a CSV or JSONL file with `premise` and `hypothesis` columns (extra columns are fine; a `label` column turns
+on metrics, an `id` column is copied to the output).
+
+Checkpoint and config: see app/runs.py (a checkpoint or run directory, else the newest run under checkpoints/; the
+checkpoint's run_config.json, then `--key=value` overrides, e.g. `--infer_batch_size=8 --max_new_tokens=64`).
+
+Outputs. `--output` defaults to `predictions.csv` in the current directory. Next to it, for `--output DIR/NAME.csv`:
+  DIR/NAME.csv               one row per input row, in input order: index (0-based input row), id (when the input
+                             has one), predicted_label (0/1), thought_process, parse_ok (false: no JSON object in the
+                             generation held the label; it came from a `predicted_label: x` pair in the text or, where
+                             there was none, from the forced-prefix fallback)
+  DIR/NAME.solution          one 0/1 per line, no header (the course's gold `.solution` shape)
+  DIR/NAME.metrics.json      metrics (when the input has labels) and the counts: parse fallbacks, truncated prompts,
+                             generations that never closed their JSON object
+  DIR/NAME.csv.partial.jsonl work in progress (app.runs.PartialFile), removed at the end
+All final files are written to a temporary file and renamed into place. A field holding quotes, commas, newlines or
+a bare carriage return is quoted, so the CSV reads back through `score` and as an `infer` input.
+
+Resume. Every finished batch is appended to the partial file and fsynced. Re-running the same command skips the
+batches already there and the final files equal those of an uninterrupted run. A partial file written for another
+input, checkpoint or config (all but `infer_batch_size`) is discarded with a warning; `--fresh` discards it always.
+
+Long fields. A prompt may use `max_seq_length - max_new_tokens` tokens; longer premises/hypotheses are cut by tokens
+(the longer field first) and counted in a warning, never an error.
+
+Backends. `backend="hf"` (default): transformers, length-sorted batches of `infer_batch_size`, greedy, stopping when
+the JSON object closes. `backend="vllm"` (GPU, `pip install vllm`): the checkpoint is served by vLLM, a LoRA adapter
+directly through a `LoRARequest` on its base model (a quantized base is loaded unquantized); the same extraction and
+fallback apply.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.atomic import write_atomic, write_json_atomic
+from app.data import parse_binary_label, read_rows
+from app.errors import UserError
+from app.metrics.classification import classification_metrics, format_table
+from app.tasks.nli_cot.prompts import build_prompt
+
+_TEXT_COLUMNS = ("premise", "hypothesis")
+
+# --- input ---------------------------------------------------------------------------------------------------------
+@dataclass
+class InputData:
+    path: Path
+    values: list[dict]  # premise/hypothesis as text, one dict per row, input order
+    lines: list[int]
+    labels: list[int] | None  # gold labels when the input has a filled label column
+    ids: list[str] | None
+
+
+def load_input(path: str | Path) -> InputData:
+    path = Path(path)
+    rows = read_rows(path, _TEXT_COLUMNS)
+    values = []
+    for row in rows:
+        v = dict(row.values)
+        for col in _TEXT_COLUMNS:
+            x = v.get(col)
+            if x is None:
+                x = ""
+            elif isinstance(x, (int, float)):
+                x = str(x)
+            elif not isinstance(x, str):
+                raise UserError(f"{path}:{row.line}: {col} must be text, found {type(x).__name__}")
+            v[col] = x
+        values.append(v)
+    labels = None
+    if "label" in rows[0].values:
+        raw = [row.values.get("label") for row in rows]
+        if any(x is not None and str(x).strip() for x in raw):
+            labels = [parse_binary_label(x, path, row.line) for x, row in zip(raw, rows)]
+    ids = None
+    if "id" in rows[0].values:
+        ids = ["" if row.values.get("id") is None else str(row.values.get("id")) for row in rows]
+    return InputData(path, values, [row.line for row in rows], labels, ids)
+
+
+
+# --- prompt budget -------------------------------------------------------------------------------------------------
+def _share(a: int, b: int, room: int) -> tuple[int, int]:
+    """Tokens kept of two fields of a and b tokens within `room`: the shorter keeps all it can, up to half."""
+    if a + b <= room:
+        return a, b
+    half = room // 2
+    if a <= half:
+        return a, room - a
+    if b <= half:
+        return room - b, b
+    return room - half, half
+
+
+def _cut(text: str, tokenizer, keep: int) -> str:
+    if keep <= 0:
+        return ""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        if len(enc.input_ids) <= keep:
+            return text
+        return text[: enc.offset_mapping[keep - 1][1]]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    return text if len(ids) <= keep else tokenizer.decode(ids[:keep], skip_special_tokens=True)
+
+
+def fit_prompts(values: list[dict], tokenizer, cfg) -> list[bool]:
+    """Cut premise/hypothesis (in place) so that each prompt fits max_seq_length - max_new_tokens tokens.
+
+    Returns, per row, whether it was cut.
+    """
+    budget = cfg.max_seq_length - cfg.max_new_tokens
+    empty = len(tokenizer(build_prompt({"premise": "", "hypothesis": ""}, cfg), verbose=False).input_ids)
+    if budget < empty + 2:
+        raise UserError(
+            f"max_seq_length={cfg.max_seq_length} - max_new_tokens={cfg.max_new_tokens} leaves {budget} prompt tokens, "
+            f"but the prompt template alone takes {empty}; raise max_seq_length or lower max_new_tokens"
+        )
+    char_cap = 64 * budget  # no real token is 64 characters long: a longer field is over budget anyway
+    cut = [False] * len(values)
+    for i, v in enumerate(values):
+        for col in _TEXT_COLUMNS:
+            if len(v[col]) > char_cap:
+                v[col], cut[i] = v[col][:char_cap], True
+    lengths = [len(ids) for ids in tokenizer([build_prompt(v, cfg) for v in values], verbose=False).input_ids]
+    for i, v in enumerate(values):
+        if lengths[i] <= budget:
+            continue
+        cut[i] = True
+        sizes = [len(tokenizer(v[c], add_special_tokens=False, verbose=False).input_ids) for c in _TEXT_COLUMNS]
+        room = budget - empty
+        for _ in range(16):  # tokens can merge across a cut: shrink until the whole prompt fits
+            keep = _share(sizes[0], sizes[1], max(room, 0))
+            trial = {**v, **{c: _cut(v[c], tokenizer, k) for c, k in zip(_TEXT_COLUMNS, keep)}}
+            total = len(tokenizer(build_prompt(trial, cfg), verbose=False).input_ids)
+            if total <= budget or room <= 0:
+                break
+            room -= max(total - budget, 1)
+        v.update({c: trial[c] for c in _TEXT_COLUMNS})
+    return cut
+
+
+# --- outputs -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputPaths:
+    predictions: Path
+    solution: Path
+    metrics: Path
+    partial: Path
+
+    @property
+    def main(self) -> Path:
+        return self.predictions
+
+    @classmethod
+    def for_output(cls, output: str | Path) -> "OutputPaths":
+        out = Path(output)
+        stem = out.with_suffix("") if out.suffix else out
+        paths = cls(out, stem.with_name(stem.name + ".solution"), stem.with_name(stem.name + ".metrics.json"),
+                    out.with_name(out.name + ".partial.jsonl"))
+        if out.suffix.lower() in (".solution", ".jsonl") or out.name.endswith(".metrics.json"):
+            raise UserError(f"--output {out}: give the predictions CSV path (e.g. predictions.csv)")
+        return paths
+
+
+def csv_field(value) -> str:
+    """One CSV field: quoted when it holds a comma, a quote or any line break (a bare \r too, which the csv
+    module leaves unquoted when the line terminator is \n)."""
+    text = str(value)
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def predictions_csv(records: list[dict], ids: list[str] | None) -> str:
+    head = ["index"] + (["id"] if ids is not None else []) + ["predicted_label", "thought_process", "parse_ok"]
+    lines = [",".join(head)]
+    for i, r in enumerate(records):
+        row = [i] + ([ids[i]] if ids is not None else []) + [r["label"], r["thought"], "true" if r["parse_ok"] else "false"]
+        lines.append(",".join(csv_field(v) for v in row))
+    return "\n".join(lines) + "\n"
+
+
+_NO_VLLM = "backend='vllm' needs vLLM, which is not installed: pip install vllm (needs a GPU), or use --backend=hf"
+_VLLM_RANKS = (8, 16, 32, 64, 128, 256, 512)
+
+
+def vllm_predictions(cfg, checkpoint: Path, tokenizer, values: list[dict], skip):
+    """Greedy generation with vLLM in chunks of input order (for resume); a LoRA checkpoint is served as an adapter."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise UserError(_NO_VLLM) from None
+    from app.tasks.nli_cot.extract import extract_label
+    from app.lm.modeling import is_adapter_dir
+    from app.tasks.nli_cot.task import Prediction
+
+    adapter = is_adapter_dir(checkpoint)
+    llm = LLM(
+        model=cfg.model_name if adapter else str(checkpoint),
+        tokenizer=str(checkpoint),
+        dtype="auto" if cfg.dtype == "auto" else cfg.dtype,
+        max_model_len=cfg.max_seq_length,
+        enable_lora=adapter,
+        max_lora_rank=next((r for r in _VLLM_RANKS if r >= cfg.lora_r), cfg.lora_r),
+        seed=cfg.seed,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    lora = LoRARequest("checkpoint", 1, str(checkpoint.resolve())) if adapter else None
+    greedy = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens)
+    # fallback: the likelier of the first tokens of "0" and "1" after a forced `"predicted_label": ` prefix
+    head = tokenizer('"predicted_label": ', add_special_tokens=False).input_ids
+    label_ids = []
+    for digit in "01":
+        full = tokenizer('"predicted_label": ' + digit, add_special_tokens=False).input_ids
+        label_ids.append(full[next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), len(head))])
+    forced = SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=label_ids)
+
+    prompts = [build_prompt(v, cfg) for v in values]
+    chunk = max(cfg.infer_batch_size, 256)
+    for start in range(0, len(prompts), chunk):
+        batch = list(range(start, min(start + chunk, len(prompts))))
+        if skip(batch):
+            continue
+        outs = llm.generate([prompts[i] for i in batch], greedy, lora_request=lora, use_tqdm=False)
+        texts = [o.outputs[0].text for o in outs]
+        found = [extract_label(t) for t in texts]
+        preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
+        missing = [k for k, p in enumerate(preds) if p.label is None]
+        if missing:
+            prefixes = []
+            for k in missing:
+                t = preds[k].thought
+                obj = '{"thought_process": ' + json.dumps(t, ensure_ascii=False) + ", " if t else "{"
+                prefixes.append(prompts[batch[k]] + obj + '"predicted_label": ')
+            outs = llm.generate(prefixes, forced, lora_request=lora, use_tqdm=False)
+            for k, o in zip(missing, outs):
+                preds[k].label = int(o.outputs[0].token_ids[0] == label_ids[1])
+                preds[k].parse_ok, preds[k].how = False, "forced_prefix"
+        yield batch, preds
+
+
+
+# --- reporting -----------------------------------------------------------------------------------------------------
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def examples_table(values: list[dict], records: list[dict], labels: list[int] | None, k: int = 5) -> str:
+    """A few rows for a human: premise, hypothesis, thought, label (and gold), clipped to the terminal width."""
+    cols = shutil.get_terminal_size((120, 24)).columns
+    fixed = 5 + 6 + (5 if labels is not None else 0) + 8  # "#", label, gold and the gaps
+    room = max(cols - fixed, 60)
+    wp, wh = room * 3 // 10, room * 25 // 100
+    wt = room - wp - wh
+    head = ["#", "premise", "hypothesis", "thought", "label"] + (["gold"] if labels is not None else [])
+    rows = []
+    for i in range(min(k, len(records))):
+        r = [str(i), _clip(values[i]["premise"], wp), _clip(values[i]["hypothesis"], wh),
+             _clip(records[i]["thought"], wt), str(records[i]["label"]) + ("" if records[i]["parse_ok"] else "*")]
+        rows.append(r + ([str(labels[i])] if labels is not None else []))
+    widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(head)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    if any(not records[i]["parse_ok"] for i in range(min(k, len(records)))):
+        lines.append("* label from the forced-prefix fallback (the generation did not parse)")
+    return "\n".join(lines)
+
+
+# --- the predictor -------------------------------------------------------------------------------------------------
+class NliPredictor:
+    """What `infer` runs for an nli_cot checkpoint (protocol: app.tasks.protocol.Predictor)."""
+
+    default_output = "predictions.csv"
+    verb = "infer"
+
+    def __init__(self, task, cfg):
+        self.task = task
+        if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise UserError(_NO_VLLM)
+
+    def fingerprint_parts(self, cfg) -> dict:
+        return {}
+
+    def read_input(self, path: Path, cfg) -> InputData:
+        return load_input(path)
+
+    def output_paths(self, output: Path) -> OutputPaths:
+        return OutputPaths.for_output(output)
+
+    def load(self, checkpoint: Path, cfg, device):
+        from app.lm.modeling import load_for_inference, load_tokenizer
+
+        if cfg.backend == "vllm":
+            return {"checkpoint": checkpoint, "model": None, "tokenizer": load_tokenizer(cfg, str(checkpoint))}
+        model, tokenizer = load_for_inference(checkpoint, cfg, device)
+        return {"checkpoint": checkpoint, "model": model, "tokenizer": tokenizer}
+
+    def predict(self, state, cfg, data: InputData, device, skip):
+        from app.tasks.nli_cot.extract import json_object_closed
+
+        values = [dict(v) for v in data.values]
+        tokenizer = state["tokenizer"]
+        cut = fit_prompts(values, tokenizer, cfg)
+        if any(cut):
+            print(f"warning: {data.path}: {sum(cut)} row(s) cut to the prompt budget of "
+                  f"{cfg.max_seq_length - cfg.max_new_tokens} tokens (max_seq_length - max_new_tokens), e.g. line "
+                  f"{data.lines[cut.index(True)]}", file=sys.stderr)
+        if cfg.backend == "vllm":
+            batches = vllm_predictions(cfg, state["checkpoint"], tokenizer, values, skip)
+        else:
+            batches = self.task.predict_batches(state["model"], tokenizer, cfg, values, device, cfg.infer_batch_size,
+                                                skip=skip)
+        for batch, preds in batches:
+            yield [{"i": i, "label": int(p.label), "thought": p.thought or "", "parse_ok": bool(p.parse_ok),
+                    "how": p.how, "closed": json_object_closed(p.generation or ""), "cut": cut[i]}
+                   for i, p in zip(batch, preds)]
+
+    def finish(self, data: InputData, records: list[dict], paths: OutputPaths, summary: dict, examples: int) -> dict:
+        n = len(records)
+        summary.update({"parse_failures": sum(not r["parse_ok"] for r in records),
+                        "prompts_truncated": sum(r["cut"] for r in records),
+                        "unclosed_generations": sum(not r["closed"] for r in records)})
+        if data.labels is not None:
+            summary["metrics"] = classification_metrics(data.labels, [r["label"] for r in records])
+        write_atomic(paths.predictions, predictions_csv(records, data.ids))
+        write_atomic(paths.solution, "".join(f"{r['label']}\n" for r in records))
+        write_json_atomic(paths.metrics, summary)
+        if examples > 0:
+            print(examples_table(data.values, records, data.labels, examples))
+            print()
+        if data.labels is not None:
+            print(format_table(summary["metrics"]))
+        print(f"parse fallbacks: {summary['parse_failures']} of {n} rows (label from the forced-prefix fallback)")
+        print(f"truncated prompts: {summary['prompts_truncated']}; generations without a closed JSON object: "
+              f"{summary['unclosed_generations']}")
+        print(f"wrote {paths.predictions}, {paths.solution}, {paths.metrics}", file=sys.stderr)
+        return summary
