@@ -191,9 +191,8 @@ def _batch_and_objective(tiny_model_dir, tmp_path, mode):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    task.cfg = cfg
     features = [task.encode(r, tok, cfg) for r in tagged_rows(6)]
-    return task, task.objective(model), features, tok
+    return task, task.objective(model, cfg), features, tok
 
 
 def _loss_and_grads(objective, batch):
@@ -251,10 +250,35 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
         model, tok = task.load_model(cfg, torch.device("cpu"))
         model.train()
         features = [task.encode(r, tok, cfg) for r in tagged_rows(4)]
-        results.append(_loss_and_grads(task.objective(model), task.collate(features, tok.pad_token_id)))
+        results.append(_loss_and_grads(task.objective(model, cfg), task.collate(features, tok.pad_token_id)))
     (loss0, grads0), (loss1, grads1) = results
     assert torch.allclose(loss0, loss1, rtol=1e-6) and grads0.keys() == grads1.keys()
     assert all(torch.allclose(grads0[k], grads1[k], rtol=1e-4, atol=1e-7) for k in grads0)
+
+
+@pytest.mark.parametrize("prefill_tokens", [1, 2048])
+def test_token_position_logits_apply_the_trainable_token_rows(tiny_model_dir, tmp_path, prefill_tokens):
+    """Validation reads the token position through app.lm.generate's prefill (the model's own logits): equal to the
+    loss's path (decoder hidden state of each context alone, `project` applying the LM head's trainable token rows)."""
+    from app.lm.forward import decoder_and_head
+    from app.tasks.confidence_tokens.judge import token_position_logits
+    from app.tasks.confidence_tokens.loss import project
+
+    task, objective, features, tok = _batch_and_objective(tiny_model_dir, tmp_path, "full_vocab")
+    model = objective.model.eval()
+    contexts = [f.input_ids[: len(f.input_ids) - 1 - k] for k, f in enumerate(features)]  # lengths differ
+    pairs = [tuple(tok.convert_tokens_to_ids(["<C_READ>", "<U_READ>"]))] * len(contexts)
+    got = token_position_logits(model, contexts, tok.pad_token_id, 4, "cpu", pairs, prefill_tokens)
+    decoder, head = decoder_and_head(model)
+    base = head.token_adapter.base_layer
+    with torch.no_grad():
+        for ctx, pair, (lc, lu, lse) in zip(contexts, pairs, got):
+            hidden = decoder(input_ids=torch.tensor([ctx])).last_hidden_state[:, -1]
+            logits = project(head, hidden).float()[0]
+            want = (float(logits[pair[0]]), float(logits[pair[1]]), float(logits.logsumexp(0)))
+            assert (lc, lu, lse) == pytest.approx(want, abs=1e-4)
+            # the token rows matter: the base head alone scores the tokens otherwise
+            assert abs(float(torch.nn.functional.linear(hidden, base.weight)[0, pair[0]]) - lc) > 1e-3
 
 
 def test_no_full_sequence_logits(tiny_model_dir, tmp_path, monkeypatch):
@@ -524,13 +548,13 @@ def test_hub_push_only_for_final_and_never_fatal(tiny_model_dir, tmp_path, monke
         task.load_rows(cfg, "train")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     task.load_rows(cfg, "train")
-    task.save_extra(None, ckpt.temp_dir(cfg.out_dir, "best_accuracy"))
+    task.on_train_end(cfg.model_copy(update={"hub_repo": None}), ckpt.checkpoints_dir(cfg.out_dir) / "final")
     assert calls == []
-    task.save_extra(None, ckpt.temp_dir(cfg.out_dir, "final"))
+    task.on_train_end(cfg, ckpt.checkpoints_dir(cfg.out_dir) / "final")
     assert calls[0] == ("token", "hf_secret") and calls[1] == ("create", "me/conf", True)
-    assert calls[2][:3] == ("upload", ".tmp-final", "me/conf") and "adapter_model.safetensors" in calls[2][3]
+    assert calls[2][:3] == ("upload", "final", "me/conf") and "adapter_model.safetensors" in calls[2][3]
     cfg.hub_repo = "me/broken"
-    task.save_extra(None, ckpt.temp_dir(cfg.out_dir, "final"))  # logged, not raised
+    task.on_train_end(cfg, ckpt.checkpoints_dir(cfg.out_dir) / "final")  # logged, not raised
     assert "push to the Hub repo me/broken failed (RuntimeError: 403 forbidden)" in caplog.text
     assert "hf_secret" not in caplog.text
 
@@ -570,8 +594,7 @@ def test_truncation_keeps_the_answer_and_the_token_last(tiny_model_dir, tmp_path
     raw = [json.loads(l) for l in (shared_fixtures / "boolq" / "dev_sample.jsonl").read_text().splitlines()[:5]]
     rows = [Row(i + 1, {"question": raw_qa(r, "boolq", "f", 1).text, "tagged_response": "No, it is not <U_READ>",
                         "dataset": "boolq"}) for i, r in enumerate(raw)]
-    task.cfg = cfg
-    task.validate("f", rows)
+    task.validate("f", rows, cfg)
     features = encode_all(task, rows, tok, cfg, "f")
     assert len(features) == 5
     u = tok.convert_tokens_to_ids("<U_READ>")

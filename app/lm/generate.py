@@ -1,8 +1,13 @@
 """Batched greedy generation: left padding, length-sorted batches, rows leave the batch when done.
 
-Used by evaluation during training and by `python -m app infer`. A row is done at EOS, after
-`max_new_tokens`, or when its text satisfies `stop` (by default: the JSON object has closed). Done rows are
-dropped from the batch and its KV cache, so the remaining steps only compute rows still generating.
+Used by evaluation during training, by `python -m app infer` and by the confidence-token task (validation and
+`python -m app tag`). When a row is done and what it may generate is a `StopRule`: EOS, a set of stop token ids
+(kept as the row's last token), `max_new_tokens`, or a text predicate (`JSON_CLOSED`, the NLI default: the JSON
+object has closed); ids suppressed at every step or only at the first. Done rows are dropped from the batch and its
+KV cache, so the remaining steps only compute rows still generating.
+
+Entry points: `generate_batches` / `generate` (text prompts, decoded generations) and `generate_id_batches` /
+`generate_ids` (token-id prompts, generated ids); all share one batch loop (`_generate_batch`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +23,32 @@ from app.tasks.nli_cot.extract import json_object_closed
 from app.lm.forward import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a generated row is done, and which ids it may not generate.
+
+    A row stops at EOS when `eos` (EOS is not kept), at any of `stop_ids` (kept as the row's last token: callers
+    look at which one ended the row), after `max_new_tokens`, or when `text(decoded generation)` is true; `text` is
+    only consulted after a token whose text holds one of `text_triggers`. `never` ids are not generated at all,
+    `not_first` ids not as the first new token. Lists are accepted and stored as frozenset / tuples.
+    """
+
+    eos: bool = True
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+    text: Callable[[str], bool] | None = None
+    text_triggers: str = "}"
+    never: tuple[int, ...] = ()
+    not_first: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
+        object.__setattr__(self, "never", tuple(dict.fromkeys(self.never)))
+        object.__setattr__(self, "not_first", tuple(dict.fromkeys(self.not_first)))
+
+
+JSON_CLOSED = StopRule(text=json_object_closed, text_triggers="}")  # NLI: EOS, or the JSON object has closed
 
 _TRIGGERS: dict[tuple[int, str], tuple[object, frozenset[int]]] = {}
 
@@ -174,22 +206,38 @@ def next_token_logits(model, ids: list[list[int]], pad: int, device, prefill_tok
     return out
 
 
+def _suppression(rule: StopRule, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ids masked at the first step, ids masked at later steps) as index tensors; None where nothing is."""
+    first, later = list(dict.fromkeys(rule.never + rule.not_first)), list(rule.never)
+    index = lambda ids: torch.tensor(ids, dtype=torch.long, device=device) if ids else None  # noqa: E731
+    return index(first), index(later)
+
+
 @torch.no_grad()
-def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, device,
-                    stop: Callable[[str], bool] | None, triggers: frozenset[int], prefill_tokens: int) -> list[str]:
-    eos = tokenizer.eos_token_id
+def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, device, rule: StopRule,
+                    triggers: frozenset[int], prefill_tokens: int) -> list[list[int]]:
+    """Generated ids of one batch (in its order): the loop every entry point shares."""
+    eos = tokenizer.eos_token_id if rule.eos else None
+    stops, text = rule.stop_ids, rule.text
     logits, mask, cache = _prefill(model, ids, tokenizer.pad_token_id, device, max_new_tokens, prefill_tokens)
+    suppress, suppress_later = _suppression(rule, logits.device)
     last_pos = mask.sum(-1) - 1
     generated: list[list[int]] = [[] for _ in ids]
     alive = list(range(len(ids)))
     for _ in range(max_new_tokens):
+        if suppress is not None:  # a masked fill on this step's logits, before the argmax
+            logits.index_fill_(1, suppress, float("-inf"))
+        suppress = suppress_later
         tokens = logits.argmax(-1)
         keep = []
         for k, (row, t) in enumerate(zip(alive, tokens.tolist())):
+            if t in stops:
+                generated[row].append(t)
+                continue
             if t == eos:
                 continue
             generated[row].append(t)
-            if stop is not None and t in triggers and stop(tokenizer.decode(generated[row], skip_special_tokens=True)):
+            if text is not None and t in triggers and text(tokenizer.decode(generated[row], skip_special_tokens=True)):
                 continue
             if len(generated[row]) < max_new_tokens:
                 keep.append(k)
@@ -204,7 +252,7 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
         last_pos = last_pos + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]
-    return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    return generated
 
 
 def split_on_oom(run: Callable[[list], list], items: list) -> list:
@@ -226,33 +274,55 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def generate_id_batches(
+    model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: int, max_new_tokens: int, device,
+    rule: StopRule = StopRule(), skip: Callable[[list[int]], bool] | None = None, prefill_tokens: int = 2048,
+) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Yield (indices, generated ids) batch by batch, longest prompts first; callers restore input order.
+
+    Prompts are token ids (already truncated). `skip(indices)` lets a resumed caller pass over batches it already
+    has. Prompts are prefilled `prefill_tokens` padded tokens at a time (at least one row), then decoded as one
+    batch; a batch that runs out of GPU memory is split in halves.
+    """
+    triggers = trigger_ids(tokenizer, rule.text_triggers) if rule.text is not None else frozenset()
+    model.eval()
+    for batch in length_sorted_batches([len(x) for x in prompt_ids], batch_size):
+        if skip is not None and skip(batch):
+            continue
+        run = lambda part: _generate_batch(  # noqa: E731
+            model, tokenizer, part, max_new_tokens, device, rule, triggers, prefill_tokens)
+        yield batch, split_on_oom(run, [prompt_ids[i] for i in batch])
+
+
+def generate_ids(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: int, max_new_tokens: int, device,
+                 rule: StopRule = StopRule(), prefill_tokens: int = 2048) -> list[list[int]]:
+    """Generated ids in input order (a stop id, when one ended the row, is its last id; EOS is not kept)."""
+    result: list[list[int]] = [[] for _ in prompt_ids]
+    for batch, outs in generate_id_batches(model, tokenizer, prompt_ids, batch_size, max_new_tokens, device, rule,
+                                           prefill_tokens=prefill_tokens):
+        for i, out in zip(batch, outs):
+            result[i] = out
+    return result
+
+
 def generate_batches(
     model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
-    skip: Callable[[list[int]], bool] | None = None,
-    stop: Callable[[str], bool] | None = json_object_closed, stop_chars: str = "}",
-    prefill_tokens: int = 2048,
+    skip: Callable[[list[int]], bool] | None = None, rule: StopRule = JSON_CLOSED, prefill_tokens: int = 2048,
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield (indices, generations) batch by batch, longest prompts first; callers restore input order.
 
-    `skip(indices)` lets a resumed caller pass over batches it already has. `stop(text)` ends a row early; it is
-    only consulted after a token holding one of `stop_chars`. Prompts are prefilled `prefill_tokens` padded
-    tokens at a time (at least one row), then decoded as one batch.
+    Text prompts are tokenized once and run through `generate_id_batches`; generations are decoded without special
+    tokens. The default rule stops a row at EOS or when its JSON object has closed (`JSON_CLOSED`).
     """
-    ids = tokenizer(list(prompts)).input_ids  # tokenized once: for sorting and for the batches
-    triggers = trigger_ids(tokenizer, stop_chars) if stop is not None else frozenset()
-    model.eval()
-    for batch in length_sorted_batches([len(x) for x in ids], batch_size):
-        if skip is not None and skip(batch):
-            continue
-        run = lambda part: _generate_batch(
-            model, tokenizer, part, max_new_tokens, device, stop, triggers, prefill_tokens)
-        texts = split_on_oom(run, [ids[i] for i in batch])
-        yield batch, texts
+    ids = tokenizer(list(prompts)).input_ids
+    for batch, outs in generate_id_batches(model, tokenizer, ids, batch_size, max_new_tokens, device, rule, skip,
+                                           prefill_tokens):
+        yield batch, [tokenizer.decode(g, skip_special_tokens=True) for g in outs]
 
 
 def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
              **kwargs) -> list[str]:
-    """Generations in input order."""
+    """Generations in input order (keyword arguments as `generate_batches`)."""
     result: list[str] = [""] * len(prompts)
     for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, device, **kwargs):
         for i, text in zip(batch, texts):

@@ -3,95 +3,48 @@
 from __future__ import annotations
 
 import math
-
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from app.config import Config
-from app.tasks.confidence_tokens.loss import project
+from app.lm.generate import StopRule, generate_ids, length_sorted_batches, next_token_logits
 from app.tasks.confidence_tokens.qa import QA, all_tokens, domain_tokens, fit_prompt, parse_answer, prompt_ids
 
 
 # --- generation and scoring ------------------------------------------------------------------------------------------
-class _Suppress:
-    """Logits processor: `always` never generated; `first` not as the first new token (an answer is not empty)."""
-
-    def __init__(self, width: int, always: list[int], first: list[int]):
-        self.width, self.always, self.first = width, list(always), list(first)
-
-    def __call__(self, input_ids, scores):
-        ids = self.always + (self.first if input_ids.shape[1] == self.width else [])
-        if ids:
-            scores[:, ids] = float("-inf")
-        return scores
+def continuation_rule(tokenizer, stop_ids: Sequence[int], never: Sequence[int] = ()) -> StopRule:
+    """Stop at EOS or any of `stop_ids` (the confidence tokens, kept as the last id); `never` are not generated at
+    all; the first new token is neither EOS nor a stop id (an answer comes first)."""
+    stops = [t for t in dict.fromkeys([tokenizer.eos_token_id, *stop_ids]) if t not in set(never)]
+    return StopRule(stop_ids=frozenset(stop_ids), never=tuple(never), not_first=tuple(stops))
 
 
-def _generate_ids(model, batch: list[list[int]], pad_id: int, stop_ids: list[int], max_new_tokens: int, device,
-                  never: list[int] = (), not_first: list[int] = ()):
-    from transformers import LogitsProcessorList
-
-    from app.lm.generate import left_padded
-
-    ids, mask = left_padded(batch, pad_id, device)
-    width = ids.shape[1]
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
-                         eos_token_id=list(stop_ids),
-                         logits_processor=LogitsProcessorList([_Suppress(width, never, not_first)]))
-    stops = set(stop_ids)
-    result = []
-    for row in out[:, width:].tolist():
-        end = next((k for k, t in enumerate(row) if t in stops), None)
-        result.append(row if end is None else row[: end + 1])
-    return result
-
-
-@torch.no_grad()
 def generate_continuations(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, device,
-                           stop_ids: list[int], never: list[int] = ()) -> list[list[int]]:
-    """Greedy continuations (token ids, cut after the first stop id) in input order; length-sorted left-padded
-    batches as in app.lm.generate, stopping at EOS or any of `stop_ids` (the confidence tokens). The first new token is
-    never EOS or a stop id (an answer comes first); `never` are not generated at all."""
-    from app.lm.generate import length_sorted_batches, split_on_oom
-
-    stops = list(dict.fromkeys([tokenizer.eos_token_id, *stop_ids]))
-    model.eval()
-    result: list[list[int]] = [[] for _ in prompts]
-    for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-        outs = split_on_oom(lambda part: _generate_ids(model, part, tokenizer.pad_token_id, stops, max_new_tokens,
-                                                       device, list(never), [t for t in stops if t not in never]),
-                            [prompts[i] for i in batch])
-        for i, ids in zip(batch, outs):
-            result[i] = ids
-    return result
+                           stop_ids: Sequence[int], never: Sequence[int] = (), prefill_tokens: int = 2048,
+                           ) -> list[list[int]]:
+    """Greedy continuations of token-id prompts in input order (app.lm.generate: length-sorted batches, shared
+    prefix prefilled once, rows leave the batch when done) under `continuation_rule`: a continuation that a
+    confidence token ended has it as its last id; EOS is not kept."""
+    return generate_ids(model, tokenizer, prompts, batch_size, max_new_tokens, device,
+                        continuation_rule(tokenizer, stop_ids, never), prefill_tokens)
 
 
 @torch.no_grad()
 def token_position_logits(model, contexts: list[list[int]], pad_id: int, batch_size: int, device,
-                          pairs: list[tuple[int, int]]) -> list[tuple[float, float, float]]:
-    """(logit of C, logit of U, log-sum-exp over the vocabulary) at the position after each context."""
-    from app.lm.forward import decoder_and_head, last_hidden_states
+                          pairs: list[tuple[int, int]], prefill_tokens: int = 2048) -> list[tuple[float, float, float]]:
+    """(logit of C, logit of U, log-sum-exp over the vocabulary) at the position after each context.
 
-    _, head = decoder_and_head(model)
+    `next_token_logits` of app.lm.generate on length-sorted batches of `batch_size` contexts (prefilled as generation
+    does: a prefix common to the batch once, the rest in chunks of `prefill_tokens` padded tokens). The logits are the
+    model's own, so a peft LM head applies its trainable token rows as `project` does."""
     out: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(contexts)
-    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        width = max(len(contexts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(chunk):
-            ids[r, : len(contexts[i])] = torch.tensor(contexts[i])
-            mask[r, : len(contexts[i])] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = last_hidden_states(model, ids, mask)
-        last = mask.sum(1) - 1
-        logits = project(head, hidden[torch.arange(len(chunk), device=device), last]).float()
+    for batch in length_sorted_batches([len(c) for c in contexts], batch_size):
+        logits = next_token_logits(model, [contexts[i] for i in batch], pad_id, device, prefill_tokens).float()
         lse = torch.logsumexp(logits, dim=-1)
-        cols = torch.tensor([pairs[i] for i in chunk], device=device)
-        pair_logits = logits.gather(1, cols)
-        for r, i in enumerate(chunk):
+        pair_logits = logits.gather(1, torch.tensor([pairs[i] for i in batch], device=logits.device))
+        for r, i in enumerate(batch):
             out[i] = (float(pair_logits[r, 0]), float(pair_logits[r, 1]), float(lse[r]))
     return out
 
@@ -123,12 +76,11 @@ def judge(model, tokenizer, cfg: Config, qas: list[QA], device, batch_size: int)
     # tokens and the pair is read at its end
     never = list(tok_id.values()) if cfg.confidence_loss == "pair" else []
     conts = generate_continuations(model, tokenizer, prompts, batch_size, cfg.max_new_tokens, device,
-                                   list(tok_id.values()), never)
-    stops = set(tok_id.values()) | {tokenizer.eos_token_id}
-    answers = [c[:-1] if c and c[-1] in stops else c for c in conts]
+                                   list(tok_id.values()), never, cfg.prefill_tokens)
+    answers = [c[:-1] if c and c[-1] in id_tok else c for c in conts]  # without the token that ended the row
     pairs = [(tok_id[pairs_by_name[q.dataset][0]], tok_id[pairs_by_name[q.dataset][1]]) for q in qas]
     scores = token_position_logits(model, [p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id,
-                                   batch_size, device, pairs)
+                                   batch_size, device, pairs, cfg.prefill_tokens)
     judged = []
     for q, cont, ans, (lc, lu, lse) in zip(qas, conts, answers, scores):
         c_tok, u_tok = pairs_by_name[q.dataset]
