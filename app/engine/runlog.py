@@ -1,11 +1,39 @@
-"""The run log: metrics.jsonl (one line per step and per evaluation), TensorBoard and W&B; rank 0 only."""
+"""The run log: metrics.jsonl (one line per step and per evaluation), TensorBoard and W&B; rank 0 only.
+
+On resume, metrics.jsonl is cut back to the checkpoint's step (atomically); a line torn by a kill is dropped.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
+from app.atomic import write_atomic
 from app.config import Config
 from app.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line that does not parse (torn by a kill while it was written)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    step = entry.get("step") if isinstance(entry, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def trim_metrics(path: Path, resume_step: int) -> None:
+    """Keep the lines up to `resume_step` (a killed run wrote more after its last checkpoint), drop torn ones."""
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    steps = [_step_of(ln) for ln in lines]
+    torn = steps.count(None)
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (torn by a kill while written)", path, torn)
+    write_atomic(path, "".join(ln + "\n" for ln, s in zip(lines, steps) if s is not None and s <= resume_step))
 
 
 class RunLog:
@@ -17,9 +45,8 @@ class RunLog:
         self.tb = self.wandb = None
         if not enabled:
             return
-        if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if self.path.exists():
+            trim_metrics(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
