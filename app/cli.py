@@ -34,7 +34,34 @@ def check_overrides(overrides: tuple[str, ...], usage: str) -> list[str]:
     return list(overrides)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+class LazyGroup(click.Group):
+    """A group whose commands from other modules (`verify`, the tasks' commands) are imported only when they are
+    run or listed, so that `score` never imports what another command needs (torch)."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})  # name -> "module:attribute"
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+def _lazy_commands() -> dict[str, str]:
+    from app.tasks import task_command_paths
+
+    return {"verify": "app.engine.verify:verify_command", **task_command_paths()}
+
+
+@click.group(cls=LazyGroup, lazy=_lazy_commands(),
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 def cli():
     """finetune-runner: fine-tune LLMs, train small models, run batched inference, from Python config modules."""
 
@@ -126,21 +153,6 @@ def sample_data(task, directory):
     return 0
 
 
-def _register_optional() -> None:
-    from app.tasks import task_commands
-
-    for command in task_commands():
-        cli.add_command(command)
-    try:
-        from app.engine.verify import verify_command
-    except ImportError:
-        return
-    cli.add_command(verify_command)
-
-
-_register_optional()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -149,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except click.UsageError as err:  # one line too, with where to look
+        where = f"{err.ctx.command_path} --help" if err.ctx is not None else "python -m app --help"
+        print(f"error: {err.format_message()} (see {where})", file=sys.stderr)
+        return err.exit_code
     except click.ClickException as err:
-        err.show()
+        print(f"error: {err.format_message()}", file=sys.stderr)
         return err.exit_code
     except click.exceptions.Exit as err:  # --help
         return err.exit_code

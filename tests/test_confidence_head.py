@@ -49,7 +49,7 @@ def ch_config(model_dir: Path, out_dir: Path, **overrides):
 def trained(cfg) -> dict:
     """Train in-process; the objective (backbone + head) as training left it."""
     captured = {}
-    original = ConfidenceHead.objective_for
+    original = ConfidenceHead.objective
 
     def spy(self, model, cfg_):
         captured["objective"] = original(self, model, cfg_)
@@ -57,7 +57,7 @@ def trained(cfg) -> dict:
         return captured["objective"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ConfidenceHead, "objective_for", spy)
+        mp.setattr(ConfidenceHead, "objective", spy)
         assert train(cfg) == 0
     return {"cfg": cfg, "out": Path(cfg.out_dir), "final": Path(cfg.out_dir) / "checkpoints/final", **captured}
 
@@ -145,7 +145,7 @@ def test_positions_tiny_tokenizer(tiny_model_dir, tmp_path):
     cfg = ch_config(tiny_model_dir, tmp_path)
     model, tokenizer = task.load_model(cfg, CPU)
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<CONFIDENCE>"
-    check_marker_positions(tokenizer, task.objective(model))
+    check_marker_positions(tokenizer, task.objective(model, cfg))
 
 
 def test_positions_real_mistral_tokenizer(mistral_tokenizer_dir, tiny_model_dir, tmp_path):
@@ -157,7 +157,7 @@ def test_positions_real_mistral_tokenizer(mistral_tokenizer_dir, tiny_model_dir,
     tokenizer.add_special_tokens({"additional_special_tokens": ["<CONFIDENCE>"]}, replace_extra_special_tokens=False)
     model = build_model(vocab_size=32000)
     fit_embeddings(model, tokenizer)
-    check_marker_positions(tokenizer, ConfidenceHead().objective_for(model, cfg))
+    check_marker_positions(tokenizer, ConfidenceHead().objective(model, cfg))
 
 
 # --- batching, truncation, loss -----------------------------------------------------------------------------------
@@ -177,14 +177,14 @@ def test_truncation_drops_cut_steps_instead_of_shifting_labels(tiny_model_dir, t
     task = ConfidenceHead()
     cfg = ch_config(tiny_model_dir, tmp_path)
     model, tok = task.load_model(cfg, CPU)
-    objective = task.objective(model).eval()
+    objective = task.objective(model, cfg).eval()
     steps = ["Anna is reading in the park.", "They agree.", "Anna is cooking in the kitchen today.", "They differ."]
     labels = [0.1, 0.9, 0.3, 0.7]
     full = encode_steps("Where is Anna?", steps, labels, tok, "<CONFIDENCE>", None)
     marks = [i for i, k in enumerate(full.labels) if k != -100]
     cut_at = marks[2] - 3  # inside the third step: its marker and the fourth step are gone
     row = Row(5, {"problem": "Where is Anna?", "steps": steps, "labels": labels, "source": "x.jsonl"})
-    short = task.encode(row, tok, ch_config(tiny_model_dir, tmp_path, max_seq_length=cut_at))
+    short = task.truncate(task.encode(row, tok, ch_config(tiny_model_dir, tmp_path, max_seq_length=cut_at)), cut_at)
     assert len(short.input_ids) == cut_at and short.input_ids == full.input_ids[:cut_at]
     assert [i for i, k in enumerate(short.labels) if k != -100] == marks[:2]
     assert task.loss_items(short) == 2 and task.loss_items(full) == 4
@@ -204,7 +204,7 @@ def test_huber_loss_and_unlabelled_steps(tiny_model_dir, tmp_path):
     task = ConfidenceHead()
     cfg = ch_config(tiny_model_dir, tmp_path, head_loss="huber", head_huber_delta=0.25)
     model, tok = task.load_model(cfg, CPU)
-    objective = task.objective(model).eval()
+    objective = task.objective(model, cfg).eval()
     feats = [encode_steps(p, s, y, tok, "<CONFIDENCE>", None) for p, s, y in EXAMPLES]
     batch = collate_steps(feats, tok.pad_token_id)
     pred = objective.scores(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["step_mask"])
@@ -293,7 +293,7 @@ def test_lora_trains_adapter_marker_row_and_head(lora_run, tiny_model_dir):
     assert not torch.equal(marker_rows[0][0], original["model.embed_tokens.weight"].mean(0))  # trained from the mean
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     head = load_file(str(ckpt / HEAD_FILE))
-    fresh = ConfidenceHead().objective_for(model, lora_run["cfg"]).head.state_dict()  # same shapes, new init
+    fresh = ConfidenceHead().objective(model, lora_run["cfg"]).head.state_dict()  # same shapes, new init
     assert set(head) == set(fresh) and any(not torch.equal(head[k], fresh[k]) for k in head)
 
 
@@ -308,7 +308,7 @@ def test_lora_checkpoint_round_trip_gives_identical_scores(lora_run):
 # --- the scoring command ------------------------------------------------------------------------------------------
 def test_score_steps_command(full_run, tmp_path, capsys):
     from app.__main__ import main
-    from app.infer import PartialFile, checkpoint_config, fingerprint
+    from app.runs import PartialFile, checkpoint_config, fingerprint
     from app.tasks.confidence_head.task import step_metrics
 
     records = [json.loads(line) for line in DEV.read_text().splitlines()[:10]]

@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT
 
 from app.__main__ import main
-from app.infer import OutputPaths, PartialFile, _share, find_checkpoint, resolve_checkpoint
+from app.runs import PartialFile, find_checkpoint, resolve_checkpoint
+from app.tasks.nli_cot.predict import OutputPaths, _share
 
 NEW_TOKENS = "--max_new_tokens=6"
 BATCH = "--infer_batch_size=4"
@@ -72,11 +73,11 @@ def mirrored_input(workdir) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from app.tasks.nli_cot.task import build_prompt
-    from app.config import Config
+    from app.tasks.nli_cot.prompts import build_prompt
+    from app.config import make_config
 
     tok = AutoTokenizer.from_pretrained(ckpt(workdir))
-    cfg = Config()
+    cfg = make_config()
     picked, seen = [], set()
     for row in read_csv(ROOT / "data" / "sample" / "test.csv")[:12]:
         row = dict(row)
@@ -138,13 +139,13 @@ def test_order_count_and_fallback_rows(reference, mirrored_input):
 
 SLOW_BATCHES = """
 import sys, time
-import app.infer as infer
-add = infer.PartialFile.add
+import app.runs as runs
+add = runs.PartialFile.add
 def slow_add(self, records):
     out = add(self, records)
     time.sleep(0.4)
     return out
-infer.PartialFile.add = slow_add
+runs.PartialFile.add = slow_add
 from app.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -204,9 +205,14 @@ def test_partial_file_of_another_run_is_discarded(tmp_path, capsys):
     again.close()
     other = PartialFile(path, "bbb", 3)
     assert other.done == {}
+    other.add([{"i": 2, "label": 0}])  # the first finished batch replaces the other run's file
     other.close()
     assert "another input, checkpoint or config" in capsys.readouterr().err
     assert json.loads(path.read_text().splitlines()[0])["fingerprint"] == "bbb"
+    assert len(path.read_text().splitlines()) == 2
+    unused = PartialFile(tmp_path / "never.partial.jsonl", "ccc", 3)  # nothing finished: nothing written
+    unused.close()
+    assert not (tmp_path / "never.partial.jsonl").exists()
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
@@ -250,7 +256,8 @@ def test_bad_settings_exit_2(args, message, tmp_path, workdir, mirrored_input, c
     code = main(["infer", str(mirrored_input), "--checkpoint", ckpt(workdir), "--output", str(tmp_path / "o.csv"), *args])
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err and err.count("\n") == 2  # the checkpoint line, then the one-line error
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")  # checked before anything runs
+    assert not list(tmp_path.iterdir())  # no output, no partial file
 
 
 def test_no_checkpoint_anywhere(tmp_path, monkeypatch, mirrored_input, capsys):
@@ -283,12 +290,12 @@ def test_long_field_empty_premise_and_jsonl(tmp_path, workdir, capsys):
 def test_fit_prompts_respects_budget(workdir):
     from transformers import AutoTokenizer
 
-    from app.config import Config
-    from app.infer import fit_prompts
-    from app.tasks.nli_cot.task import build_prompt
+    from app.config import make_config
+    from app.tasks.nli_cot.predict import fit_prompts
+    from app.tasks.nli_cot.prompts import build_prompt
 
     tok = AutoTokenizer.from_pretrained(ckpt(workdir))
-    cfg = Config(max_seq_length=120, max_new_tokens=20)
+    cfg = make_config(max_seq_length=120, max_new_tokens=20)
     values = [{"premise": "alpha beta " * 500, "hypothesis": "gamma " * 300},
               {"premise": "short", "hypothesis": "delta epsilon " * 400},
               {"premise": "short", "hypothesis": "also short"}]

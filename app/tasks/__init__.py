@@ -4,7 +4,7 @@ A task is a package with
   config.py    its config section (a pydantic `Section`), METRICS (name -> "max"/"min") and DEFAULT_METRIC;
                torch-free, so `python -m app config` stays light
   task.py      a `Task` subclass (protocol: app/tasks/protocol.py)
-  commands.py  optional: click commands of its own (`tag`, `score-steps`, ...), a list named COMMANDS
+  commands.py  optional: click commands of its own (`tag`, `score-steps`, ...), named in its registry entry
 Adding one is a package plus one entry here; the engine does not change.
 """
 
@@ -24,15 +24,15 @@ class TaskEntry:
     schema: str  # class name in <package>.config
     task: str  # class name in <package>.task
     sample: str  # "module:function" writing the bundled sample data to a directory
-    has_commands: bool = False
+    commands: tuple[str, ...] = ()  # click commands in <package>.commands, by command name
 
 
 TASKS = {
     "nli_cot": TaskEntry("app.tasks.nli_cot", "NliCotConfig", "NliCot", "sample:write_sample"),
     "confidence_tokens": TaskEntry("app.tasks.confidence_tokens", "ConfidenceTokensConfig", "ConfidenceTokens",
-                                   "sample:write_sample", has_commands=True),
+                                   "sample:write_sample", commands=("tag",)),
     "confidence_head": TaskEntry("app.tasks.confidence_head", "ConfidenceHeadConfig", "ConfidenceHead",
-                                 "step_data:write_synthetic", has_commands=True),
+                                 "step_data:write_synthetic", commands=("score-steps", "steps")),
 }
 
 
@@ -80,14 +80,14 @@ def write_sample(name: str, directory) -> list:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
 
 
-def task_commands() -> list:
-    """The click commands tasks register (their modules import click only; the work is imported when run)."""
-    out = []
+def task_command_paths() -> dict[str, str]:
+    """Command name -> "module:attribute" of the click commands tasks register (imported when run or listed)."""
+    out = {}
     for entry in TASKS.values():
-        if entry.has_commands:
-            out += importlib.import_module(f"{entry.package}.commands").COMMANDS
+        for name in entry.commands:
+            out[name] = f"{entry.package}.commands:{name.replace('-', '_')}"
     return out
 
 
-__all__ = ["TASKS", "check_task_name", "default_metric", "get_task", "task_commands", "task_metrics", "task_schema",
+__all__ = ["TASKS", "check_task_name", "default_metric", "get_task", "task_command_paths", "task_metrics", "task_schema",
            "write_sample"]

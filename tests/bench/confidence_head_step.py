@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 def build(args, device):
     import torch
 
-    from app.config import Config
+    from app.config import make_config
     from app.tasks.confidence_head.task import ConfidenceHead
     from app.lm.tiny import build_model
 
@@ -57,14 +57,14 @@ def build(args, device):
     model = build_model(vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers)
     model.config._attn_implementation = "sdpa"
     marker = args.vocab - 1
-    cfg = Config(task="confidence_head", finetuning="lora" if args.lora else "full", lora_dropout=0.1)
+    cfg = make_config(task="confidence_head", finetuning="lora" if args.lora else "full", lora_dropout=0.1)
     if args.lora:
         from app.lm.modeling import add_adapters
 
         model = add_adapters(model, cfg, [marker])
     model.to(device)
     task = ConfidenceHead()
-    objective = task.objective_for(model, cfg).to(device)
+    objective = task.objective(model, cfg).to(device)
     objective.train()
 
     g = torch.Generator().manual_seed(1)

@@ -6,7 +6,7 @@
 Model: the embedded tiny Mistral-architecture model (`app.lm.tiny.build_model`) with a 32k vocabulary (the size of the
 real Mistral tokenizer) plus the four confidence tokens, fp32 on CPU (bf16 autocast on CUDA), LoRA as the recipe
 (r=16, alpha=32, all linear projections) with the token rows trainable in the input embeddings and the LM head
-(`app.tasks.confidence_tokens.add_lora`), AdamW. Batch: `--batch` random sequences of `--seq` tokens, each ending in
+(`app.lm.modeling.add_adapters(..., head_rows=True)`), AdamW. Batch: `--batch` random sequences of `--seq` tokens, each ending in
 a confidence token that is the only target (labels -100 elsewhere).
 
   tokens      `ConfidenceTokenLoss(model, "full_vocab")`: the decoder's hidden states, one gathered row per example,
@@ -57,9 +57,9 @@ def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from app.config import Config
+    from app.config import make_config
     from app.tasks.confidence_tokens.loss import ConfidenceTokenLoss
-    from app.tasks.confidence_tokens.task import add_lora
+    from app.lm.modeling import add_adapters
     from app.lm.tiny import build_model
 
     torch.set_num_threads(args.threads)
@@ -67,9 +67,9 @@ def worker(args) -> dict:
     vocab = args.vocab + 4
     model = build_model(vocab_size=vocab, hidden_size=args.hidden, layers=args.layers, seed=0)
     token_ids = list(range(args.vocab, vocab))
-    cfg = Config(finetuning="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+    cfg = make_config(task="confidence_tokens", finetuning="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = add_lora(model, cfg, token_ids).to(device)
+    model = add_adapters(model, cfg, token_ids, head_rows=True).to(device)
     model.train()
 
     gen = torch.Generator().manual_seed(1)

@@ -42,7 +42,7 @@ def load_rows(path: Path, n: int) -> list[dict]:
 
 def pick_checkpoint(arg: str | None, tmp: Path) -> Path:
     from app.errors import UserError
-    from app.infer import find_checkpoint
+    from app.runs import find_checkpoint
 
     if arg:
         return Path(arg)
@@ -112,9 +112,11 @@ def main(argv=None) -> int:
 
     from app.tasks.nli_cot.extract import extract_label
     from app.lm.generate import generate, generate_batches
-    from app.infer import checkpoint_config, fit_prompts
+    from app.runs import checkpoint_config
+    from app.tasks.nli_cot.predict import fit_prompts
     from app.lm.modeling import load_for_inference
-    from app.tasks.nli_cot.task import NliCot, build_prompt
+    from app.tasks.nli_cot.prompts import build_prompt
+    from app.tasks.nli_cot.task import NliCot
 
     shared = ROOT.parent / "shared" / "fixtures" / "nli" / "dev_sample.csv"
     data = Path(args.data) if args.data else (shared if shared.is_file() else ROOT / "data" / "sample" / "test.csv")

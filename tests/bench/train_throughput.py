@@ -99,7 +99,7 @@ def encode_features(cfg):
 
     task = get_task(cfg.task)
     tok = load_tokenizer(cfg)
-    rows = task.validate(cfg.train_file, read_rows(cfg.train_file, task.required_columns))
+    rows = task.validate(cfg.train_file, read_rows(cfg.train_file, task.required_columns), cfg)
     return tok, encode_all(task, rows, tok, cfg, cfg.train_file)
 
 

@@ -51,4 +51,4 @@ def synthetic(directory):
     return 0
 
 
-COMMANDS = [score_steps, steps]
+

@@ -23,4 +23,4 @@ def tag(input_file, output, dataset, config_file, checkpoint, limit, overrides):
     return run(input_file, output, dataset, config_file, checkpoint, limit, overrides)
 
 
-COMMANDS = [tag]
+

@@ -57,6 +57,9 @@ class InputData:
     labels: list[int] | None  # gold labels when the input has a filled label column
     ids: list[str] | None
 
+    def __len__(self) -> int:
+        return len(self.values)
+
 
 def load_input(path: str | Path) -> InputData:
     path = Path(path)
