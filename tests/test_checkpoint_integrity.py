@@ -309,7 +309,6 @@ def test_verify_command_one_line_per_checkpoint(lora_run, tmp_path):
 
 
 # --- infer (wired by the infer command) -----------------------------------------------------------------------
-@pytest.mark.xfail(reason="infer calls verify_checkpoint once the run shell lands", strict=False)
 def test_infer_on_a_broken_checkpoint_is_one_line_exit_2(full_run, tmp_path):
     directory = copy(final(full_run), tmp_path / "ck")
     corrupt(directory / "model.safetensors", "truncate")
