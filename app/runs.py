@@ -97,12 +97,10 @@ def resolve_checkpoint(arg: str | None, root: str | Path = CHECKPOINT_ROOT) -> t
 
 
 def verify(checkpoint: Path) -> None:
-    """The checkpoint's files against its manifest (where the engine provides the check)."""
-    from app.engine import checkpoint as ckpt
+    """The checkpoint's files against its manifest (sizes and sha256); a one-line UserError naming the bad file."""
+    from app.engine.checkpoint import verify_checkpoint
 
-    check = getattr(ckpt, "verify_checkpoint", None)
-    if check is not None:
-        check(checkpoint)
+    verify_checkpoint(checkpoint)
 
 
 # --- checkpoint config ---------------------------------------------------------------------------------------------

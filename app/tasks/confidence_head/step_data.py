@@ -14,11 +14,13 @@ generic   JSONL (or a JSON array), one solution per line:
 
 prm800k   PRM800K in its original schema (one labelling session per line: `question.problem`, `label.steps[]` with
           `completions[]` (`text`, `rating` -1/0/1 or null), `chosen_completion`, `human_completion`, and
-          `label.finish_reason`). Mapping, one trajectory per record:
+          `label.finish_reason`), as JSON lines or as the pretty-printed records shared in examples (objects one
+          after another, each over many lines). Mapping, one trajectory per record:
           - the trajectory follows each step's `chosen_completion`; where it is null and the labeller wrote a
             `human_completion`, that text continues the trajectory; where both are null the trajectory ends there,
             with the first completion rated -1 as its last step when there is one (that is how a `found_error`
-            session ends), else without that step (`give_up`, unrated ends);
+            session ends), else without that step (`give_up` sessions, whose last step has `completions: null`,
+            and unrated ends);
           - rating 1 -> 1.0, 0 -> 0.5, -1 -> 0.0, null -> unlabelled (kept as context: a human completion is
             usually unrated);
           - records with finish_reason `bad_problem`, or with no step on the trajectory, are skipped; the rejected
@@ -44,7 +46,8 @@ eqasc     eQASC (Jhamtani & Clark 2020), the released JSON array of QASC questio
           only "yes" is positive). Chains on wrong choices and chains without a turk label are skipped.
 
 `python -m app.tasks.confidence_head.step_data synthetic DIR` writes the bundled synthetic set (data/sample/steps/);
-`python -m app.tasks.confidence_head.step_data convert IN OUT [--format F]` writes any supported file as generic JSONL.
+`python -m app.tasks.confidence_head.step_data convert IN OUT [--format=F]` (and `python -m app steps convert`, through
+`convert(in_path, out_path, fmt)`) writes any supported file as generic JSONL, atomically.
 """
 
 from __future__ import annotations
@@ -157,9 +160,14 @@ def _prm_rating(completion: dict, where: str):
     rating = completion.get("rating")
     if rating is None:
         return None
-    if isinstance(rating, bool) or rating not in PRM_RATING:
-        raise UserError(f"{where}: rating must be -1, 0, 1 or null, found {rating!r}")
+    if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating not in PRM_RATING:
+        raise UserError(f"{where}: rating must be -1, 0, 1 or null, found {_short(rating)}")
     return PRM_RATING[rating]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def prm800k_trajectory(record: dict, where: str) -> tuple[list[str], list[float | None]] | None:
@@ -174,9 +182,13 @@ def prm800k_trajectory(record: dict, where: str) -> tuple[list[str], list[float 
     steps, labels = [], []
     for k, step in enumerate(label["steps"]):
         at = f"{where}: label.steps[{k}]"
-        if not isinstance(step, dict) or not isinstance(step.get("completions"), list):
+        if not isinstance(step, dict) or "completions" not in step:
             raise UserError(f"{at}: completions missing")
         completions, chosen, human = step["completions"], step.get("chosen_completion"), step.get("human_completion")
+        if completions is None:  # the last step of a give_up session: nothing was generated or chosen there
+            completions = []
+        if not isinstance(completions, list):
+            raise UserError(f"{at}: completions must be a list or null, found {type(completions).__name__}")
         if chosen is not None:
             if isinstance(chosen, bool) or not isinstance(chosen, int) or not 0 <= chosen < len(completions):
                 raise UserError(f"{at}: chosen_completion={chosen!r} is not an index of its {len(completions)} completions")
@@ -230,8 +242,8 @@ def _reveal(path, records: list[Row], marker: str, require_labels: bool) -> list
                 raise UserError(f"{where}: missing column {key!r} (REVEAL rows need answer_id, step_idx, step)")
         try:
             idx = int(float(v["step_idx"]))
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: step_idx must be an integer, found {v['step_idx']!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{where}: step_idx must be an integer, found {_short(v['step_idx'])}") from None
         answer = answers.setdefault(str(v["answer_id"]), {"line": rec.line, "question": v.get("question"), "steps": {}})
         step = answer["steps"].setdefault(idx, {"text": v["step"], "attr": [], "logic": [], "types": set()})
         kind = _norm(v.get("type"))
@@ -332,9 +344,9 @@ def mix(datasets: list[tuple[str, float, list[Row]]], size: int, seed: int) -> l
 
 
 # --- the synthetic sample set ---------------------------------------------------------------------------------
-NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lucia"]
-ACTIVITIES = ["reading", "cooking", "sleeping", "singing", "painting", "talking", "waiting", "writing"]
-PLACES = ["kitchen", "library", "office", "bedroom", "museum", "garage", "park", "garden", "forest", "beach"]
+from app.tasks.sample_vocab import ACTIVITIES, NAMES, PLACES as _WHERE  # noqa: E402
+
+PLACES = list(_WHERE)[:10]  # the step sample uses the first ten places
 
 
 def synthetic_example(rng: random.Random) -> dict:
@@ -358,20 +370,54 @@ SYNTHETIC_SPLITS = {"train": (400, 11), "dev": (100, 12)}
 
 
 def write_synthetic(out_dir: str | Path) -> list[Path]:
+    """Write the synthetic train/dev split files into `out_dir` (atomically); a folder that cannot be written is a
+    one-line UserError."""
+    from app.atomic import write_atomic
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for split, (n, seed) in SYNTHETIC_SPLITS.items():
-        rng = random.Random(seed)
-        path = out_dir / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(synthetic_example(rng)) + "\n" for _ in range(n)), encoding="utf-8")
-        written.append(path)
+    try:
+        for split, (n, seed) in SYNTHETIC_SPLITS.items():
+            rng = random.Random(seed)
+            path = out_dir / f"{split}.jsonl"
+            write_atomic(path, "".join(json.dumps(synthetic_example(rng)) + "\n" for _ in range(n)))
+            written.append(path)
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot write the synthetic set ({err.strerror or err})") from None
     return written
 
 
+# --- conversion -----------------------------------------------------------------------------------------------
+def convert(in_path: str | Path, out_path: str | Path, fmt: str = "auto") -> int:
+    """Write the examples of `in_path` (any supported format) to `out_path` as generic JSONL; the number of rows
+    written. The output is written atomically (a temporary file renamed into place), so an error leaves nothing
+    behind; any problem is a one-line UserError."""
+    from app.atomic import write_atomic
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if fmt != "auto" and fmt not in READERS:
+        raise UserError(f"--format={fmt}: unknown step data format (known: auto, {', '.join(FORMATS)})")
+    if out_path.is_dir():
+        raise UserError(f"{out_path}: is a directory; give the output file (e.g. {out_path / 'steps.jsonl'})")
+    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
+        raise UserError(f"{out_path}: the output is the input file; choose another path")
+    rows = read_step_file(in_path, fmt, require_labels=False)
+    text = "".join(json.dumps({k: r.values[k] for k in ("problem", "steps", "labels")}, ensure_ascii=False) + "\n"
+                   for r in rows)
+    parent = out_path.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"{out_path}: cannot create its folder, {blocker} is a file")
+    try:
+        write_atomic(out_path, text)
+    except OSError as err:
+        raise UserError(f"{out_path}: cannot write ({err.strerror or err})") from None
+    return len(rows)
+
+
 # --- command line ---------------------------------------------------------------------------------------------
-USAGE = ("usage: python -m app.tasks.confidence_head.step_data synthetic DIR\n"
-         "       python -m app.tasks.confidence_head.step_data convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
+USAGE = ("usage: python -m app.tasks.confidence_head.step_data synthetic DIR | "
+         "convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
 
 
 def main(argv: list[str]) -> int:
@@ -386,11 +432,8 @@ def main(argv: list[str]) -> int:
                 if not argv[3].startswith("--format="):
                     raise UserError(USAGE)
                 fmt = argv[3].split("=", 1)[1]
-            rows = read_step_file(argv[1], fmt, require_labels=False)
-            out = Path(argv[2])
-            out.write_text("".join(json.dumps({k: r.values[k] for k in ("problem", "steps", "labels")}, ensure_ascii=False)
-                                   + "\n" for r in rows), encoding="utf-8")
-            print(f"wrote {len(rows)} examples to {out}")
+            n = convert(argv[1], argv[2], fmt)
+            print(f"wrote {n} examples to {argv[2]}")
             return 0
         raise UserError(USAGE)
     except UserError as err:

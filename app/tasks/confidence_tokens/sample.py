@@ -19,8 +19,8 @@ WHERE_OPTIONS = ("indoors", "outdoors", "in the sea", "in the air", "under the g
 
 def synthetic_raw(dataset: str, n: int, seed: int, claims=("indoors", "outdoors")) -> list[dict]:
     """Raw rows: BoolQ-like (question, passage, answer) or MedQA-like (question, options A-E, answer letter), each
-    with `place` (the word the answer depends on). Gold answers follow app.tasks.nli_cot.sample.PLACES."""
-    from app.tasks.nli_cot.sample import ACTIVITIES, NAMES, PLACES
+    with `place` (the word the answer depends on). Gold answers follow app.tasks.sample_vocab.PLACES."""
+    from app.tasks.sample_vocab import ACTIVITIES, NAMES, PLACES
 
     rng = random.Random(seed)
     rows = []

@@ -4,7 +4,7 @@ Premises place a person in a room or outdoors; hypotheses claim the person is in
 The label follows from one fact per place, so a tiny model can learn it on a CPU in a minute, and the
 thought process spells out the reasoning so chain-of-thought training has something to imitate.
 
-Regenerate with `python -m app.tasks.nli_cot.sample data/sample` (deterministic).
+Regenerate with `python -m app sample-data nli_cot data/sample` (deterministic).
 """
 
 from __future__ import annotations
@@ -14,13 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lucia"]
-ACTIVITIES = ["reading", "cooking", "sleeping", "singing", "painting", "talking", "waiting", "writing"]
-PLACES = {
-    "kitchen": "indoors", "library": "indoors", "office": "indoors", "bedroom": "indoors",
-    "museum": "indoors", "garage": "indoors", "park": "outdoors", "garden": "outdoors",
-    "forest": "outdoors", "beach": "outdoors", "street": "outdoors", "field": "outdoors",
-}
+from app.tasks.sample_vocab import ACTIVITIES, NAMES, PLACES
 PREMISES = ["{name} is {activity} in the {place}.", "In the {place}, {name} is {activity}."]
 HYPOTHESES = ["{name} is {claim}.", "{name} is {activity} {claim}."]
 
