@@ -2,6 +2,14 @@
 
 Every reader returns a list of plain dict rows plus the line number each row came from, so that later
 validation (a bad label, say) can still point at the right line.
+
+Formats, by suffix: `.jsonl`/`.ndjson`/`.json` are JSON: one object per line (lines end at `\n` only, a
+trailing `\r` is dropped: U+2028, U+2029 or U+0085 inside a string are data), one JSON array of
+objects, or objects written one after another, each over several lines (pretty-printed records); anything
+else is CSV with a header line (names must be unique). Every problem is a `UserError` of one line naming
+the file and, where there is one, the line: a missing, unreadable or non-regular file, undecodable bytes,
+an empty file, broken JSON, JSON nested too deeply, a non-object record, a duplicated CSV column, a row with
+the wrong number of fields.
 """
 
 from __future__ import annotations
@@ -24,9 +32,17 @@ class Row:
 
 
 def read_text(path: Path) -> str:
-    if not path.is_file():
+    path = Path(path)
+    if not path.exists():
         raise UserError(f"{path}: file not found")
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
         text = raw.decode("utf-8-sig")  # course files start with a UTF-8 BOM
     except UnicodeDecodeError as err:
@@ -63,6 +79,11 @@ def _read_csv(path: Path, text: str) -> list[Row]:
     except (StopIteration, csv.Error) as err:
         raise UserError(f"{path}:1: cannot read the CSV header ({err})") from None
     header = [h.strip() for h in header]
+    seen: set[str] = set()
+    for name in header:
+        if name and name in seen:
+            raise UserError(f"{path}:1: column {name!r} appears more than once in the header")
+        seen.add(name)
     rows: list[Row] = []
     start = reader.line_num + 1
     try:
@@ -81,15 +102,49 @@ def _read_csv(path: Path, text: str) -> list[Row]:
     return rows
 
 
+def json_lines(text: str) -> list[str]:
+    """Lines of a JSON-lines text: split at `\n` only (U+2028, U+2029 and U+0085, which JSON strings may hold, are
+    not line ends, unlike for `str.splitlines`), a trailing `\r` dropped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _loads(path: Path, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{number}: broken JSON line ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}:{number}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise UserError(f"{path}:{number}: broken JSON line ({err})") from None
+
+
 def _read_jsonl(path: Path, text: str) -> list[Row]:
+    lines = json_lines(text)
+    first = next((line for line in lines if line.strip()), "")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if first.lstrip().startswith("{") and text.startswith("{", start):
+        try:
+            json.loads(first)
+        except (ValueError, RecursionError):
+            # no whole object on the first line: pretty-printed objects one after another when the first one decodes
+            # across lines; otherwise that line is simply broken (and reported as such below)
+            try:
+                json.JSONDecoder().raw_decode(text, start)
+            except RecursionError:
+                return _read_json_values(path, text, start, closing=None)  # reports it, naming the line
+            except ValueError:
+                pass
+            else:
+                return _read_json_values(path, text, start, closing=None)
     rows: list[Row] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: broken JSON line ({err.msg} at column {err.colno})") from None
+        value = _loads(path, number, line)
         if not isinstance(value, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, found {type(value).__name__}")
         rows.append(Row(number, value))
@@ -98,20 +153,32 @@ def _read_jsonl(path: Path, text: str) -> list[Row]:
 
 def _read_json_array(path: Path, text: str) -> list[Row]:
     """Objects of a JSON array, each with the line it starts on (decoded one by one, so errors have lines)."""
-    decoder, pos = json.JSONDecoder(), len(text) - len(text.lstrip()) + 1
+    return _read_json_values(path, text, len(text) - len(text.lstrip()) + 1, closing="]")
+
+
+def _read_json_values(path: Path, text: str, pos: int, closing: str | None) -> list[Row]:
+    """JSON objects from `pos` on, separated by white space (and commas inside an array), up to `closing` (`]`) or
+    the end of the text (objects one after another), each with the line it starts on."""
+    decoder = json.JSONDecoder()
     rows: list[Row] = []
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while pos < len(text) and text[pos] in (" \t\r\n," if closing else " \t\r\n"):
             pos += 1
         if pos >= len(text):
+            if closing is None:
+                return rows
             raise UserError(f"{path}:{text.count(chr(10)) + 1}: JSON array not closed")
-        if text[pos] == "]":
+        if text[pos] == closing:
             return rows
         line = text.count("\n", 0, pos) + 1
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line}: JSON nested too deeply") from None
+        except ValueError as err:
+            raise UserError(f"{path}:{line}: broken JSON ({err})") from None
         if not isinstance(value, dict):
             raise UserError(f"{path}:{line}: expected a JSON object, found {type(value).__name__}")
         rows.append(Row(line, value))

@@ -82,6 +82,11 @@ esac
 if [[ -n $gpus ]] && ! [[ $gpus =~ ^[1-9][0-9]*$ ]]; then
     die "--gpus needs a positive number of GPUs, got '$gpus'"
 fi
+case "${FINETUNE_DOCKER_USER:-auto}" in
+    auto|image|host) ;;
+    *) [[ $FINETUNE_DOCKER_USER =~ ^[0-9]+(:[0-9]+)?$ ]] ||
+           die "FINETUNE_DOCKER_USER='$FINETUNE_DOCKER_USER': expected auto, image, host or UID[:GID]" ;;
+esac
 ((${#args[@]})) || die "missing $WHAT; usage: $PROG $WHAT [--mode M] [--gpus N] [--dry-run] [--key=value ...] (--help)"
 target="${args[0]}"
 rest=("${args[@]:1}")
@@ -170,12 +175,14 @@ collect_mounts() {
         case "${rest[i]}" in
             --checkpoint|--output) ((i + 1 < ${#rest[@]})) && value="${rest[i + 1]}" ;;
             --checkpoint=*|--output=*) value="${rest[i]#*=}" ;;
+            --out_dir=*) value="${rest[i]#*=}"; value="${value#[\'\"]}"; value="${value%[\'\"]}"
+                         [[ $value != None ]] || value="" ;;
         esac
         [[ -n $value ]] || continue
         value="$(abs_path "$value")"
         case "${rest[i]}" in
             --checkpoint*) add_mount "$value" ro ;;
-            --output*) add_mount "$(dirname "$value")" rw ;;
+            --output*|--out_dir*) add_mount "$(dirname "$value")" rw ;;
         esac
     done
 }
@@ -193,6 +200,67 @@ docker_has_gpu() {
     esac
     docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia && return 0
     command -v nvidia-container-runtime-hook >/dev/null 2>&1
+}
+
+# Who the container runs as (FINETUNE_DOCKER_USER): `auto` (default) is your own uid:gid, so files written to
+# the mounts belong to you, except from a root shell, where it is the image's own non-root user (not root);
+# `image`: the image's user; `host`: your uid:gid, even root; `UID[:GID]`: that user.
+image_user() {  # the image's USER as uid[:gid]; 1000:1000 (the Dockerfiles' default) when it cannot be read
+    local user
+    if user="$(docker image inspect --format '{{.Config.User}}' "$image" 2>/dev/null)"; then
+        user="${user//[[:space:]]/}"
+        echo "${user:-0:0}"   # no USER in the image: root
+    else
+        echo "1000:1000"
+    fi
+}
+
+docker_user() {
+    local spec="${FINETUNE_DOCKER_USER:-auto}"
+    case "$spec" in
+        auto) if [[ $(id -u) == 0 ]]; then image_user; else echo "$(id -u):$(id -g)"; fi ;;
+        image) image_user ;;
+        host) echo "$(id -u):$(id -g)" ;;
+        *) echo "$spec" ;;   # UID[:GID], checked with the other arguments
+    esac
+}
+
+# From a root shell with a non-root container user, the folders the run writes to must be writable by that user:
+# the Hugging Face cache, and for training checkpoints/ in the working directory (the configs' out_dir) and an
+# --out_dir override, for inference the folder of --output. They are created and given to that user (chown -R);
+# the checkout and the working directory themselves are never changed.
+writable_dirs() {  # prints one folder per line
+    local repo cwd value i
+    repo="$(abs_path "$REPO")"
+    cwd="$(abs_path "$PWD")"
+    own() {  # DIR: printed, unless it is the checkout, the working directory or a folder above them
+        if is_under "$repo" "$1" || is_under "$cwd" "$1"; then
+            note "warning: the container runs as the image's user ($container_user), which may not be allowed to write to $1; give it a folder of its own (e.g. --output predictions/predictions.csv) or set FINETUNE_DOCKER_USER=host"
+        else
+            echo "$1"
+        fi
+    }
+    own "$(abs_path "$(hf_cache_host)")"
+    if [[ $COMMAND == train ]]; then
+        own "$cwd/checkpoints"
+        for ((i = 0; i < ${#rest[@]}; i++)); do
+            case "${rest[i]}" in
+                --out_dir=*)
+                    value="${rest[i]#*=}"
+                    value="${value#[\'\"]}"; value="${value%[\'\"]}"
+                    if [[ -n $value && $value != None ]]; then own "$(abs_path "$value")"; fi ;;
+            esac
+        done
+    else
+        value="predictions.csv"
+        for ((i = 0; i < ${#rest[@]}; i++)); do
+            case "${rest[i]}" in
+                --output) ((i + 1 < ${#rest[@]})) && value="${rest[i + 1]}" ;;
+                --output=*) value="${rest[i]#*=}" ;;
+            esac
+        done
+        own "$(dirname "$(abs_path "$value")")"
+    fi
 }
 
 build_command() {
@@ -226,7 +294,8 @@ build_command() {
         cmd=(docker run --rm --init)
         if [[ -t 0 && -t 1 && $dry_run == 0 ]]; then cmd+=(--interactive --tty); fi
         cmd+=("${gpu_flags[@]}" --shm-size "${FINETUNE_SHM_SIZE:-16g}" --ulimit memlock=-1 --ulimit stack=67108864)
-        cmd+=(--user "$(id -u):$(id -g)" --env HOME=/tmp)
+        container_user="$(docker_user)"
+        cmd+=(--user "$container_user" --env HOME=/tmp)
         if [[ -f $REPO/.env ]]; then cmd+=(--env-file "$REPO/.env"); fi
         local name m
         for name in "${PASS_ENV[@]}"; do
@@ -268,6 +337,7 @@ build_command() {
 
 cmd=()
 inner=()
+container_user=""
 build_command
 
 # Set-up steps that have to happen first (local .venv), as commands.
@@ -279,11 +349,21 @@ if [[ $mode == local && ! -x $REPO/.venv/bin/python ]]; then
            "$(printf %q "$REPO/.venv/bin/pip") install torch==${torch_pin:-2.13.0}"
            "$(printf %q "$REPO/.venv/bin/pip") install -e $(printf %q "$REPO")")
 fi
+docker_setup() {  # root caller, non-root container user: make the folders the run writes to writable by it
+    if [[ $(id -u) == 0 && ${container_user%%:*} =~ ^[0-9]+$ && ${container_user%%:*} != 0 ]]; then
+        local dir
+        while IFS= read -r dir; do
+            [[ -n $dir ]] && setup+=("mkdir -p $(printf %q "$dir") && chown -R $container_user $(printf %q "$dir")")
+        done < <(writable_dirs)
+    fi
+    return 0
+}
 
 quoted() { local out; printf -v out '%q ' "$@"; echo "${out% }"; }
 
 if ((dry_run)); then
     note "mode: $mode ($reason)"
+    if [[ $mode == docker ]]; then docker_setup; fi
     if [[ $mode == docker ]] && ! docker image inspect "$image" >/dev/null 2>&1; then
         note "warning: image $image is not built yet"
     fi
@@ -302,6 +382,11 @@ docker)
         die "image $image is not built; build it with: docker build -f $dockerfile -t $image $(printf %q "$REPO")"
     fi
     mkdir -p "$(hf_cache_host)"
+    docker_setup
+    for line in "${setup[@]}"; do
+        echo "+ $line" >&2
+        eval "$line" || die "making the mounts writable for the container user $container_user failed at: $line (or set FINETUNE_DOCKER_USER=host)"
+    done
     ;;
 apptainer)
     [[ -e $image ]] || die "Apptainer image $image not found; build it with: $(container_cli) build $(printf %q "$image") docker-daemon://$(default_image docker) (on a machine with Docker, after docker build; see docker/README.md)"

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_FILES = ["run_training.sh", "run_inference.sh", "docker/launch.sh", "docker/constraints.txt",
                   "pyproject.toml", "docker/slurm/train.sbatch"]
 SYSTEM_TOOLS = ["bash", "sh", "env", "sed", "head", "dirname", "basename", "realpath", "id", "timeout", "grep",
-                "mkdir", "cat", "hostname", "sleep", "kill"]
+                "mkdir", "cat", "hostname", "sleep", "kill", "chown"]
 VERSION = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
                if line.startswith("version"))
 TRAIN_IMAGE = f"finetune-runner-train:{VERSION}"
@@ -51,6 +51,8 @@ if tool == "docker":
             print(os.environ.get("STUB_DOCKER_RUNTIMES", '{{"runc":{{}}}}'))
         sys.exit(rc("STUB_DOCKER_INFO_RC"))
     if args[:2] == ["image", "inspect"]:
+        if "--format" in args and not rc("STUB_DOCKER_IMAGE_RC"):
+            print(os.environ.get("STUB_DOCKER_IMAGE_USER", "1000:1000"))  # the image's USER
         sys.exit(rc("STUB_DOCKER_IMAGE_RC"))
     sys.exit(rc("STUB_DOCKER_RUN_RC"))
 if tool in ("python3", "python") and args[:2] == ["-m", "venv"]:
@@ -108,8 +110,16 @@ class Machine:
     def stub(self, *tools: str) -> None:
         for tool in tools:
             path = self.bin / tool
+            path.unlink(missing_ok=True)  # never write through a link to a system tool
             path.write_text(STUB.format(python=sys.executable))
             path.chmod(0o755)
+
+    def fake_id(self, uid: int, gid: int) -> None:
+        """`id` answering as the given user (the tests run as root or not; the launcher must not care)."""
+        path = self.bin / "id"
+        path.unlink(missing_ok=True)
+        path.write_text(f'#!/bin/sh\ncase "$1" in -u) echo {uid} ;; -g) echo {gid} ;; *) echo "uid={uid} gid={gid}" ;; esac\n')
+        path.chmod(0o755)
 
     def venv_python(self) -> Path:
         """A stand-in interpreter at repo/.venv/bin/python, so local mode finds an existing .venv."""
@@ -172,6 +182,7 @@ def flag_values(argv: list[str], flag: str) -> list[str]:
 
 def test_auto_picks_docker_and_runs_the_printed_command(docker_box: Machine):
     m = docker_box
+    m.fake_id(1234, 2345)
     dry = m.run("run_training.sh", "configs/tiny.py", "--lora_r=64", "--dry-run")
     printed = dry_run_command(dry)
     assert "mode: docker" in dry.stderr
@@ -185,12 +196,72 @@ def test_auto_picks_docker_and_runs_the_printed_command(docker_box: Machine):
     repo = str(m.repo.resolve())
     assert printed[:4] == ["docker", "run", "--rm", "--init"]
     assert flag_values(printed, "--gpus") == ["all"]
-    assert flag_values(printed, "--user") == [f"{os.getuid()}:{os.getgid()}"]
+    assert flag_values(printed, "--user") == ["1234:2345"]  # the caller's ids: files on the mounts are theirs
+    assert len(dry.stdout.strip().splitlines()) == 1  # no set-up step for a non-root caller
     assert f"{repo}:{repo}:rw" in flag_values(printed, "--volume")
     assert f"{m.env['HF_HOME']}:/cache/huggingface" in flag_values(printed, "--volume")
     assert flag_values(printed, "--workdir") == [repo]
     assert flag_values(printed, "--shm-size") == ["16g"]
     assert printed[-4:] == [TRAIN_IMAGE, "train", "configs/tiny.py", "--lora_r=64"]
+
+
+def test_docker_from_a_root_shell_runs_as_the_image_user_with_writable_mounts(docker_box: Machine, tmp_path: Path):
+    m = docker_box
+    m.fake_id(0, 0)
+    m.stub("chown")
+    cwd = str(m.repo.resolve())
+    out_dir = tmp_path / "runs" / "exp1"
+    dry = m.run("run_training.sh", "configs/tiny.py", f"--out_dir='{out_dir}'", "--dry-run")
+    printed = dry_run_command(dry)
+    assert flag_values(printed, "--user") == ["1000:1000"]  # the image's USER, not 0:0
+    assert f"{out_dir.parent}:{out_dir.parent}:rw" in flag_values(printed, "--volume")
+    hf = m.env["HF_HOME"]
+    assert dry.stdout.strip().splitlines()[:-1] == [
+        f"mkdir -p {hf} && chown -R 1000:1000 {hf}",
+        f"mkdir -p {cwd}/checkpoints && chown -R 1000:1000 {cwd}/checkpoints",
+        f"mkdir -p {out_dir} && chown -R 1000:1000 {out_dir}",
+    ]
+    assert not m.calls("chown")  # a dry run changes nothing
+
+    real = m.run("run_training.sh", "configs/tiny.py", f"--out_dir='{out_dir}'")
+    assert real.returncode == 0, real.stderr
+    assert [c["argv"] for c in m.calls("chown")] == [["-R", "1000:1000", hf], ["-R", "1000:1000", f"{cwd}/checkpoints"],
+                                                      ["-R", "1000:1000", str(out_dir)]]
+    assert out_dir.is_dir() and (m.repo / "checkpoints").is_dir()
+    assert ["docker", *m.last_call("docker", "run")] == printed
+
+    # another USER in the image; inference writes next to --output (a folder of its own) ...
+    results = tmp_path / "results"
+    dry = m.run("run_inference.sh", "data/sample/test.csv", f"--output={results}/pred.csv", "--dry-run",
+                STUB_DOCKER_IMAGE_USER="2000:3000")
+    assert flag_values(dry_run_command(dry), "--user") == ["2000:3000"]
+    assert dry.stdout.strip().splitlines()[-2] == f"mkdir -p {results} && chown -R 2000:3000 {results}"
+    # ... but the working directory itself is never handed over: a warning says what to do instead
+    dry = m.run("run_inference.sh", "data/sample/test.csv", "--dry-run")
+    assert len(dry.stdout.strip().splitlines()) == 2  # the cache only, then the command
+    assert "FINETUNE_DOCKER_USER=host" in dry.stderr and f"may not be allowed to write to {cwd}" in dry.stderr
+
+    # an --out_dir that is the working directory is not handed over either
+    dry = m.run("run_training.sh", "configs/tiny.py", "--out_dir=.", "--dry-run")
+    assert f"chown -R 1000:1000 {cwd}\n" not in dry.stdout and f"may not be allowed to write to {cwd}" in dry.stderr
+
+    # asked for explicitly: root (as before), or a given uid:gid
+    dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="host")
+    assert flag_values(dry_run_command(dry), "--user") == ["0:0"] and len(dry.stdout.strip().splitlines()) == 1
+    dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="4000:4000")
+    assert flag_values(dry_run_command(dry), "--user") == ["4000:4000"]
+    assert "chown -R 4000:4000" in dry.stdout
+    error = one_line_error(m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="nobody"))
+    assert "FINETUNE_DOCKER_USER='nobody'" in error
+
+
+def test_docker_as_a_user_keeps_the_callers_ids_unless_asked(docker_box: Machine):
+    m = docker_box
+    m.fake_id(1234, 2345)
+    printed = dry_run_command(m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="image"))
+    assert flag_values(printed, "--user") == ["1000:1000"]
+    dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run")
+    assert flag_values(dry_run_command(dry), "--user") == ["1234:2345"] and len(dry.stdout.strip().splitlines()) == 1
 
 
 def test_docker_gpus_n_runs_accelerate_launch_inside(docker_box: Machine):

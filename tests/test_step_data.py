@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from app.errors import UserError
 from app.tasks.confidence_head.step_data import main as step_data_main
-from app.tasks.confidence_head.step_data import mix, read_step_file, synthetic_example, write_synthetic
+from app.tasks.confidence_head.step_data import convert, mix, read_step_file, synthetic_example, write_synthetic
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -126,6 +126,71 @@ def test_prm800k_bad_problem_skipped_and_bad_rating_named(tmp_path, shared_fixtu
         read_step_file(write_jsonl(tmp_path / "b.jsonl", [rec, bad]))
 
 
+
+def prm_records(shared_fixtures) -> list[dict]:
+    return [json.loads(line) for line in (shared_fixtures / "prm800k" / "samples.jsonl").read_text().split("\n")
+            if line.strip()]
+
+
+def test_prm800k_give_up_ends_at_the_null_step(tmp_path, shared_fixtures):
+    """A real give_up session ends with a step whose completions, chosen_completion and human_completion are null."""
+    rec = prm_records(shared_fixtures)[2]
+    give_up = json.loads(json.dumps(rec))
+    give_up["label"]["finish_reason"] = "give_up"
+    give_up["label"]["steps"] = rec["label"]["steps"][:3] + [
+        {"completions": None, "human_completion": None, "chosen_completion": None}]
+    rows = read_step_file(write_jsonl(tmp_path / "g.jsonl", [rec, give_up]))
+    assert len(rows) == 2 and rows[1].line == 2
+    assert rows[1].values["steps"] == rows[0].values["steps"][:3] and rows[1].values["labels"] == [1.0, 1.0, 1.0]
+    # a null step in the middle ends the trajectory there too
+    middle = json.loads(json.dumps(give_up))
+    middle["label"]["steps"].insert(1, {"completions": None, "human_completion": None, "chosen_completion": None})
+    assert read_step_file(write_jsonl(tmp_path / "m.jsonl", [middle]))[0].values["labels"] == [1.0]
+    # null completions and a chosen index is still an error naming the step
+    wrong = json.loads(json.dumps(give_up))
+    wrong["label"]["steps"][3]["chosen_completion"] = 0
+    with pytest.raises(UserError, match=r"w\.jsonl:1: label\.steps\[3\]: chosen_completion=0 is not an index"):
+        read_step_file(write_jsonl(tmp_path / "w.jsonl", [wrong]))
+
+
+def test_prm800k_pretty_printed_records_read(tmp_path, shared_fixtures):
+    records = prm_records(shared_fixtures)
+    for name in ("shared.json", "shared.jsonl"):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r, indent=2) for r in records) + "\n", encoding="utf-8")
+        rows = read_step_file(path)
+        expected = read_step_file(shared_fixtures / "prm800k" / "samples.jsonl")
+        assert [r.values["labels"] for r in rows] == [r.values["labels"] for r in expected]
+        assert rows[0].line == 1 and rows[1].line > 20 and rows[2].line > rows[1].line
+
+
+@pytest.mark.parametrize("rating", [[1], {"value": 1}, "1", True, 0.5, 2])
+def test_prm800k_rating_of_the_wrong_type_names_file_line_and_step(tmp_path, shared_fixtures, rating):
+    records = prm_records(shared_fixtures)
+    bad = json.loads(json.dumps(records[0]))
+    bad["label"]["steps"][3]["completions"][0]["rating"] = rating
+    path = write_jsonl(tmp_path / "r.jsonl", [records[1], bad])
+    with pytest.raises(UserError) as err:
+        read_step_file(path)
+    assert str(err.value) == f"{path}:2: label.steps[3]: rating must be -1, 0, 1 or null, found {rating!r}"
+
+
+def test_prm800k_completions_of_the_wrong_type(tmp_path, shared_fixtures):
+    bad = json.loads(json.dumps(prm_records(shared_fixtures)[0]))
+    bad["label"]["steps"][1]["completions"] = "text"
+    with pytest.raises(UserError, match=r"c\.jsonl:1: label\.steps\[1\]: completions must be a list or null"):
+        read_step_file(write_jsonl(tmp_path / "c.jsonl", [bad]))
+    del bad["label"]["steps"][1]["completions"]
+    with pytest.raises(UserError, match=r"c\.jsonl:1: label\.steps\[1\]: completions missing"):
+        read_step_file(write_jsonl(tmp_path / "c.jsonl", [bad]))
+
+
+def test_generic_step_text_with_u2028_reads(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({**GOOD, "steps": ["Add\u2028the numbers.", "It is\u20294."]}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert read_step_file(path)[0].values["steps"] == ["Add\u2028the numbers.", "It is\u20294."]
+
 # --- REVEAL -------------------------------------------------------------------------------------------------------
 REVEAL_COLUMNS = ["answer_id", "question", "step_idx", "step", "type", "relevance_label", "attribution_label",
                   "correctness_label", "evidence"]
@@ -203,11 +268,36 @@ def test_unknown_format_is_reported(tmp_path):
         read_step_file(path)
 
 
-def test_convert_writes_generic(tmp_path, shared_fixtures):
+def test_convert_writes_generic(tmp_path, shared_fixtures, capsys):
     out = tmp_path / "prm.jsonl"
     assert step_data_main(["convert", str(shared_fixtures / "prm800k" / "samples.jsonl"), str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote 3 examples to {out}\n"
     rows = read_step_file(out)
     assert [r.values["format"] for r in rows] == ["generic"] * 3 and rows[0].values["labels"][1] is None
+    again = tmp_path / "sub" / "again.jsonl"
+    assert convert(shared_fixtures / "prm800k" / "samples.jsonl", again, fmt="prm800k") == 3
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_convert_errors_are_one_line_and_leave_nothing(tmp_path, shared_fixtures, capsys):
+    src = shared_fixtures / "prm800k" / "samples.jsonl"
+    (tmp_path / "file").write_text("x")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "labels": [0.5, 2]}])
+    cases = [
+        ([str(src), str(tmp_path)], f"{tmp_path}: is a directory"),
+        ([str(src), str(tmp_path / "file" / "out.jsonl")], f"{tmp_path / 'file' / 'out.jsonl'}: cannot create its folder"),
+        ([str(bad), str(bad)], f"{bad}: the output is the input file"),
+        ([str(bad), str(tmp_path / "o.jsonl")], f"{bad}:2: labels[1] = 2 is outside [0, 1]"),
+        ([str(tmp_path / "none.jsonl"), str(tmp_path / "o.jsonl")], "none.jsonl: file not found"),
+        ([str(src), str(tmp_path / "o.jsonl"), "--format=csv"], "--format=csv: unknown step data format"),
+        ([str(src), str(tmp_path / "o.jsonl"), "--fmt=x"], "usage:"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in cases:
+        assert step_data_main(["convert", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary or partial output
 
 
 # --- weighted mixing ----------------------------------------------------------------------------------------------
