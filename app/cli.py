@@ -156,10 +156,16 @@ def sample_data(task, directory):
 def main(argv: list[str] | None = None) -> int:
     """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from pathlib import Path
+
+    prog = "finetune-runner" if Path(sys.argv[0]).name == "finetune-runner" else "python -m app"
     try:
-        result = cli.main(args=argv, prog_name="python -m app", standalone_mode=False)
+        result = cli.main(args=argv, prog_name=prog, complete_var="_FINETUNE_RUNNER_COMPLETE", standalone_mode=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except click.exceptions.NoArgsIsHelpError as err:  # a bare group: its help, as `--help` would print it
+        print(err.format_message(), file=sys.stderr)
         return err.exit_code
     except click.UsageError as err:  # one line too, with where to look
         where = f"{err.ctx.command_path} --help" if err.ctx is not None else "python -m app --help"

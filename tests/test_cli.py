@@ -107,8 +107,6 @@ def test_malformed_override_is_a_usage_error(capsys, arg, hint):
     assert line.startswith(f"error: unexpected argument {arg!r}; {hint}"), line
 
 
-@pytest.mark.xfail(strict=True, reason="app/cli.py main(): with no command, click's NoArgsIsHelpError (a UsageError) "
-                                       "is printed as 'error: ' + the whole help text + '(see ...)'")
 def test_no_command_prints_the_help_or_one_line(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
@@ -148,8 +146,6 @@ def test_import_cli_and_config_do_not_import_torch():
     assert imports_torch("import torch")  # the probe itself works
 
 
-@pytest.mark.xfail(strict=True, reason="listing the commands imports app.engine.verify, whose module-level "
-                                       "`from app.engine import checkpoint` imports torch and safetensors.torch")
 def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "app", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -179,9 +175,6 @@ def test_console_script_usage_error_is_exit_2():
     assert one_line(proc.stderr).startswith("error: Missing argument 'CONFIG.py'")
 
 
-@pytest.mark.xfail(strict=True, reason="app/cli.py main() calls cli.main(prog_name='python -m app') without "
-                                       "complete_var, so click listens to '_PYTHON _M APP_COMPLETE', not "
-                                       "_FINETUNE_RUNNER_COMPLETE")
 def test_console_script_bash_completion():
     proc = script(env={"_FINETUNE_RUNNER_COMPLETE": "bash_source"})
     assert proc.returncode == 0, proc.stderr[-500:]

@@ -10,7 +10,8 @@ import pytest
 from app.data import Row
 from app.tasks.nli_cot.extract import extract_label
 from app.lm.modeling import load_tokenizer
-from app.tasks.nli_cot.task import NliCot, build_prompt, build_target
+from app.tasks.nli_cot.prompts import build_prompt, build_target
+from app.tasks.nli_cot.task import NliCot
 from app.lm.tiny import write_tiny_model
 from conftest import ROOT, tiny_config
 

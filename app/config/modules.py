@@ -44,12 +44,19 @@ def _failure_line(err: BaseException, path: Path) -> int | str:
     return line
 
 
+def _compile(path: Path, source: str):
+    try:
+        return compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as err:  # ValueError: a NUL byte in the source
+        line = getattr(err, "lineno", None) or (source.count("\n", 0, source.find("\0")) + 1 if "\0" in source else "?")
+        raise UserError(f"{path}:{line}: syntax error: {getattr(err, 'msg', None) or err}") from None
+
+
 def _execute(path: Path, source: str) -> dict:
+    code = _compile(path, source)
     namespace: dict = {"__file__": str(path), "__name__": "__config__"}
     try:
-        exec(compile(source, str(path), "exec"), namespace)
-    except SyntaxError as err:
-        raise UserError(f"{path}:{err.lineno}: syntax error: {err.msg}") from None
+        exec(code, namespace)
     except SystemExit as err:  # a config that exits must not end the run with its exit code
         raise UserError(f"{path}:{_failure_line(err, path)}: the config called exit({err.code!r}); a config module "
                         "only assigns settings") from None
@@ -86,7 +93,7 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> Values:
 
 
 def _assignment_lines(source: str) -> dict[str, int]:
-    lines: dict[str, int] = {}
+    lines: dict[str, int] = {}  # the source compiled already, so it parses
     for node in ast.parse(source).body:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
         for target in targets:

@@ -88,6 +88,14 @@ def loss_values(names: list[str], sums: list[float], items: dict[str, int], weig
     return out
 
 
+def lr_values(lrs: list[float]) -> dict:
+    """Logged learning rates: `lr` (the largest group's), and `lr/<group>` for each when there are several groups."""
+    out = {"lr": max(lrs)}
+    if len(lrs) > 1:
+        out.update({f"lr/{i}": v for i, v in enumerate(lrs)})
+    return out
+
+
 def write_training_curves(out_dir: Path) -> None:
     """training_curves.png next to metrics.jsonl (matplotlib, when installed); never fails the run."""
     try:
@@ -227,19 +235,28 @@ def check_fresh_target(cfg: Config) -> None:
                         "give the run's own directory")
 
 
-def prepare_out_dir(cfg: Config, is_main: bool) -> Path | None:
-    """The checkpoint to resume from, or None. `resume='fresh'` moves old checkpoints aside, never deletes."""
-    root = ckpt.checkpoints_dir(cfg.out_dir)
-    if cfg.resume == "fresh" and root.exists() and is_main:
-        aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(root, aside)
-        metrics = cfg.out_path / "metrics.jsonl"
-        if metrics.exists():
-            os.replace(metrics, aside / "metrics.jsonl")
-        print(f"resume='fresh': moved previous checkpoints to {aside}", file=sys.stderr)
+def find_resume_point(cfg: Config, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None with resume='fresh', or when there is none); a killed writer's leftovers
+    are cleaned first."""
+    if cfg.resume == "fresh":
+        return None
     if is_main:
         ckpt.clean_temp(cfg.out_dir)
     return ckpt.latest(cfg.out_dir)
+
+
+def move_previous_aside(cfg: Config) -> None:
+    """`resume='fresh'`: the run's old checkpoints and metrics go to checkpoints.old-<time>/, never deleted. Done
+    only once the model has loaded, so a run that cannot start leaves the old one where it was."""
+    root = ckpt.checkpoints_dir(cfg.out_dir)
+    if not root.exists():
+        return
+    aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(root, aside)
+    metrics = cfg.out_path / "metrics.jsonl"
+    if metrics.exists():
+        os.replace(metrics, aside / "metrics.jsonl")
+    print(f"resume='fresh': moved previous checkpoints to {aside}", file=sys.stderr)
 
 
 def _train(cfg: Config) -> int:
@@ -264,11 +281,7 @@ def _train(cfg: Config) -> int:
     signal.signal(signal.SIGINT, stop)
 
     is_main = accelerator.is_main_process
-    if is_main:
-        cfg.out_path.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(cfg.out_path / "run_config.json", cfg.model_dump())
-    accelerator.wait_for_everyone()
-    resume_from = prepare_out_dir(cfg, is_main)
+    resume_from = find_resume_point(cfg, is_main)
     accelerator.wait_for_everyone()
     if resume_from is not None and resume_from.name == "final":
         print(f"{cfg.out_dir}: run already complete ({resume_from}); use --resume=fresh to train again")
@@ -276,6 +289,12 @@ def _train(cfg: Config) -> int:
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = task.load_model(cfg, device, resume_from)
+    if is_main:  # the model loaded: only now does the run directory change
+        if cfg.resume == "fresh":
+            move_previous_aside(cfg)
+        cfg.out_path.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(cfg.out_path / "run_config.json", cfg.model_dump())
+    accelerator.wait_for_everyone()
     features = encode_all(task, train_rows, tokenizer, cfg, cfg.train_file)
     dev_features = encode_all(task, dev_rows, tokenizer, cfg, cfg.dev_file) if dev_rows else []
     plan = BatchPlan(tuple(len(f.input_ids) for f in features), cfg.micro_batch_size, world, accumulation,
@@ -352,7 +371,7 @@ def _train(cfg: Config) -> int:
         steps_this_run += 1
         pending_losses.append(step_loss)
         pending_norms.append(grad_norm.detach().float())
-        pending_items.append((global_items, scheduler.get_last_lr()[0]))
+        pending_items.append((global_items, scheduler.get_last_lr()))
 
         # ---- logging (the only host sync, every log_every steps) ----
         last = state.step == total_steps
@@ -360,14 +379,15 @@ def _train(cfg: Config) -> int:
             losses = accelerator.reduce(torch.stack(pending_losses), reduction="sum").tolist()
             elapsed = time.perf_counter() - window_start
             norms = torch.stack(pending_norms).tolist()  # already global: clipping all-reduces gradients first
-            for i, (loss, norm, (items, lr)) in enumerate(zip(losses, norms, pending_items)):
+            for i, (loss, norm, (items, lrs)) in enumerate(zip(losses, norms, pending_items)):
                 step = state.step - len(losses) + i + 1
-                run_log.write(step, {**loss_values(loss_names, loss, items, loss_weights), "lr": lr, "grad_norm": norm})
+                run_log.write(step, {**loss_values(loss_names, loss, items, loss_weights), **lr_values(lrs),
+                                     "grad_norm": norm})
             tps = window_tokens / elapsed
             run_log.write(state.step, {"tokens_per_s": tps})
             if progress is not None:
                 shown = loss_values(loss_names, losses[-1], pending_items[-1][0], loss_weights)["loss"]
-                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{pending_items[-1][1]:.2e}", tok_s=f"{tps:,.0f}")
+                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{max(pending_items[-1][1]):.2e}", tok_s=f"{tps:,.0f}")
                 progress.update(len(losses))
             pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
 

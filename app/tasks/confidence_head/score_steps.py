@@ -67,8 +67,12 @@ class StepScorer:
     def read_input(self, path: Path, cfg):
         from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
 
-        records = read_records(path)
-        fmt = detect_format(path, records[0].values)
+        try:
+            records = read_records(path)
+            fmt = detect_format(path, records[0].values)
+        except UserError as err:  # say what this checkpoint expects, not only what the file lacks
+            raise UserError(f"{err}; a confidence_head checkpoint scores step JSONL "
+                            '({"problem": ..., "steps": [...]} per line)') from None
         if fmt != "generic":
             raise UserError(f"{path}: {fmt} records; score-steps reads the generic step JSONL "
                             f"(python -m app steps convert {path} OUT.jsonl)")
