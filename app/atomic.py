@@ -10,22 +10,31 @@ import os
 import tempfile
 from pathlib import Path
 
+from app.errors import UserError
+
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` atomically. A path that cannot be written (a folder in the way, no permission, a full
+    disk) is a one-line UserError naming it; the temporary file is removed and the old file, if any, stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):
+            raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
     return path
 

@@ -163,6 +163,12 @@ class PartialFile:
             self.done = {}
 
     def _open(self) -> None:
+        try:
+            self._open_file()
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot write ({err.strerror or err})") from None
+
+    def _open_file(self) -> None:
         if self._resume_at is not None:
             self.handle = open(self.path, "r+", encoding="utf-8")
             self.handle.seek(self._resume_at)
@@ -199,9 +205,12 @@ class PartialFile:
         return pos if header is not None else None
 
     def _append(self, obj) -> None:
-        self.handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        try:
+            self.handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        except OSError as err:  # a full disk: the batches already there stay, a re-run redoes a torn line
+            raise UserError(f"{self.path}: cannot write ({err.strerror or err}); finished batches are kept") from None
 
     def add(self, records: list[dict]) -> list[dict]:
         new = [r for r in records if r["i"] not in self.done]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.data import read_text, parse_binary_label, read_rows
-from app import atomic
+from app.atomic import write_json_atomic
 from app.errors import UserError
 from app.metrics.classification import classification_metrics, format_table
 
@@ -112,14 +112,6 @@ def score_files(pred_path: str | Path, gold_path: str | Path) -> tuple[dict, Lab
                 )
     metrics = classification_metrics(gold.values, pred.values)
     return metrics, pred, gold
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write `data` as JSON atomically; a path that cannot be written is a one-line error."""
-    try:
-        atomic.write_json_atomic(path, data)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def calibration(pred: Labels, gold: Labels, n_bins: int = 10, calib_beta: int | None = None) -> dict:

@@ -140,3 +140,46 @@ def test_fresh_only_moves_the_runs_own_checkpoints(tiny_model_dir, tmp_path):
     assert train(tiny_config(tiny_model_dir, own, resume="fresh", max_steps=1, batch_size=4, micro_batch_size=4)) == 0
     assert [p.name for p in own.iterdir() if p.name.startswith("checkpoints.old-")]
     assert (other / "trainer_state.json").is_file()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from app.atomic import write_atomic
+
+    target = write_atomic(tmp_path / "metrics.json", "old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=r"metrics\.json: cannot write \(No space left on device\)"):
+        write_atomic(target, "new\n")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    from app.runs import PartialFile
+
+    partial = PartialFile(tmp_path / "p.partial.jsonl", "fp", 2)
+    with pytest.raises(UserError, match="cannot write"):
+        partial.add([{"i": 0}])
+
+
+def test_infer_on_a_full_disk_exits_2_in_one_line(full_checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    real = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):  # the final outputs, not the partial file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "predictions.csv"
+    code = main(["infer", str(ROOT / "data/sample/test.csv"), "--checkpoint", str(full_checkpoint), "--output", str(out),
+                 "--max_new_tokens=2", "--examples=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "No space left on device" in err[-1]
+    assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "predictions.csv.partial.jsonl").is_file()  # every row predicted is kept for the re-run

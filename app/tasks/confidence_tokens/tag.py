@@ -54,10 +54,9 @@ def load_model(cfg, checkpoint: str | None, device):
         if not Path(checkpoint).is_dir():
             raise UserError(f"--checkpoint {checkpoint}: not a directory")
         return modeling.load_for_inference(checkpoint, cfg, device)
-    if cfg.create_tiny_model:
-        from app.lm.tiny import ensure_tiny_model
+    from app.runs import ensure_base_model
 
-        ensure_tiny_model(cfg.model_name)
+    ensure_base_model(cfg)
     tokenizer = modeling.load_tokenizer(cfg)
     model = modeling.load_base_model(cfg, device)
     if cfg.quantization is None:
