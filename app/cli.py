@@ -17,8 +17,10 @@ import click
 
 from app.errors import UserError
 
+# every command answers -h as well as --help (set per command: click caches a command's help option)
+HELP = {"help_option_names": ["-h", "--help"]}
 # unknown options are kept as arguments: they are the `--key=value` config overrides
-OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
+OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": False, **HELP}
 
 
 def overrides_argument(f):
@@ -101,7 +103,7 @@ def config_command(config_file, list_fields, task, overrides):
     return 0
 
 
-@cli.command("tiny-model")
+@cli.command("tiny-model", context_settings=HELP)
 @click.argument("directory", type=click.Path(file_okay=False))
 def tiny_model(directory):
     """Write the embedded tiny model and tokenizer (random weights, no download) to DIRECTORY."""
@@ -126,7 +128,7 @@ def infer(input_file, checkpoint, output, fresh, examples, overrides):
     return run_cli(input_file, checkpoint, output, overrides, fresh=fresh, examples=examples)
 
 
-@cli.command()
+@cli.command(context_settings=HELP)
 @click.option("--pred", required=True, help="predictions CSV (predicted_label column) or one 0/1 per line")
 @click.option("--gold", required=True, help="gold CSV/JSONL (label column) or one 0/1 per line")
 @click.option("--json", "json_out", metavar="OUT", help="also write the metrics JSON to OUT")
@@ -140,7 +142,7 @@ def score(pred, gold, json_out, n_bins, calib_beta):
     return run(pred, gold, json_out, n_bins, calib_beta)
 
 
-@cli.command("sample-data")
+@cli.command("sample-data", context_settings=HELP)
 @click.argument("task")
 @click.argument("directory", type=click.Path(file_okay=False))
 def sample_data(task, directory):

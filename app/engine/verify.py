@@ -37,7 +37,7 @@ def verify_run(path: str | Path) -> list[tuple[Path, str | None]]:
     return results
 
 
-@click.command("verify")
+@click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.pass_context
 def verify_command(ctx: click.Context, path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import OVERRIDES, check_overrides, overrides_argument
+from app.cli import HELP, OVERRIDES, check_overrides, overrides_argument
 
 
 @click.command("score-steps", context_settings=OVERRIDES)
@@ -21,12 +21,12 @@ def score_steps(input_file, checkpoint, output, fresh, overrides):
     return run_command(input_file, checkpoint, output, overrides, fresh=fresh, examples=0, task_name="confidence_head")
 
 
-@click.group()
+@click.group(context_settings=HELP)
 def steps():
     """Step-by-step data: convert PRM800K / REVEAL / eQASC files to the generic step JSONL, write the sample set."""
 
 
-@steps.command()
+@steps.command(context_settings=HELP)
 @click.argument("input_file", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT.jsonl")
 @click.option("--format", "fmt", type=click.Choice(["auto", "generic", "prm800k", "reveal", "eqasc"]), default="auto",
@@ -40,7 +40,7 @@ def convert(input_file, output, fmt):
     return 0
 
 
-@steps.command()
+@steps.command(context_settings=HELP)
 @click.argument("directory", type=click.Path(file_okay=False))
 def synthetic(directory):
     """Write the bundled synthetic step set (data/sample/steps/) to DIRECTORY."""
