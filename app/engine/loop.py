@@ -56,6 +56,14 @@ def make_accelerator(cfg: Config, ddp_options: dict | None = None):
     return Accelerator(mixed_precision=mp, cpu=not cuda, kwargs_handlers=handlers)
 
 
+def accumulation_steps(cfg: Config, world: int) -> int:
+    """Micro batches per optimizer step on each process: batch_size / (micro_batch_size x processes), exactly."""
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise UserError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
+                        f"x {world} processes")
+    return cfg.batch_size // (cfg.micro_batch_size * world)
+
+
 def loss_counts(task: Task, feature: Feature) -> dict[str, int]:
     """The task's loss items of one example, by loss name ("loss" when the task has a single loss)."""
     items = task.loss_items(feature)
@@ -235,6 +243,22 @@ def check_fresh_target(cfg: Config) -> None:
                         "give the run's own directory")
 
 
+def restore(resume_from: Path, state: TrainState, task, objective, optimizer, scheduler, rank: int) -> TrainState:
+    """Everything a checkpoint holds besides the model weights (loaded with the model): the task's extra weights,
+    optimizer, schedule, this process's RNG, and the data position; returns the resumed state."""
+    saved = ckpt.read_json(resume_from / "trainer_state.json")
+    if saved["world_size"] != state.world_size:
+        log.warning("resuming a %d-process run on %d processes: data order changes from here", saved["world_size"],
+                    state.world_size)
+    resumed = TrainState(**{**saved, "total_steps": state.total_steps, "world_size": state.world_size})
+    task.load_extra(objective, resume_from)
+    ckpt.load_optimizer(optimizer, resume_from)
+    ckpt.load_scheduler(scheduler, resume_from)
+    ckpt.load_rng(resume_from, rank if (resume_from / f"rng_rank{rank}.json").exists() else 0)
+    log.info("resumed from %s at step %d", resume_from, resumed.step)
+    return resumed
+
+
 def find_resume_point(cfg: Config, is_main: bool) -> Path | None:
     """The checkpoint to resume from (None with resume='fresh', or when there is none); a killed writer's leftovers
     are cleaned first."""
@@ -272,10 +296,7 @@ def _train(cfg: Config) -> int:
     ensure_base_model(cfg)
     accelerator = make_accelerator(cfg, task.ddp_options(cfg))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise UserError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size} "
-                        f"x {world} processes")
-    accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
+    accumulation = accumulation_steps(cfg, world)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -314,16 +335,7 @@ def _train(cfg: Config) -> int:
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     state = TrainState(total_steps=total_steps, world_size=world, seed=cfg.seed)
     if resume_from is not None:
-        saved = ckpt.read_json(resume_from / "trainer_state.json")
-        if saved["world_size"] != world:
-            log.warning("resuming a %d-process run on %d processes: data order changes from here", saved["world_size"], world)
-        state = TrainState(**{**saved, "total_steps": total_steps, "world_size": world})
-        task.load_extra(objective, resume_from)
-        ckpt.load_optimizer(optimizer, resume_from)
-        ckpt.load_scheduler(scheduler, resume_from)
-        rng_rank = rank if (resume_from / f"rng_rank{rank}.json").exists() else 0
-        ckpt.load_rng(resume_from, rng_rank)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+        state = restore(resume_from, state, task, objective, optimizer, scheduler, rank)
     ddp_objective, optimizer = accelerator.prepare(objective, optimizer)
 
     n_trainable = sum(p.numel() for p in params)
