@@ -28,7 +28,7 @@ class TaskEntry:
 
 
 TASKS = {
-    "nli_cot": TaskEntry("app.tasks.nli_cot", "NliCotConfig", "NliCot", "sample:write_sample"),
+    "nli_cot": TaskEntry("app.tasks.nli_cot", "NliCotConfig", "NliCot", "sample:write_sample", commands=("cot",)),
     "confidence_tokens": TaskEntry("app.tasks.confidence_tokens", "ConfidenceTokensConfig", "ConfidenceTokens",
                                    "sample:write_sample", commands=("tag",)),
     "confidence_head": TaskEntry("app.tasks.confidence_head", "ConfidenceHeadConfig", "ConfidenceHead",

@@ -1,0 +1,98 @@
+"""The append-only cache of raw API responses, kept apart from the parsed results.
+
+One JSON line per answered request: {"key", "model", "response"} where `response` is the server's reply body as it
+came. The key is a hash of (model, messages, parameters, prompt version), so a re-run of the same command finds every
+answered request and sends none of them again, a changed parser re-reads the same answers, and a changed prompt or
+model asks anew. A line torn by a kill is dropped (and cut off before the next append); nothing is ever rewritten.
+The file is created with the first answer, so a run that fails before any leaves none behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from app.errors import UserError
+
+FORMAT = "app.cot.cache/1"
+
+
+def request_key(model: str, messages: list[dict], params: dict, prompt_version: str) -> str:
+    blob = json.dumps({"model": model, "messages": messages, "params": params, "prompt_version": prompt_version},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.handle = None
+        self._end = 0  # byte offset after the last intact line
+        self.appended = 0
+        if self.path.is_file():
+            self._load()
+        elif self.path.exists():
+            raise UserError(f"{self.path}: the response cache is not a file")
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot read the response cache ({err.strerror or err})") from None
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                break  # torn by a kill
+            try:
+                obj = json.loads(data[pos:end])
+            except (ValueError, RecursionError):
+                break
+            if pos == 0 and not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+                raise UserError(f"{self.path}: not a response cache of this program (set cache_file to another path)")
+            if isinstance(obj, dict) and isinstance(obj.get("key"), str) and isinstance(obj.get("response"), dict):
+                self.entries.setdefault(obj["key"], obj["response"])
+            pos = end + 1
+        self._end = pos
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def put(self, key: str, model: str, response: dict) -> None:
+        if key in self.entries:
+            return
+        try:
+            if self.handle is None:
+                self._open()
+            self.handle.write(json.dumps({"key": key, "model": model, "response": response}, ensure_ascii=False) + "\n")
+            self.handle.flush()  # in the OS once written: a killed process loses nothing it got back
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot write the response cache ({err.strerror or err})") from None
+        self.entries[key] = response
+        self.appended += 1
+
+    def _open(self) -> None:
+        if self._end > 0:
+            self.handle = open(self.path, "r+", encoding="utf-8")
+            self.handle.seek(self._end)
+            self.handle.truncate()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w", encoding="utf-8")
+        self.handle.write(json.dumps({"format": FORMAT}) + "\n")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            try:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            except OSError:
+                pass
+            self.handle.close()
+            self.handle = None

@@ -1,0 +1,320 @@
+"""Chain-of-thought data generation (`python -m app cot ...`) against a scripted, fault-injecting OpenAI-compatible
+server on 127.0.0.1 (tests/cot_server.py), and against `transformers serve` on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cot_server import ScriptedServer, default_decide  # noqa: E402
+
+pytest.importorskip("openai")
+
+from app.cli import main  # noqa: E402
+from app.errors import UserError  # noqa: E402
+from app.tasks.nli_cot.datagen import pipeline  # noqa: E402
+from app.tasks.nli_cot.datagen.cache import ResponseCache  # noqa: E402
+from app.tasks.nli_cot.datagen.config import load_datagen_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-not-a-real-key-42"
+PLACES = ["museum", "beach", "kitchen", "park", "library", "garden"]
+
+
+def rows(n: int) -> list[dict]:
+    """n distinct rows; the server answers 1 iff 'indoors' matches the place; every third gold label is flipped
+    so that the server is wrong on exactly those rows."""
+    out = []
+    for i in range(n):
+        place = PLACES[i % len(PLACES)]
+        premise, hypothesis = f"In the {place}, person {i} is reading.", f"Person {i} is reading indoors."
+        right = default_decide(premise, hypothesis)
+        out.append({"premise": premise, "hypothesis": hypothesis, "label": 1 - right if i % 3 == 0 else right})
+    return out
+
+
+def write_csv(path: Path, data: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(data[0]))
+        w.writeheader()
+        w.writerows(data)
+    return path
+
+
+def read_table(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def config(server: ScriptedServer, *extra: str):
+    return load_datagen_config(None, [f"--base_url={server.base_url}", "--api_key_env=COT_TEST_KEY",
+                                      "--progress=False", "--backoff_base=0.05", "--backoff_max=2", *extra])
+
+
+@pytest.fixture(autouse=True)
+def api_key_env(monkeypatch):
+    monkeypatch.setenv("COT_TEST_KEY", KEY)
+
+
+@pytest.fixture
+def server():
+    with ScriptedServer(api_key=KEY) as s:
+        yield s
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------------
+def test_generate_reflect_combine_judge(server, tmp_path, capsys):
+    data = rows(12)
+    src = write_csv(tmp_path / "in.csv", data)
+    cfg = config(server)
+    gen = pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    out = read_table(tmp_path / "gen.csv")
+    assert [r["premise"] for r in out] == [r["premise"] for r in data]  # one row per input row, in order
+    assert gen["requests"] == 12 and gen["failed"] == 0 and gen["accuracy"] == pytest.approx(8 / 12, abs=1e-4)
+    assert {r["source"] for r in out} == {"direct"} and {r["prompt_version"] for r in out} == {"v1"}
+    assert all(r["thought_process"].startswith("Step 1") and r["predicted_label"] in ("0", "1") for r in out)
+    assert server.count(kind="generate") == 12 and all(r["response_format"] for r in server.requests)
+
+    ref = pipeline.reflect(tmp_path / "gen.csv", tmp_path / "ref.jsonl", cfg)
+    wrong = {r["premise"] for i, r in enumerate(data) if i % 3 == 0}
+    assert set(server.premises(kind="reflect")) == wrong and server.count(kind="reflect") == len(wrong)
+    assert ref["reflected"] == 4 and ref["reflection_ok"] == 4
+    reflected = read_table(tmp_path / "ref.jsonl")
+    assert len(reflected) == 12 and [r["reflected"] for r in reflected] == [i % 3 == 0 for i in range(12)]
+    reflect_requests = [r for r in server.requests if r["kind"] == "reflect"]
+    assert {r["model"] for r in reflect_requests} == {cfg.reflect_model}
+
+    comb = pipeline.combine(tmp_path / "ref.jsonl", tmp_path / "train.csv", cfg)
+    train = read_table(tmp_path / "train.csv")
+    assert [int(r["row"]) for r in train] == list(range(12))  # every original row once, in order
+    assert [r["source"] for r in train] == ["reflected" if i % 3 == 0 else "direct" for i in range(12)]
+    assert all(r["label"] == str(d["label"]) for r, d in zip(train, data))
+    assert comb["dropped"] == 0 and {r["model"] for r in train} == {cfg.model, cfg.reflect_model}
+    from app.tasks.nli_cot.task import NliCot  # the training reader takes it as is
+    assert {"premise", "hypothesis", "label", "thought_process"} <= set(train[0]) <= set(train[0])
+    assert NliCot.required_columns == ("premise", "hypothesis", "label")
+
+    judged = pipeline.judge(tmp_path / "train.csv", tmp_path / "judge.csv", cfg)
+    assert judged["mean"] == {"coherence": 5, "correctness": 4, "brevity": 3} and judged["failed"] == 0
+
+    before = len(server.requests)  # a re-run of every step sends no request
+    for step, a, b in (("generate", src, "gen.csv"), ("reflect", tmp_path / "gen.csv", "ref.jsonl"),
+                       ("judge", tmp_path / "train.csv", "judge.csv")):
+        first = (tmp_path / b).read_bytes()
+        assert getattr(pipeline, step)(a, tmp_path / b, cfg)["requests"] == 0
+        assert (tmp_path / b).read_bytes() == first
+    assert len(server.requests) == before
+    assert KEY not in capsys.readouterr().err
+    assert not any(KEY in p.read_text(encoding="utf-8") for p in tmp_path.iterdir())
+
+
+def test_consistency_pass_keeps_only_agreeing_reasoning(server, tmp_path):
+    data = rows(9)
+    src = write_csv(tmp_path / "in.csv", data)
+    cfg = config(server, "--consistency_check=True")
+    pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    disagree = data[3]["premise"]
+    server.consistency = lambda p, h, r: (1 - int(r[-2])) if p == disagree else int(r[-2])
+    ref = pipeline.reflect(tmp_path / "gen.csv", tmp_path / "ref.csv", cfg)
+    assert ref["consistency"]["checked"] == 3 and server.count(kind="consistency") == 3
+    status = {r["premise"]: r["reflection_status"] for r in read_table(tmp_path / "ref.csv")}
+    assert status[disagree] == "inconsistent" and sum(s == "ok" for s in status.values()) == 2
+    comb = pipeline.combine(tmp_path / "ref.csv", tmp_path / "train.jsonl", cfg)
+    assert comb["dropped"] == 1 and comb["rows_out"] == 8
+    assert disagree not in {r["premise"] for r in read_table(tmp_path / "train.jsonl")}
+
+
+def test_faults_are_retried_then_recorded(server, tmp_path):
+    data = rows(8)
+    p = [r["premise"] for r in data]
+    server.faults = {
+        p[0]: [{"status": 429, "headers": {"Retry-After": "1"}}],
+        p[1]: [{"status": 500}, {"status": 503}, {"status": 502}],
+        p[2]: [{"sleep": 1.5}],  # longer than request_timeout
+        p[3]: [{"malformed": True}, {"drop": True}],
+        p[4]: [{"content": '{"thought_process": "Step 1: the premise'}],  # truncated JSON: one repair prompt
+        p[5]: [{"content": '{"thought_process": "Step 1', "finish_reason": "length"},
+               {"content": '{"thought_process": "Step 1: again', "finish_reason": "length"}],
+        p[6]: [{"status": 500}] * 4,  # every attempt fails
+        p[7]: [{"status": 408}, {"status": 409}],
+    }
+    cfg = config(server, "--request_timeout=0.5", "--max_retries=3")
+    src = write_csv(tmp_path / "in.csv", data)
+    t0 = time.monotonic()
+    summary = pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    out = read_table(tmp_path / "gen.csv")
+    assert [r["premise"] for r in out] == p
+    status = [r["status"] for r in out]
+    assert status == ["ok", "ok", "ok", "ok", "ok", "failed", "failed", "ok"]
+    assert "finish_reason=length" in out[5]["error"] and "repair" in out[5]["error"]
+    assert "HTTP 500" in out[6]["error"] and "gave up after 4 attempts" in out[6]["error"]
+    assert server.count(premise=p[6]) == 4  # max_retries=3: four attempts
+    assert server.count(premise=p[4], kind="generate-repair") == 1 and server.count(premise=p[5]) == 2
+    assert server.count(premise=p[1]) == 4 and server.count(premise=p[3]) == 3 and server.count(premise=p[7]) == 3
+    first, second = [r["t"] for r in server.requests if r["premise"] == p[0]]
+    assert second - first >= 0.95  # Retry-After honoured
+    assert time.monotonic() - t0 < 20 and summary["retries"] >= 12
+    # the failed rows are asked again on a re-run (their faults are spent now); the answered ones are not
+    before = {q: server.count(premise=q) for q in p}
+    again = pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    asked = {q for q in p if server.count(premise=q) > before[q]}
+    assert asked == {p[6]} and again["requests"] == 1  # p[5]'s cut-off replies are cached answers: not re-asked
+    assert read_table(tmp_path / "gen.csv")[6]["status"] == "ok"
+
+
+def test_structured_output_auto_falls_back_to_prompt_only(server, tmp_path, capsys):
+    server.refuse_response_format = True
+    src = write_csv(tmp_path / "in.csv", rows(6))
+    cfg = config(server, "--concurrency=1")
+    summary = pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    assert summary["structured_output"] is False and summary["failed"] == 0
+    assert server.count(status=400) == 1 and server.count(status=200) == 6
+    assert "refused response_format" in capsys.readouterr().err
+    assert pipeline.generate(src, tmp_path / "gen.csv", cfg)["requests"] == 0  # cached under the prompt-only key
+    off = config(server, "--structured_output=off")
+    n = len(server.requests)
+    pipeline.generate(src, tmp_path / "gen2.csv", off)
+    assert not any(r["response_format"] for r in server.requests[n:])
+
+
+def test_rpm_limit_spaces_requests(server, tmp_path):
+    src = write_csv(tmp_path / "in.csv", rows(6))
+    pipeline.generate(src, tmp_path / "gen.csv", config(server, "--rpm=600", "--concurrency=6"))
+    times = sorted(r["t"] for r in server.requests)
+    assert times[-1] - times[0] >= 0.45  # 6 starts 0.1 s apart
+
+
+def test_killed_run_resumes_without_asking_answered_rows_again(tmp_path):
+    data = rows(40)
+    src = write_csv(tmp_path / "in.csv", data)
+    out = tmp_path / "gen.csv"
+    with ScriptedServer(latency=0.1, api_key=KEY) as server:
+        env = {**os.environ, "COT_TEST_KEY": KEY, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "app", "cot", "generate", str(src), "--output", str(out),
+               f"--base_url={server.base_url}", "--api_key_env=COT_TEST_KEY", "--concurrency=2", "--progress=False"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while server.count(status=200) < 12 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists()  # nothing half-written
+        cfg = config(server, "--concurrency=2")
+        from app.tasks.nli_cot.datagen import prompts as P
+        from app.tasks.nli_cot.datagen.client import ChatClient
+
+        cache = ResponseCache(tmp_path / "gen.csv.cache.jsonl")
+        client = ChatClient(cfg, cache, KEY)
+        cached = {r["premise"] for r in data if cache.get(client.keys(cfg.model, P.generate_messages(
+            P.PROMPTS["v1"], r["premise"], r["hypothesis"]), P.THOUGHT_SCHEMA)[0])}
+        assert 10 <= len(cached) < 40
+        n = len(server.requests)
+        summary = pipeline.generate(src, out, cfg)
+        again = {r["premise"] for r in server.requests[n:]}
+        assert not again & cached and again | cached == {r["premise"] for r in data}
+        assert summary["requests"] == 40 - len(cached) and summary["cache_hits"] == len(cached)
+    result = read_table(out)
+    assert [r["premise"] for r in result] == [r["premise"] for r in data] and all(r["status"] == "ok" for r in result)
+
+
+# --- bad input: one line, exit 2, nothing written -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "refused", "unauthorized", "no_key", "bad_label",
+                                  "unknown_key"])
+def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys, monkeypatch):
+    src = write_csv(tmp_path / "in.csv", rows(4))
+    base = server.base_url
+    if case == "missing_column":
+        src.write_text("premise,label\na,1\n", encoding="utf-8")
+    elif case == "empty":
+        src.write_text("", encoding="utf-8")
+    elif case == "refused":
+        base = f"http://127.0.0.1:{_free_port()}/v1"
+    elif case == "unauthorized":
+        monkeypatch.setenv("COT_TEST_KEY", "sk-wrong-key")
+    elif case == "no_key":
+        monkeypatch.delenv("COT_TEST_KEY")
+    elif case == "bad_label":
+        src.write_text("premise,hypothesis,label\na,b,1\nc,d,yes\n", encoding="utf-8")
+    extra = ["--concurrence=3", "--max_retries=-1"] if case == "unknown_key" else []
+    out = tmp_path / "out" / "gen.csv"
+    code, err = _run(["cot", "generate", str(src), "--output", str(out), f"--base_url={base}",
+                      "--api_key_env=COT_TEST_KEY", "--progress=False", *extra], capsys)
+    assert code == 2, err
+    expected = {"missing_column": "in.csv:1: missing column(s) hypothesis", "empty": "in.csv: file is empty",
+                "refused": "cannot connect", "unauthorized": "COT_TEST_KEY was refused",
+                "no_key": "environment variable COT_TEST_KEY is not set", "bad_label": "in.csv:3: label must be 0 or 1",
+                "unknown_key": "did you mean 'concurrency'"}[case]
+    assert expected in err
+    if case == "unknown_key":
+        assert "max_retries=-1" in err  # every problem at once
+    else:
+        assert err.count("\n") == 1 and err.startswith("error: ")
+    assert KEY not in err and "sk-wrong-key" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_config_loads():
+    cfg = load_datagen_config(ROOT / "configs" / "cot_mistral.py", ["--concurrency=3"])
+    assert (cfg.model, cfg.reflect_model, cfg.api_key_env) == ("open-mistral-7b", "open-mistral-nemo",
+                                                                "MISTRAL_API_KEY")
+    assert cfg.base_url == "https://api.mistral.ai/v1" and cfg.concurrency == 3
+    with pytest.raises(UserError, match="unknown config key 'modle'.*did you mean 'model'"):
+        load_datagen_config(None, ["--modle=x"])
+
+
+# --- stats ---------------------------------------------------------------------------------------------------------
+def test_stats_on_known_rows(tmp_path, shared_fixtures, capsys):
+    tok = shared_fixtures / "tokenizer" / "mistral-7b-instruct-v0.2"
+    table = [
+        {"premise": "A cat sleeps.", "hypothesis": "An animal sleeps.", "label": 1, "thought_process": "one two",
+         "predicted_label": 1, "status": "ok", "cost_usd": 0.5, "reflected": False, "reflection": "",
+         "reflection_status": "", "reflect_cost_usd": 0.0, "model": "m"},
+        {"premise": "A dog runs.", "hypothesis": "A dog sleeps.", "label": 0, "thought_process": "three four five",
+         "predicted_label": 1, "status": "ok", "cost_usd": 0.25, "reflected": True, "reflection": "fixed it",
+         "reflection_status": "ok", "reflect_cost_usd": 0.125, "model": "m"},
+        {"premise": "It rains.", "hypothesis": "It is wet.", "label": 1, "thought_process": "", "predicted_label": None,
+         "status": "failed", "cost_usd": 0.0, "reflected": True, "reflection": "", "reflection_status": "failed",
+         "reflect_cost_usd": 0.125, "model": "m"},
+    ]
+    src = tmp_path / "ref.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in table), encoding="utf-8")
+    code, err = _run(["cot", "stats", str(src), "--output", str(tmp_path / "stats.json"), f"--tokenizer={tok}",
+                      "--length_bands=[60, 1000]"], capsys)
+    assert code == 0, err
+    s = json.loads((tmp_path / "stats.json").read_text())
+    assert s["first_pass"] == {"model": "m", "ok": 2, "failed": 1, "correct": 1, "accuracy": 0.3333}
+    assert s["reflection"] == {"rows_reflected": 2, "ok": 1, "success": 0.5, "inconsistent": 0}
+    assert s["training_rows"] == 2 and s["cost_usd"] == {"first_pass": 0.75, "reflection": 0.25, "total": 1.0}
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tok))
+    n = [len(t(x, add_special_tokens=False)["input_ids"]) for x in ("one two", "three four five")]
+    assert s["thought_tokens"]["first_pass"]["min"] == min(n) and s["thought_tokens"]["first_pass"]["max"] == max(n)
+    assert [b["rows"] for b in s["accuracy_by_total_tokens"]] == [0, 2, 0]
+    assert s["accuracy_by_total_tokens"][1]["accuracy"] == 0.5
+    png = tmp_path / "stats.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
