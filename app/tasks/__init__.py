@@ -33,6 +33,8 @@ TASKS = {
                                    "sample:write_sample", commands=("tag",)),
     "confidence_head": TaskEntry("app.tasks.confidence_head", "ConfidenceHeadConfig", "ConfidenceHead",
                                  "step_data:write_synthetic", commands=("score-steps", "steps")),
+    "lookahead": TaskEntry("app.tasks.lookahead", "LookaheadConfig", "Lookahead", "corpus:write_sample",
+                           commands=("experiment", "plot")),
 }
 
 

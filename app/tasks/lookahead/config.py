@@ -1,0 +1,46 @@
+"""Config section of the from-scratch lookahead task (torch-free: `python -m app config` imports it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from app.config.core import Section
+
+METRICS = {"dev_loss": "min", "perplexity": "min", "eval_lm_loss": "min", "confidence_mae": "min",
+           "confidence_spearman": "max"}
+DEFAULT_METRIC = "perplexity"
+
+
+class LookaheadConfig(Section):
+    """Task lookahead: a from-scratch MiniGPT or ConfidenceAwareGPT on a character-level public-domain corpus"""
+
+    lookahead_model: Literal["plain", "confidence"] = Field(
+        "confidence", description="which model a single run trains (the experiment runs both)"
+    )
+    lookahead_variant: Literal["fair", "seed"] = Field(
+        "fair", description="fair: LM loss and lookahead at every position; seed: the seed's last-position step"
+    )
+    confidence_alpha: float = Field(1.0, ge=0, description="weight of the confidence MSE in the total loss")
+    lookahead_steps: Literal[2] = Field(
+        2, description="tokens ahead whose loss the confidence predicts (2: one step past the next token)"
+    )
+    confidence_init_bias: float = Field(2.0, description="initial bias of the confidence_predictor's output")
+    context_length: int = Field(128, gt=0, description="L: tokens per training sequence (chunks hold L + 2)")
+    n_layer: int = Field(4, gt=0, description="transformer blocks")
+    n_head: int = Field(4, gt=0, description="attention heads (d_model must divide by it)")
+    d_model: int = Field(128, gt=0, description="residual width")
+    mlp_ratio: int = Field(4, gt=0, description="MLP width of ConfidenceAwareGPT = mlp_ratio x d_model (the plain "
+                                                "model's is widened to match the parameter count)")
+    corpus_file: str = Field("data/lookahead/shakespeare.txt", min_length=1, description="ASCII training text")
+    corpus_chars: int | None = Field(None, gt=0, description="use only the first N characters; None = all")
+    corpus_dev_fraction: float = Field(0.05, gt=0, lt=1, description="held-out tail of the corpus (dev text)")
+    experiment_seeds: list[int] = Field([42, 123, 456], min_length=1, description="seeds the experiment runs")
+    experiment_models: list[Literal["plain", "confidence"]] = Field(
+        ["plain", "confidence"], min_length=1, description="models the experiment runs, per seed"
+    )
+    experiment_results_dir: str = Field(
+        "results/confidence_experiments", min_length=1, description="where the experiment writes results and plots"
+    )
+    calibration_points: int = Field(4000, gt=0, description="(predicted, actual) future-loss pairs kept per run")

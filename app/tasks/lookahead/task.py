@@ -1,0 +1,233 @@
+"""Task `lookahead`: a from-scratch MiniGPT or ConfidenceAwareGPT on a character-level corpus, one engine run each.
+
+Rows are non-overlapping chunks of `context_length + 2` characters of the corpus (app.tasks.lookahead.corpus; the
+last `corpus_dev_fraction` is the dev text). The tokenizer is byte-level, built in-repo (256 byte tokens and
+`<pad>`), so a chunk is `context_length + 2` tokens.
+
+Losses (app.tasks.lookahead.step):
+  plain                     {"lm"}: cross-entropy at all L positions
+  confidence, variant fair  {"lm", "confidence"}: LM at all L positions + the lookahead MSE at all L positions
+  confidence, variant seed  {"lm", "confidence"}: the seed's step exactly (last position only), pass 2 cached
+`loss_weights` gives "confidence" the weight `confidence_alpha`. ConfidenceAwareGPT's confidence inputs carry over
+from step to step (prev_conf, the seed's definition); they are saved beside the weights (`lookahead_state.
+safetensors`) so a resumed run continues exactly.
+
+Checkpoint: `model.safetensors` (safetensors.torch), `config.json` (the model shape), the tokenizer.
+Metrics (`evaluate`, computed the same way for both models): `perplexity` and `eval_lm_loss` at all positions of the
+dev chunks; for ConfidenceAwareGPT also `confidence_mae` and `confidence_spearman` of predicted against actual
+future loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.config import Config
+from app.data import Row
+from app.errors import UserError
+from app.tasks.lookahead import corpus, step
+from app.tasks.lookahead.model import GPT, shapes
+from app.tasks.protocol import EvalContext, Feature, Task
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "lookahead_state.safetensors"
+PAD = "<pad>"
+
+
+def build_tokenizer():
+    """Byte-level tokenizer: the 256 byte symbols (ids 0..255 in byte order) and `<pad>` (256); no BOS/EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = _byte_symbols()
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([PAD])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, model_max_length=1 << 20)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable symbol map, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def model_shape(cfg: Config, vocab_size: int):
+    try:
+        return shapes(vocab_size, cfg.context_length + 1, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio,
+                      cfg.confidence_init_bias)[cfg.lookahead_model]
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+class LookaheadObjective(nn.Module):
+    """forward(input_ids) -> {"lm": sum[, "confidence": sum]}; keeps prev_conf between steps (train mode only)."""
+
+    def __init__(self, model: GPT, variant: str):
+        super().__init__()
+        self.model = model
+        self.variant = variant
+        self.register_buffer("prev_conf", torch.zeros(0, 0), persistent=False)
+
+    def forward(self, input_ids, **_):
+        if not self.model.shape.confidence:
+            return {"lm": step.plain_step(self.model, input_ids).lm_sum}
+        if not self.training:
+            return self._eval(input_ids)
+        B, L = input_ids.size(0), input_ids.size(1) - 2
+        prev = step.fit_prev_conf(self.prev_conf if self.prev_conf.numel() else None, (B, L), input_ids.device)
+        if self.variant == "seed":
+            out = step.seed_step(self.model, input_ids, prev, cached=True)
+        else:
+            out = step.all_position_step(self.model, input_ids, prev)
+        self.prev_conf = out.prev_conf
+        return {"lm": out.lm_sum, "confidence": out.confidence_sum}
+
+    def _eval(self, input_ids):
+        gen = torch.Generator(device=input_ids.device).manual_seed(0)
+        r = step.evaluate_batch(self.model, input_ids, gen)
+        if self.variant == "seed":
+            return {"lm": r["ce"][:, -1].sum(), "confidence": ((r["pred"][:, -1] - r["future"][:, -1]) ** 2).sum()}
+        return {"lm": r["ce"].sum(), "confidence": ((r["pred"] - r["future"]) ** 2).sum()}
+
+
+def dev_tensor(rows: list[Row], tokenizer, cfg: Config) -> torch.Tensor:
+    ids = [tokenizer(r.values["text"], add_special_tokens=False).input_ids for r in rows]
+    return torch.tensor(ids, dtype=torch.long) if ids else torch.zeros(0, cfg.context_length + 2, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_model(model: GPT, data: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0,
+                   keep_pairs: int = 0) -> dict:
+    """Perplexity at every position of `data` (N, L + 2), the same for both models; for ConfidenceAwareGPT also the
+    MAE and Spearman correlation of predicted vs actual future loss, and up to `keep_pairs` (pred, actual) pairs."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ce_sum, count, preds, futures = 0.0, 0, [], []
+    for i in range(0, data.size(0), batch_size):
+        r = step.evaluate_batch(model, data[i : i + batch_size].to(device), gen, shuffle=shuffle)
+        ce_sum += float(r["ce"].sum())
+        count += r["ce"].numel()
+        if "pred" in r:
+            preds.append(r["pred"].flatten().cpu())
+            futures.append(r["future"].flatten().cpu())
+    model.train(was_training)
+    loss = ce_sum / max(count, 1)
+    out = {"eval_lm_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if preds:
+        pred, fut = torch.cat(preds), torch.cat(futures)
+        out["confidence_mae"] = float((pred - fut).abs().mean())
+        out["confidence_spearman"] = step.spearman(pred.numpy(), fut.numpy())
+        out["confidence_pred_mean"] = float(pred.mean())
+        out["future_loss_mean"] = float(fut.mean())
+        if keep_pairs:
+            g = torch.Generator().manual_seed(seed)
+            pick = torch.randperm(pred.numel(), generator=g)[:keep_pairs]
+            out["pairs"] = {"predicted": pred[pick].tolist(), "actual": fut[pick].tolist()}
+    return out
+
+
+class Lookahead(Task):
+    name = "lookahead"
+
+    # --- model --------------------------------------------------------------------------------------------------
+    def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
+        tokenizer = build_tokenizer()
+        model = GPT(model_shape(cfg, len(tokenizer)))
+        if weights_dir is not None:
+            from safetensors.torch import load_file
+
+            path = Path(weights_dir) / WEIGHTS_FILE
+            if not path.is_file():
+                raise UserError(f"{weights_dir}: no {WEIGHTS_FILE} (a lookahead checkpoint holds one)")
+            try:
+                model.load_state_dict(load_file(str(path)), strict=True)
+            except RuntimeError as err:
+                raise UserError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
+        return model.to(device), tokenizer
+
+    def save_weights(self, model, tokenizer, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        model = getattr(model, "module", model)
+        directory = Path(directory)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(directory / WEIGHTS_FILE))
+        (directory / "config.json").write_text(json.dumps({"architecture": "lookahead-gpt", **model.shape.to_dict()},
+                                                          indent=2) + "\n", encoding="utf-8")
+        tokenizer.save_pretrained(str(directory))
+
+    def objective(self, model, cfg: Config) -> nn.Module:
+        return LookaheadObjective(model, cfg.lookahead_variant)
+
+    def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
+        from safetensors.torch import save_file
+
+        if objective.model.shape.confidence:
+            save_file({"prev_conf": objective.prev_conf.detach().contiguous().cpu()}, str(Path(directory) / STATE_FILE))
+
+    def load_extra(self, objective: nn.Module, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / STATE_FILE
+        if objective.model.shape.confidence and path.is_file():
+            objective.prev_conf = load_file(str(path))["prev_conf"].to(objective.prev_conf.device)
+
+    def loss_weights(self, cfg: Config) -> dict[str, float]:
+        return {"confidence": cfg.confidence_alpha}
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def load_rows(self, cfg: Config, split: str) -> list[Row]:
+        need = cfg.context_length + 2
+        if cfg.max_seq_length < need:
+            raise UserError(f"max_seq_length={cfg.max_seq_length} < context_length + 2 = {need}")
+        text = corpus.read_corpus(cfg.corpus_file, cfg.corpus_chars)
+        train, dev = corpus.split_text(text, cfg.corpus_dev_fraction)
+        pieces = corpus.chunks(train if split == "train" else dev, need)
+        if split == "train" and not pieces:
+            raise UserError(f"{cfg.corpus_file}: no training chunk of {need} characters")
+        return [Row(i + 1, {"text": t}) for i, t in enumerate(pieces)]
+
+    def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
+        ids = tokenizer(row.values["text"], add_special_tokens=False).input_ids
+        if len(ids) != cfg.context_length + 2:
+            raise UserError(f"{cfg.corpus_file}: chunk {row.line}: {len(ids)} tokens, expected "
+                            f"{cfg.context_length + 2}")
+        L = cfg.context_length
+        if cfg.lookahead_model == "plain":
+            items = {"lm": L}
+        elif cfg.lookahead_variant == "seed":
+            items = {"lm": 1, "confidence": 1}
+        else:
+            items = {"lm": L, "confidence": L}
+        return Feature(ids, ids, row.line, {"items": items})
+
+    def loss_items(self, feature: Feature) -> dict[str, int]:
+        return dict(feature.extra["items"])
+
+    def collate(self, features: list[Feature], pad_id: int) -> dict:
+        return {"input_ids": torch.tensor([f.input_ids for f in features], dtype=torch.long)}
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
+        data = dev_tensor(rows, tokenizer, cfg)
+        if not len(data):
+            return {}
+        out = evaluate_model(getattr(model, "module", model), data, cfg.eval_batch_size)
+        return {k: v for k, v in out.items() if k in ("perplexity", "eval_lm_loss", "confidence_mae",
+                                                       "confidence_spearman")}

@@ -1,0 +1,247 @@
+"""The lookahead task: models, the two-pass step against its transcription, cached and all-position passes, the
+experiment (resume after a kill, results JSON, plots) and the honesty check of its evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.tasks.lookahead import step
+from app.tasks.lookahead.model import GPT, GPTShape, parameter_breakdown, plain_state_dict, shapes
+
+V = 257
+
+
+def _conf_model(L=12, seed=0, randomize=True, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = GPT(shapes(V, L + 1, 2, 2, 16, 4)["confidence"]).to(dtype)
+    if randomize:  # a trained-looking model: the adaptive norms away from zero
+        with torch.no_grad():
+            for b in model.blocks:
+                for n in (b.ln1, b.ln2):
+                    n.proj.weight.normal_(0, 0.2)
+                    n.proj.bias.normal_(0, 0.2)
+    return model
+
+
+def _data(B=3, L=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, L + 2), generator=g)
+
+
+# --- models --------------------------------------------------------------------------------------------------------
+def test_shapes_and_zero_init():
+    model = _conf_model(randomize=False, dtype=torch.float32)
+    x = _data()[:, :12]
+    logits, conf = model(x, confidence_scalars=torch.randn(3, 12))
+    assert logits.shape == (3, 12, V) and conf.shape == (3, 12)
+    assert torch.allclose(conf, torch.full_like(conf, 2.0), atol=0.5)  # confidence_init_bias
+    for b in model.blocks:
+        assert not b.ln1.proj.weight.any() and not b.ln1.proj.bias.any()
+    # at init, any confidence input gives exactly the standard transformer
+    plain = GPT(GPTShape(**{**model.shape.to_dict(), "confidence": False}))
+    plain.load_state_dict(plain_state_dict(model))
+    ref, _ = plain(x)
+    assert torch.allclose(model(x, confidence_scalars=torch.randn(3, 12) * 5)[0], ref, atol=1e-6)
+
+
+def test_zero_confidence_equals_plain_with_same_weights():
+    model = _conf_model()
+    plain = GPT(GPTShape(**{**model.shape.to_dict(), "confidence": False})).double()
+    plain.load_state_dict(plain_state_dict(model))
+    x = _data()[:, :12]
+    assert torch.allclose(model(x, confidence_scalars=torch.zeros(3, 12))[0], plain(x)[0], atol=1e-10)
+    assert not torch.allclose(model(x, confidence_scalars=torch.ones(3, 12))[0], plain(x)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(2, 2, 64, 4), (4, 4, 128, 4), (6, 6, 384, 4), (1, 1, 16, 4)])
+def test_parameter_counts_matched(size):
+    layers, heads, dim, ratio = size
+    sh = shapes(V, 129, layers, heads, dim, ratio)
+    counts = {k: parameter_breakdown(GPT(s))["total"] for k, s in sh.items()}
+    assert abs(counts["plain"] - counts["confidence"]) / counts["confidence"] < 0.005, counts
+    assert sh["plain"].d_mlp > sh["confidence"].d_mlp
+
+
+# --- the step ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cached", [True, False])
+def test_seed_step_matches_transcription(cached):
+    """Same RNG -> same sampled tokens, losses, future losses, carried confidences and gradients."""
+    data, alpha = _data(), 0.7
+    prev = torch.rand(3, 12, dtype=torch.float64) * 3
+    ref_model, model = _conf_model(), _conf_model()
+    torch.manual_seed(11)
+    ref = step.seed_step_reference(ref_model, data, prev, alpha)
+    ref["loss"].backward()
+    torch.manual_seed(11)
+    out = step.seed_step(model, data, prev, cached=cached)
+    B = data.size(0)
+    (out.lm_sum / B + alpha * out.confidence_sum / B).backward()
+    assert torch.equal(out.sampled, ref["sampled"])
+    assert torch.allclose(out.lm_sum / B, ref["loss_lm"], atol=1e-12)
+    assert torch.allclose(out.confidence_sum / B, ref["loss_conf"], atol=1e-10)
+    assert torch.allclose(out.future_loss, ref["future_loss"], atol=1e-10)
+    assert torch.allclose(out.prev_conf, ref["prev_conf"], atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10), name
+    assert not out.future_loss.requires_grad
+
+
+def test_cached_pass2_equals_recomputed():
+    model, data = _conf_model(), _data(B=4)
+    prev = torch.rand(4, 12, dtype=torch.float64)
+    torch.manual_seed(3)
+    a = step.seed_step(model, data, prev, cached=True)
+    torch.manual_seed(3)
+    b = step.seed_step(model, data, prev, cached=False)
+    assert torch.equal(a.sampled, b.sampled)
+    assert torch.allclose(a.future_loss, b.future_loss, atol=1e-12)
+
+
+def test_all_position_lookahead_equals_loop():
+    model, data = _conf_model(), _data(B=2)
+    prev = torch.rand(2, 12, dtype=torch.float64) * 2
+    torch.manual_seed(5)
+    out = step.all_position_step(model, data, prev)
+    loop = step.all_position_reference(model, data, prev, out.sampled, out.confidence_pred.detach())
+    assert torch.allclose(out.future_loss.float(), loop, atol=1e-5)
+    # the LM part is the plain all-position loss; the confidence part trains the predictor
+    logits, _ = model(data[:, :12], confidence_scalars=prev)
+    lm = torch.nn.functional.cross_entropy(logits.reshape(-1, V), data[:, 1:13].reshape(-1), reduction="sum")
+    assert torch.allclose(out.lm_sum, lm)
+    out.confidence_sum.backward()
+    assert model.confidence_predictor.weight.grad.abs().sum() > 0
+
+
+def test_causal_confidence_has_no_future_information():
+    """Changing a later token never changes earlier confidence inputs or predictions at eval."""
+    model, data = _conf_model(), _data(B=1)
+    changed = data.clone()
+    changed[0, 8] = (changed[0, 8] + 1) % 256
+    a, b = step.causal_confidence(model, data[:, :12]), step.causal_confidence(model, changed[:, :12])
+    assert torch.equal(a[:, :9], b[:, :9])
+
+
+# --- the experiment ------------------------------------------------------------------------------------------------
+TINY = ["--corpus_chars=60000", "--context_length=32", "--max_seq_length=34", "--n_layer=1", "--n_head=2",
+        "--d_model=32", "--batch_size=16", "--micro_batch_size=16", "--max_steps=40", "--eval_every=20",
+        "--save_every=10", "--log_every=5", "--eval_rows=40", "--experiment_seeds=[7, 8]",
+        "--experiment_models=['confidence', 'plain']", "--calibration_points=500", "--learning_rate=0.01",
+        "--warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A tiny experiment killed (stop_after_steps) during its first run, then re-run to the end."""
+    from app.tasks.lookahead.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("lookahead")
+    args = [*TINY, f"--out_dir={root}/runs"]
+    first = run_experiment("configs/lookahead_tiny.py", [*args, "--stop_after_steps=13"], str(root / "results"))
+    stopped = sorted(p.name for p in (root / "runs" / "confidence_seed7" / "checkpoints").iterdir())
+    second = run_experiment("configs/lookahead_tiny.py", args, str(root / "results"))
+    return {"root": root, "args": args, "first": first, "stopped": stopped, "path": second}
+
+
+def test_killed_experiment_resumes_exactly(experiment, tmp_path):
+    from safetensors.torch import load_file
+
+    from app.config import load_config
+    from app.engine.loop import train
+
+    assert experiment["first"] is None
+    assert "step_0000013" in experiment["stopped"] and "final" not in experiment["stopped"]
+    root = experiment["root"]
+    for name in ("confidence_seed7", "plain_seed7", "confidence_seed8", "plain_seed8"):
+        assert (root / "runs" / name / "checkpoints" / "final" / "model.safetensors").is_file()
+    # the interrupted run equals an uninterrupted one (weights and the carried confidences)
+    cfg = load_config("configs/lookahead_tiny.py", [*TINY, "--seed=7", "--lookahead_model=confidence",
+                                                    f"--out_dir={tmp_path}/straight"])
+    assert train(cfg) == 0
+    a = load_file(str(root / "runs" / "confidence_seed7" / "checkpoints" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoints" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    s1 = load_file(str(root / "runs" / "confidence_seed7" / "checkpoints" / "final" / "lookahead_state.safetensors"))
+    s2 = load_file(str(tmp_path / "straight" / "checkpoints" / "final" / "lookahead_state.safetensors"))
+    assert torch.allclose(s1["prev_conf"], s2["prev_conf"], atol=1e-6)
+
+
+def test_results_json_round_trip_and_plots(experiment):
+    from click.testing import CliRunner
+
+    from app.cli import cli
+    from app.tasks.lookahead.experiment import load_results, summary_table
+
+    path = Path(experiment["path"])
+    assert path.parent.name == "results" and path.name.endswith("_results.json")
+    results = load_results(path)
+    assert json.loads(json.dumps(results)) == results
+    assert set(results["runs"]) == {"plain", "confidence"} and set(results["runs"]["plain"]) == {"7", "8"}
+    run = results["runs"]["confidence"]["7"]
+    assert run["history"]["train"]["loss/lm"] and run["history"]["eval"]["perplexity"][-1][0] == 40
+    assert len(run["final"]["pairs"]["predicted"]) == 500 and run["wall_time_s"] > 0
+    assert results["config"]["experiment_seeds"] == [7, 8]
+    s = results["summary"]
+    assert s["models"]["plain"]["perplexity"]["n"] == 2 and "perplexity" in s["difference"]
+    # the same number of tokens for both models of a seed
+    assert results["runs"]["plain"]["7"]["history"]["train"]["loss"][-1][0] == 40
+    stamp = path.name.removesuffix("_results.json")
+    for kind in ("loss_curves", "calibration", "time"):
+        assert (path.parent / f"{stamp}_{kind}.png").stat().st_size > 1000
+        (path.parent / f"{stamp}_{kind}.png").unlink()
+    table = summary_table(results)
+    assert "perplexity" in table and "confidence - plain" in table
+    res = CliRunner().invoke(cli, ["plot", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "confidence_spearman" in res.output
+    for kind in ("loss_curves", "calibration", "time"):
+        assert (path.parent / f"{stamp}_{kind}.png").is_file()
+
+
+def test_rerun_of_finished_experiment_trains_nothing(experiment, capsys):
+    from app.tasks.lookahead.experiment import run_experiment
+
+    root = experiment["root"]
+    before = (root / "runs" / "plain_seed8" / "metrics.jsonl").read_text()
+    path = run_experiment("configs/lookahead_tiny.py", experiment["args"], str(root / "results2"))
+    assert path is not None and (root / "runs" / "plain_seed8" / "metrics.jsonl").read_text() == before
+
+
+def test_shuffled_confidence_does_not_collapse_perplexity(experiment):
+    """Eval perplexity with the confidence inputs shuffled across the batch stays where it was: no leak."""
+    from app.config import load_config
+    from app.tasks.lookahead.task import Lookahead, dev_tensor, evaluate_model
+
+    cfg = load_config("configs/lookahead_tiny.py", [*TINY, "--lookahead_model=confidence",
+                                                    f"--out_dir={experiment['root']}/runs/confidence_seed7"])
+    task = Lookahead()
+    model, tok = task.load_model(cfg, torch.device("cpu"), Path(cfg.out_dir) / "checkpoints" / "final")
+    assert any(b.ln1.proj.weight.abs().sum() > 0 for b in model.blocks)  # the confidence path is in use
+    data = dev_tensor(task.load_rows(cfg, "dev"), tok, cfg)
+    plain = evaluate_model(model, data, 16)
+    shuffled = evaluate_model(model, data, 16, shuffle=True)
+    assert plain["perplexity"] < 60  # it learned something
+    assert abs(shuffled["perplexity"] - plain["perplexity"]) / plain["perplexity"] < 0.05
+    results = json.loads(Path(experiment["path"]).read_text())
+    for model_name in ("plain", "confidence"):  # both models evaluated by the same function, all positions
+        assert "perplexity" in results["runs"][model_name]["7"]["final"]
+
+
+def test_corpus_and_tokenizer():
+    from app.tasks.lookahead import corpus
+    from app.tasks.lookahead.task import build_tokenizer
+
+    text = corpus.read_corpus(corpus.DEFAULT_CORPUS)
+    assert 500_000 < len(text) < 5_000_000 and "HAMLET" in text
+    train, dev = corpus.split_text(text, 0.05)
+    assert train + dev == text and abs(len(dev) - 0.05 * len(text)) < 2
+    tok = build_tokenizer()
+    sample = text[1000:1066]
+    ids = tok(sample, add_special_tokens=False).input_ids
+    assert ids == list(sample.encode("ascii")) and tok.decode(ids) == sample
+    assert tok.pad_token_id == 256 and len(tok) == 257
