@@ -35,6 +35,7 @@ TASKS = {
                                  "step_data:write_synthetic", commands=("score-steps", "steps")),
     "lookahead": TaskEntry("app.tasks.lookahead", "LookaheadConfig", "Lookahead", "corpus:write_sample",
                            commands=("experiment", "plot")),
+    "ranking": TaskEntry("app.tasks.ranking", "RankingConfig", "Ranking", "sample:write_sample", commands=("ranking",)),
 }
 
 

@@ -1,0 +1,401 @@
+"""The ranking task: the FinQA executor (fixture and edge programs), candidate pools, reward tiers, the data pipeline
+commands, pooling and padding, batch-size invariance, shared prefix = flattened (scores and gradients), learning the
+synthetic set, exact resume, the score head's strict load, LoRA round trip, the rank command and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, run_app
+
+from app.config import load_config
+from app.data import Row
+from app.engine.loop import train
+from app.errors import UserError
+from app.tasks.protocol import Feature
+from app.tasks.ranking import candidates as cand
+from app.tasks.ranking.finqa import execute, prepare_records, same_answer
+from app.tasks.ranking.model import HEAD_FILE, RankingObjective, ScoreHead, listwise_loss, load_head
+from app.tasks.ranking.rewards import reward
+from app.tasks.ranking.task import Ranking, collate_ranking, feature_of
+
+SAMPLE = ROOT / "data/sample/ranking"
+
+
+def rk_config(model_dir: Path | None, out_dir: Path, **overrides):
+    values = {"out_dir": str(out_dir), "tensorboard": False, "log_every": 1, "save_every": 1000,
+              "train_file": str(SAMPLE / "train.jsonl"), "dev_file": str(SAMPLE / "dev.jsonl")}
+    if model_dir is not None:
+        values.update(model_name=str(model_dir), create_tiny_model=False)
+    values.update(overrides)
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in values.items()]
+    return load_config(ROOT / "configs/ranking_tiny.py", args)
+
+
+# --- the executor -------------------------------------------------------------------------------------------------
+def test_executor_reproduces_every_fixture_answer(shared_fixtures):
+    path = shared_fixtures / "finqa" / "train_sample.json"
+    records = json.loads(path.read_text())
+    assert len(records) == 20
+    for rec in records:
+        got = execute(rec["qa"]["program"], rec["table"])
+        assert same_answer(got, rec["qa"]["exe_ans"]), (rec["qa"]["program"], got, rec["qa"]["exe_ans"])
+    rows, stats = prepare_records(path)
+    assert stats["gold_executed"] == stats["gold_programs"] == 20 and not stats["problems"]
+    assert all(r["question"] and r["context"] for r in rows)
+
+
+TABLE = [["", "2019", "2018"], ["net sales", "$ 1,200", "$ 800 ( 12 )"], ["margin", "10%", "5%"],
+         ["bad", "n/a", "3"]]
+
+
+@pytest.mark.parametrize("program, expected", [
+    ("add(1, 2)", 3.0),
+    ("subtract(5, 7.5)", -2.5),
+    ("multiply(3, const_m1)", -3.0),
+    ("divide(1, 3)", 0.33333),                          # rounded to 5 decimals
+    ("divide(2, 3)", 0.66667),
+    ("add(1,200, 0)", 1200.0),                          # steps split at ", ": "1,200" is one number
+    ("add(1200, 12%)", 1200.12),                        # percentages are fractions
+    ("exp(2, 10)", 1024.0),
+    ("subtract(10, 4), divide(#0, 4), multiply(#1, const_100)", 150.0),
+    ("greater(5, 3)", "yes"),
+    ("greater(3, 5)", "no"),
+    ("greater(3, 3)", "no"),
+    ("table_sum(net sales, none)", 2000.0),             # "$" dropped, "(12)" cut, thousands separators
+    ("table_average(net sales, none)", 1000.0),
+    ("table_max(margin, none)", 0.1),
+    ("table_min(margin, none)", 0.05),
+    ("table_sum(bad, none)", None),                     # a cell that is no number
+    ("table_sum(missing row, none)", None),
+    ("divide(1, 0)", None),                             # division by zero: invalid, as in the official code
+    ("add(#3, 1)", None),                               # a reference to a step that does not exist
+    ("sqrt(4, none)", None),                            # not an op
+    ("add(1, 2", None),                                 # not closed
+    ("add(1, 2), greater(#0, 2), add(#1, 1)", None),    # arithmetic on yes/no
+    ("add(const_1000, const_100)", 1100.0),
+    ("add(a, 1)", None),
+    ("", None),
+])
+def test_executor_edge_programs(program, expected):
+    got = execute(program, TABLE)
+    assert got == expected, (program, got)
+
+
+# --- candidates and rewards ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(shared_fixtures):
+    rows, _ = prepare_records(shared_fixtures / "finqa" / "train_sample.json")
+    return rows
+
+
+def test_candidates_are_deterministic_shuffled_and_distinct(prepared, tmp_path):
+    cfg = rk_config(None, tmp_path)
+    pools = cand.add_candidates(prepared, cfg)
+    again = cand.add_candidates(prepared, cfg)
+    assert pools == again
+    gold_at = []
+    for row in pools:
+        c = row["candidates"]
+        assert len(c) == 8
+        assert [x["kind"] for x in c].count("gold") == 1
+        assert len({x["text"] for x in c}) == 8
+        gold_at.append(next(k for k, x in enumerate(c) if x["kind"] == "gold"))
+        for x in c:  # every candidate's answer is what its program executes to
+            if x["program"] is not None and x["kind"] not in ("unparseable", "other_question"):
+                assert execute(x["program"], row["table"]) == x["answer"]
+            if x["kind"] == "unparseable":
+                assert x["answer"] is None
+    assert len(set(gold_at)) >= 4  # shuffled: the gold is not always in one place
+    kinds = {x["kind"] for row in pools for x in row["candidates"]}
+    assert {"numeric", "operation", "argument", "scale", "other_question", "unparseable"} <= kinds
+    other = cand.add_candidates(prepared, rk_config(None, tmp_path, seed=7))
+    assert [r["candidates"] for r in other] != [r["candidates"] for r in pools]
+    # a question's pool does not depend on the rows around it beyond other_question draws
+    assert cand.make_candidates(prepared[3], prepared, cfg) == pools[3]["candidates"]
+
+
+def test_corruption_rate_zero_restates_the_gold(prepared, tmp_path):
+    cfg = rk_config(None, tmp_path, corruption_rate=0.0)
+    row = cand.add_candidates(prepared[:2], cfg)[0]
+    restated = [x for x in row["candidates"] if x["kind"] == "restated"]
+    assert restated and all(same_answer(x["answer"], prepared[0]["gold_answer"]) for x in restated)
+
+
+def test_reward_tiers():
+    tiers = [[0.01, 0.5], [0.05, 0.25], [0.2, 0.1]]
+    assert reward(0.34719, 0.34719, tiers) == 1.0
+    assert reward(0.347194, 0.34719, tiers) == 1.0          # equal at 5 decimals
+    assert reward(100.5, 100.0, tiers) == 0.5               # 0.5% off
+    assert reward(103.0, 100.0, tiers) == 0.25
+    assert reward(110.0, 100.0, tiers) == 0.1
+    assert reward(130.0, 100.0, tiers) == 0.0
+    assert reward(-100.0, 100.0, tiers) == 0.0              # a sign error
+    assert reward(None, 100.0, tiers) == 0.0                # unparseable
+    assert reward("yes", "yes", tiers) == 1.0 and reward("no", "yes", tiers) == 0.0
+    assert reward(1.0, "yes", tiers) == 0.0
+    assert reward(0.0, 0.0, tiers) == 1.0 and reward(1e-12, 0.0, tiers) == 1.0
+    assert reward(103.0, 100.0, []) == 0.0
+
+
+def test_pipeline_commands_are_atomic_and_resumable(shared_fixtures, tmp_path, capsys):
+    from app.tasks.ranking.pipeline import run_step
+
+    src = shared_fixtures / "finqa" / "train_sample.json"
+    prep, cands, rew = tmp_path / "prep.jsonl", tmp_path / "cand.jsonl", tmp_path / "rew.jsonl"
+    assert run_step("prepare", src, prep, "configs/ranking.py") == 0
+    out = capsys.readouterr().out
+    assert "gold programs: 20/20 execute to exe_ans" in out
+    stats = json.loads((tmp_path / "prep.stats.json").read_text())
+    assert stats["gold_executed"] == 20 and stats["gold_programs"] == 20
+    before = prep.stat().st_mtime_ns
+    assert run_step("prepare", src, prep, "configs/ranking.py") == 0
+    assert "up to date" in capsys.readouterr().out and prep.stat().st_mtime_ns == before
+    assert run_step("candidates", prep, cands, "configs/ranking.py") == 0
+    assert run_step("rewards", cands, rew, "configs/ranking.py") == 0
+    rows = [json.loads(x) for x in rew.read_text().splitlines()]
+    assert len(rows) == 20 and all(len(r["rewards"]) == 8 and max(r["rewards"]) == 1.0 for r in rows)
+    assert all(0.0 <= x <= 1.0 for r in rows for x in r["rewards"])
+    # other settings recompute; a file with a torn stats file recomputes too
+    assert run_step("candidates", prep, cands, "configs/ranking.py", ["--seed=5"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    (tmp_path / "cand.stats.json").write_text("{")
+    assert run_step("candidates", prep, cands, "configs/ranking.py", ["--seed=5"]) == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _finqa(tmp_path, mutate) -> Path:
+    records = json.loads((ROOT.parent / "shared/fixtures/finqa/train_sample.json").read_text())[:3]
+    mutate(records)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r[1].pop("qa"), "record 1 (" ),
+    (lambda r: r[2]["qa"].update(program="divide(1, 2"), "does not parse"),
+    (lambda r: r[0]["table"].append(["only one cell"]), "cells, the header has"),
+    (lambda r: r[0]["qa"].pop("exe_ans"), "missing 'qa.exe_ans'"),
+])
+def test_bad_finqa_records_are_one_line_errors_or_skipped(shared_fixtures, tmp_path, capsys, mutate, message):
+    from app.tasks.ranking.pipeline import run_step
+
+    path = _finqa(tmp_path, mutate)
+    with pytest.raises(UserError, match="bad.json: record") as err:
+        run_step("prepare", path, tmp_path / "out.jsonl", "configs/ranking.py")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out.jsonl").exists()
+    assert run_step("prepare", path, tmp_path / "out.jsonl", "configs/ranking.py", ["--rank_bad_records='skip'"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad records" in out and "gold programs: 2/2" in out
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, shared_fixtures):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"question": "q", "context": "c", "candidates": [{"text": "a"}], "rewards": [2]}) + "\n")
+    r = run_app("ranking", "rank", str(bad), "--checkpoint", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "checkpoint not found" in r.stderr
+    r = run_app("ranking", "candidates", str(shared_fixtures / "finqa" / "train_sample.json"), str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr, r.stderr
+    r = run_app("ranking", "prepare", str(tmp_path / "missing.json"), str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and "file not found" in r.stderr
+    r = run_app("train", "configs/ranking_tiny.py", f"--train_file={bad}", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and r.stderr.strip().endswith("reward 0 must be a number in [0, 1], found 2"), r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return model, tok
+
+
+def sample_features(tok, cfg, n=4, offset=0) -> list[Feature]:
+    rows = [json.loads(x) for x in (SAMPLE / "dev.jsonl").read_text().splitlines()[offset : offset + n]]
+    for k, r in enumerate(rows):  # different prefix lengths and candidate counts within one batch
+        r["context"] = r["context"] + " Anna is reading." * k
+        r["candidates"], r["rewards"] = r["candidates"][: 8 - k], r["rewards"][: 8 - k]
+        if max(r["rewards"]) == 0:
+            r["rewards"][0] = 1.0
+    return [feature_of(r, tok, cfg) for r in rows]
+
+
+def scores_and_grads(objective, batch, shared, side="right", loss="ce"):
+    objective.zero_grad()
+    objective.padding_side = side
+    s = objective.candidate_scores(batch["prefix_ids"], batch["prefix_mask"], batch["cand_ids"], batch["cand_mask"],
+                                   batch["cand_valid"], shared=shared)
+    listwise_loss(s, batch["rewards"], batch["cand_valid"], loss, 0.1).backward()
+    grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    return s.detach(), grads
+
+
+@pytest.mark.parametrize("loss", ["ce", "multi_positive", "listnet"])
+def test_shared_prefix_equals_flattened_and_padding_side_does_not_matter(tiny, tmp_path, loss):
+    model, tok = tiny
+    cfg = rk_config(None, tmp_path)
+    batch = collate_ranking(sample_features(tok, cfg), tok.pad_token_id)
+    torch.manual_seed(1)
+    objective = RankingObjective(model, ScoreHead(96, 32, 0.0), loss=loss, pad_id=tok.pad_token_id).eval()
+    shared, g_shared = scores_and_grads(objective, batch, True, loss=loss)
+    right, g_right = scores_and_grads(objective, batch, False, "right", loss=loss)
+    left, g_left = scores_and_grads(objective, batch, False, "left", loss=loss)
+    objective.chunk = 5
+    chunked, g_chunked = scores_and_grads(objective, batch, True, loss=loss)
+    valid = batch["cand_valid"]
+    assert torch.isinf(shared[~valid]).all() and valid.sum() == 8 + 7 + 6 + 5
+    for other in (right, left, chunked):
+        assert torch.allclose(shared[valid], other[valid], atol=1e-5, rtol=0)
+    assert set(g_shared) == set(g_right) == set(g_left) and len(g_shared) > 10  # backbone and head
+    for grads in (g_right, g_left, g_chunked):
+        for name, g in g_shared.items():
+            assert torch.allclose(g, grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_scores_do_not_depend_on_the_batch(tiny, tmp_path):
+    model, tok = tiny
+    cfg = rk_config(None, tmp_path)
+    feats = sample_features(tok, cfg, n=4)
+    objective = RankingObjective(model, ScoreHead(96, 32, 0.0), pad_id=tok.pad_token_id).eval()
+    together = objective.scores(**collate_ranking(feats, tok.pad_token_id))
+    reordered = objective.scores(**collate_ranking(feats[::-1], tok.pad_token_id)).flip(0)
+    for i, f in enumerate(feats):
+        alone = objective.scores(**collate_ranking([f], tok.pad_token_id))[0]
+        k = len(f.extra["candidates"])
+        assert torch.allclose(alone[:k], together[i, :k], atol=1e-5)
+        assert torch.allclose(reordered[i, :k], together[i, :k], atol=1e-5)
+        # where a candidate sits among its question's candidates does not matter either
+        perm = list(range(k))[::-1]
+        moved = Feature(f.input_ids, f.labels, 0, {**f.extra, "candidates": [f.extra["candidates"][p] for p in perm]})
+        flipped = objective.scores(**collate_ranking([moved], tok.pad_token_id))[0, :k]
+        assert torch.allclose(flipped, alone[:k].flip(0), atol=1e-5)
+
+
+def test_overlength_truncates_the_context_and_keeps_candidates(tiny, tmp_path):
+    _, tok = tiny
+    row = json.loads((SAMPLE / "dev.jsonl").read_text().splitlines()[0])
+    row["context"] = row["context"] * 30
+    cfg = rk_config(None, tmp_path, max_seq_length=64)
+    f = feature_of(row, tok, cfg)
+    assert f.extra["cut"] and len(f.input_ids) + max(map(len, f.extra["candidates"])) <= 64
+    assert tok.decode(f.input_ids).rstrip().endswith("Candidate:")
+    full = feature_of({**row, "context": row["context"][:50]}, tok, cfg)
+    assert f.extra["candidates"] == full.extra["candidates"]
+    with pytest.raises(UserError, match="max_seq_length=64"):
+        feature_of(row, tok, rk_config(None, tmp_path, max_seq_length=64, overlength="error"), where="x.jsonl:1")
+    assert Ranking().loss_items(feature_of(row, tok, rk_config(None, tmp_path, max_seq_length=64,
+                                                                overlength="drop"))) == 0
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranking") / "run"
+    cfg = rk_config(tiny_model_dir, out, num_epochs=4, eval_every=80)
+    assert train(cfg) == 0
+    return cfg, out
+
+
+def test_tiny_config_learns_the_synthetic_set(full_run):
+    cfg, out = full_run
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval/accuracy"' in x]
+    final = evals[-1]
+    assert final["eval/accuracy"] >= 0.5, final  # random pick: 0.125
+    assert final["eval/random_accuracy"] == pytest.approx(0.125)
+    assert final["eval/oracle_accuracy"] == 1.0
+    assert (out / "checkpoints/best" / HEAD_FILE).is_file()
+    assert (out / "checkpoints/best_reward_ratio" / HEAD_FILE).is_file()
+    saved = json.loads(next((out / "eval").glob("step_*_ranking.json")).read_text())
+    assert {"accuracy", "reward_ratio", "avg_reward", "mrr", "ndcg", "exec_accuracy"} <= set(saved)
+
+
+def test_head_loads_with_strict_key_check(full_run, tmp_path):
+    _, out = full_run
+    state = load_file(str(out / "checkpoints/final" / HEAD_FILE))
+    head = ScoreHead(96, 64, 0.0)
+    load_head(head, out / "checkpoints/final")
+    save_file({**state, "extra.weight": torch.zeros(1)}, str(tmp_path / HEAD_FILE))
+    with pytest.raises(UserError, match="unexpected: \\['extra.weight'\\]"):
+        load_head(head, tmp_path)
+    with pytest.raises(UserError, match="has shape"):
+        load_head(ScoreHead(96, 32, 0.0), out / "checkpoints/final")
+    with pytest.raises(UserError, match="missing"):
+        load_head(head, tmp_path / "nowhere")
+
+
+def test_rank_command_and_infer_resume(full_run, tmp_path, capsys):
+    from app.runs import run_predictor
+
+    _, out = full_run
+    output = tmp_path / "rankings.jsonl"
+    summary = run_predictor(SAMPLE / "dev.jsonl", str(out), output, progress=False, task_name="ranking")
+    rows = [json.loads(x) for x in output.read_text().splitlines()]
+    assert len(rows) == 64 and [r["index"] for r in rows] == list(range(64))
+    assert all(len(r["scores"]) == 8 and r["pick"] == max(range(8), key=lambda k: r["scores"][k]) for r in rows)
+    assert summary["metrics"]["accuracy"] >= 0.5
+    metrics = json.loads((tmp_path / "rankings.metrics.json").read_text())["metrics"]
+    # a kill after some batches: the partial file is continued, the rows done are not predicted again
+    partial = tmp_path / "again.jsonl.partial.jsonl"
+    from app.runs import PartialFile, checkpoint_config, fingerprint, resolve_checkpoint
+
+    ckpt, _ = resolve_checkpoint(str(out))
+    cfg = checkpoint_config(ckpt)
+    pf = PartialFile(partial, fingerprint(SAMPLE / "dev.jsonl", ckpt, cfg, {}), 64)
+    pf.add([{"i": i, "scores": rows[i]["scores"]} for i in range(10)])
+    pf.close()
+    again = run_predictor(SAMPLE / "dev.jsonl", str(out), tmp_path / "again.jsonl", progress=False)
+    assert again["rows_predicted_now"] == 54 and not partial.exists()
+    got = [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [r["pick"] for r in got] == [r["pick"] for r in rows]
+    assert json.loads((tmp_path / "again.metrics.json").read_text())["metrics"] == pytest.approx(metrics)
+
+
+def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path):
+    common = dict(max_steps=12, eval_every=1000, dev_file=None, save_every=4, finetuning="lora", lora_r=4,
+                  lora_alpha=8, lora_dropout=0.2, rank_head_dropout=0.2)
+    ref = rk_config(tiny_model_dir, tmp_path / "ref", **common)
+    assert train(ref) == 0
+    part = rk_config(tiny_model_dir, tmp_path / "part", stop_after_steps=5, **common)
+    assert train(part) == 0
+    assert not (tmp_path / "part/checkpoints/final").exists()
+    assert train(rk_config(tiny_model_dir, tmp_path / "part", **common)) == 0
+    for name in ("adapter_model.safetensors", HEAD_FILE):
+        a = load_file(str(tmp_path / "ref/checkpoints/final" / name))
+        b = load_file(str(tmp_path / "part/checkpoints/final" / name))
+        assert set(a) == set(b) and a
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_lora_adapter_and_head_load_back_without_retraining(tiny_model_dir, tmp_path):
+    from app.tasks.ranking.predict import load_ranker
+
+    cfg = rk_config(tiny_model_dir, tmp_path / "lora", max_steps=6, eval_every=1000, dev_file=None,
+                    finetuning="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    captured = {}
+    original = Ranking.objective
+
+    def spy(self, model, cfg_):
+        captured["objective"] = original(self, model, cfg_)
+        return captured["objective"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Ranking, "objective", spy)
+        assert train(cfg) == 0
+    final = tmp_path / "lora/checkpoints/final"
+    assert (final / "adapter_model.safetensors").is_file() and (final / HEAD_FILE).is_file()
+    objective, tok = load_ranker(final, cfg, torch.device("cpu"))
+    feats = sample_features(tok, cfg)
+    batch = collate_ranking(feats, tok.pad_token_id)
+    trained = captured["objective"].eval()
+    assert torch.allclose(objective.scores(**batch), trained.scores(**batch), atol=1e-5)
