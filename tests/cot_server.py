@@ -120,6 +120,11 @@ class ScriptedServer:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
 
     async def _respond(self, request_line: str, headers: dict, raw: bytes, writer) -> bool:
+        if request_line.startswith("GET /stats"):
+            with self.lock:
+                counts = {"requests": len(self.requests), "answered": sum(r["status"] == 200 for r in self.requests)}
+            self._send(writer, 200, json.dumps(counts).encode())
+            return True
         try:
             req = json.loads(raw or b"{}")
         except ValueError:
@@ -208,3 +213,22 @@ def _classify(messages: list[dict]) -> tuple[str, dict]:
     if messages and messages[-1].get("role") == "user" and "<premise>" not in str(messages[-1].get("content", "")):
         kind += "-repair"
     return kind, fields
+
+
+def stats(base_url: str) -> dict:
+    """The request counts of a server running in another process (GET /stats)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+if __name__ == "__main__":  # a server in its own process: prints its base URL, serves until killed
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    a = ap.parse_args()
+    with ScriptedServer(latency=a.latency) as srv:
+        print(srv.base_url, flush=True)
+        srv.thread.join()

@@ -223,6 +223,8 @@ async def _run_all(cfg, cache, jobs, key, desc):
     counters = {"requests": c.requests, "answered": c.answered, "cache_hits": c.cache_hits, "retries": c.retries,
                 "errors": c.errors, "new_prompt_tokens": c.prompt_tokens, "new_completion_tokens": c.completion_tokens,
                 "new_cost_usd": round(c.cost, 6), "seconds": round(time.perf_counter() - t0, 3),
+                "requests_per_s": round(c.answered / (c.last_reply - c.first_sent), 2)
+                if c.answered > 1 and c.last_reply > c.first_sent else None,
                 "structured_output": client.structured}
     return results, counters
 
