@@ -318,3 +318,59 @@ def test_stats_on_known_rows(tmp_path, shared_fixtures, capsys):
     assert s["accuracy_by_total_tokens"][1]["accuracy"] == 0.5
     png = tmp_path / "stats.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- a real OpenAI-compatible server: `transformers serve` on the tiny model -----------------------------------------
+def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
+    """The prompt-only JSON path against a real server. The tiny model's random weights never write the JSON object,
+    so every row must come back as failed with its reason (cut off, then the repair prompt cut off too), in order,
+    through real HTTP, and a re-run must send nothing."""
+    import importlib.util
+    import shutil
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"transformers serve needs {', '.join(missing)} (pip install 'transformers[serving]')")
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.is_file():
+        pytest.skip(f"no transformers console script beside {sys.executable}")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg), encoding="utf-8")
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            tail = (tmp_path / "serve.log").read_text(errors="replace")[-600:]
+            pytest.skip(f"transformers serve did not start on 127.0.0.1:{port}: {tail}")
+        src = write_csv(tmp_path / "in.csv", rows(3))
+        cfg = load_datagen_config(None, [f"--base_url=http://127.0.0.1:{port}/v1", "--api_key_env=COT_TEST_KEY",
+                                         f"--model={model}", "--structured_output=off", "--max_tokens=12",
+                                         "--concurrency=2", "--progress=False", "--request_timeout=60"])
+        summary = pipeline.generate(src, tmp_path / "gen.jsonl", cfg)
+        out = read_table(tmp_path / "gen.jsonl")
+        assert [r["premise"] for r in out] == [r["premise"] for r in rows(3)]
+        assert summary["requests"] == 6 and summary["answered"] == 6 and summary["retries"] == 0
+        assert all(r["status"] == "failed" and "finish_reason=length" in r["error"] for r in out)
+        assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in out)  # usage from the server
+        assert pipeline.generate(src, tmp_path / "gen.jsonl", cfg)["requests"] == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
