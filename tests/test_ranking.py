@@ -399,3 +399,15 @@ def test_lora_adapter_and_head_load_back_without_retraining(tiny_model_dir, tmp_
     batch = collate_ranking(feats, tok.pad_token_id)
     trained = captured["objective"].eval()
     assert torch.allclose(objective.scores(**batch), trained.scores(**batch), atol=1e-5)
+
+
+def test_bundled_sample_is_what_the_writer_writes(tmp_path):
+    from app.tasks import write_sample
+
+    written = write_sample("ranking", tmp_path)
+    assert sorted(p.name for p in written) == ["dev.jsonl", "train.jsonl"]
+    for p in written:
+        assert p.read_bytes() == (SAMPLE / p.name).read_bytes()
+    rows = [json.loads(x) for x in (SAMPLE / "train.jsonl").read_text().splitlines()]
+    assert all(len(r["candidates"]) == 8 and sorted(r["rewards"]) == [0.0] * 7 + [1.0] for r in rows)
+    assert len({r["rewards"].index(1.0) for r in rows}) == 8  # the right one is anywhere
