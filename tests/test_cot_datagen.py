@@ -217,8 +217,8 @@ def test_killed_run_resumes_without_asking_answered_rows_again(tmp_path):
 
         cache = ResponseCache(tmp_path / "gen.csv.cache.jsonl")
         client = ChatClient(cfg, cache, KEY)
-        cached = {r["premise"] for r in data if cache.get(client.keys(cfg.model, P.generate_messages(
-            P.PROMPTS["v1"], r["premise"], r["hypothesis"]), P.THOUGHT_SCHEMA)[0])}
+        cached = {r["premise"] for r in data if cache.get(client.key(cfg.model, P.generate_messages(
+            P.PROMPTS["v1"], r["premise"], r["hypothesis"]), P.THOUGHT_SCHEMA))}
         assert 10 <= len(cached) < 40
         n = len(server.requests)
         summary = pipeline.generate(src, out, cfg)
@@ -275,6 +275,25 @@ def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys
         assert err.count("\n") == 1 and err.startswith("error: ")
     assert KEY not in err and "sk-wrong-key" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from app.cli import main; main(['cot', 'generate', '-h']); "
+            "print([m for m in ('openai', 'torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "--output" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+
+
+def test_stats_of_a_generate_output(server, tmp_path, shared_fixtures, capsys):
+    src = write_csv(tmp_path / "in.csv", rows(6))
+    pipeline.generate(src, tmp_path / "gen.csv", config(server))
+    tok = shared_fixtures / "tokenizer" / "mistral-7b-instruct-v0.2"
+    code, err = _run(["cot", "stats", str(tmp_path / "gen.csv"), "--output", str(tmp_path / "s.json"),
+                      "--plot", str(tmp_path / "h.png"), f"--tokenizer={tok}"], capsys)
+    assert code == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["first_pass"]["accuracy"] == 0.6667 and s["reflection"]["rows_reflected"] == 0
+    assert s["cost_usd"]["total"] > 0 and (tmp_path / "h.png").is_file()
 
 
 def test_recipe_config_loads():

@@ -83,14 +83,17 @@ def run(tmp: Path, base_url: str, args) -> dict:
                                          f"--concurrency={args.concurrency}", "--progress=False"])
         src = tmp / "live.csv"
         write_rows(src, args.rows)
-        t0 = time.perf_counter()
+        load = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), time.process_time()
         s = pipeline.generate(src, tmp / "live_out.csv", cfg)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         ideal = args.concurrency / args.latency
         rps = s["requests_per_s"]
         results["live"] = {"rows": args.rows, "requests": s["requests"], "answered": s["answered"],
                            "requests_per_s": rps, "ideal_per_s": ideal, "ratio": round(rps / ideal, 3),
                            "wall_s": round(wall, 3), "whole_run_per_s": round(s["answered"] / wall, 1),
+                           "client_cpu_ms_per_request": round(1000 * cpu / max(s["requests"], 1), 2),
+                           "load_average_before": round(load, 2), "cpu_cores": os.cpu_count(),
                            "pass": rps >= 0.9 * ideal and s["failed"] == 0}
 
         src = tmp / "cached.csv"
@@ -100,8 +103,8 @@ def run(tmp: Path, base_url: str, args) -> dict:
         client = ChatClient(cfg, cache, "bench")
         prompts = P.prompt_set(cfg)
         for r in rows:  # the cache a finished run leaves (structured-output key, as auto mode asks first)
-            key = client.keys(cfg.model, P.generate_messages(prompts, r["premise"], r["hypothesis"]),
-                              P.THOUGHT_SCHEMA)[0]
+            key = client.key(cfg.model, P.generate_messages(prompts, r["premise"], r["hypothesis"]),
+                             P.THOUGHT_SCHEMA)
             content = json.dumps({"thought_process": "Step 1: a museum. Step 2: indoors. Step 3: it follows.",
                                   "predicted_label": 1})
             cache.put(key, cfg.model, {"choices": [{"index": 0, "finish_reason": "stop", "message": {

@@ -29,7 +29,11 @@ def _step(name: str, doc: str):
         from app.tasks.nli_cot.datagen import pipeline
 
         cfg = _config(config_file, overrides, f"cot {name} INPUT --output OUT [--config CFG.py] [--key=value ...]")
-        getattr(pipeline, name)(input_file, output, cfg)
+        try:
+            getattr(pipeline, name)(input_file, output, cfg)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the answers received are cached; re-run the same command to continue", err=True)
+            return 130
         return 0
 
     return command

@@ -1,6 +1,7 @@
 """The API client: AsyncOpenAI against any OpenAI-compatible base_url, with the cache in front of it.
 
-- bounded concurrency (`concurrency` workers, one request in flight each)
+- bounded concurrency: at most `concurrency` requests in flight (rows are worked on by twice as many workers, so
+  that parsing and caching one reply overlaps the next request)
 - requests-per-minute (evenly spaced starts) and tokens-per-minute (60 s sliding window of prompt estimate +
   max_tokens) limits
 - retries with capped exponential backoff and jitter on 408/409/429/5xx, timeouts, dropped connections and reply
@@ -152,6 +153,7 @@ class ChatClient:
             api_key=key, base_url=cfg.base_url, max_retries=0,
             timeout=openai.Timeout(cfg.request_timeout, connect=cfg.connect_timeout))
         self.limiter = Limiter(cfg.rpm, cfg.tpm)
+        self.slots = asyncio.Semaphore(cfg.concurrency)  # requests in flight (not held while parsing or backing off)
         self.counters = Counters()
         self.structured = cfg.structured_output != "off"
         self.connected = False
@@ -163,20 +165,15 @@ class ChatClient:
             p["seed"] = self.cfg.seed
         return p
 
-    def keys(self, model: str, messages: list[dict], schema: dict | None) -> tuple[str | None, str]:
-        """(key with the response_format, key without it)."""
-        params = self.params()
-        plain = request_key(model, messages, params, self.cfg.prompt_version)
-        if schema is None:
-            return None, plain
-        structured = request_key(model, messages, {**params, "response_format": schema}, self.cfg.prompt_version)
-        return structured, plain
+    def key(self, model: str, messages: list[dict], schema: dict | None) -> str:
+        """The cache key of a request with `schema` as its response_format (None: without one)."""
+        params = self.params() if schema is None else {**self.params(), "response_format": schema}
+        return request_key(model, messages, params, self.cfg.prompt_version)
 
     def cached(self, model: str, messages: list[dict], schema: dict | None) -> Reply | None:
-        structured, plain = self.keys(model, messages, schema)
-        order = {"on": [structured], "off": [plain], "auto": [structured, plain]}[self.cfg.structured_output]
-        for key in order:
-            body = self.cache.get(key) if key else None
+        mode = self.cfg.structured_output if schema is not None else "off"
+        for structured in {"on": (True,), "off": (False,), "auto": (True, False)}[mode]:
+            body = self.cache.get(self.key(model, messages, schema if structured else None))
             if body is not None:
                 try:
                     reply = reply_from_body(body, cached=True)
@@ -198,21 +195,21 @@ class ChatClient:
         estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + self.cfg.max_tokens
         attempt = 0
         while True:
-            use_schema = schema if (self.structured and schema is not None) else None
-            key = self.keys(model, messages, schema)[0 if use_schema else 1]
-            await self.limiter.acquire(estimate)
-            self.counters.requests += 1
-            if self.counters.first_sent is None:
-                self.counters.first_sent = time.monotonic()
-            delay = None
+            delay = use_schema = None
             try:
-                body = {"model": model, "messages": messages, **self.params()}
-                if use_schema:
-                    body["response_format"] = {"type": "json_schema", "json_schema": use_schema}
-                # the client's own POST (auth, base URL, timeouts, errors as APIStatusError), with the reply body as
-                # text: the body is plain JSON already, and chat.completions.create would spend ~5 ms of CPU per
-                # request transforming it, which caps a single process well below 160 requests/s
-                text = await self.client.post("/chat/completions", cast_to=str, body=body)
+                async with self.slots:
+                    await self.limiter.acquire(estimate)
+                    use_schema = schema if (self.structured and schema is not None) else None  # as of now
+                    request = {"model": model, "messages": messages, **self.params()}
+                    if use_schema:
+                        request["response_format"] = {"type": "json_schema", "json_schema": use_schema}
+                    self.counters.requests += 1
+                    if self.counters.first_sent is None:
+                        self.counters.first_sent = time.monotonic()
+                    # the client's own POST (auth, base URL, timeouts, errors as APIStatusError), with the reply body
+                    # as text: the body is plain JSON already, and chat.completions.create would spend ~5 ms of CPU
+                    # per request transforming it, which caps a single process well below 160 requests/s
+                    text = await self.client.post("/chat/completions", cast_to=str, body=request)
                 self.connected = True
                 try:
                     body = json.loads(text)
@@ -222,7 +219,7 @@ class ChatClient:
                     reply = reply_from_body(body, cached=False)
                 except ValueError as err:
                     raise _BadBody(str(err)) from None
-                self.cache.put(key, model, body)
+                self.cache.put(self.key(model, messages, use_schema), model, body)
                 c = self.counters
                 c.answered += 1
                 c.last_reply = time.monotonic()

@@ -203,7 +203,7 @@ async def _run_all(cfg, cache, jobs, key, desc):
                 bar.set_postfix_str(f"req={c.requests} tok={c.prompt_tokens + c.completion_tokens} ${c.cost:.4f}",
                                     refresh=False)
 
-    workers = [asyncio.create_task(worker()) for _ in range(min(cfg.concurrency, max(len(jobs), 1)))]
+    workers = [asyncio.create_task(worker()) for _ in range(min(2 * cfg.concurrency, max(len(jobs), 1)))]
     try:
         done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -232,8 +232,12 @@ async def _run_all(cfg, cache, jobs, key, desc):
 def _prepare(input_path, output, cfg, need_label, extra=()):
     items = read_items(input_path, cfg, need_label, extra)
     out = check_output(output, input_path)
+    cached = cache_path(cfg, out)
+    if cached.resolve() == out.resolve():
+        raise UserError(f"cache_file={str(cached)!r} is the output file; choose another path")
+    check_output(cached, input_path)
     api_key(cfg)  # before any file is touched
-    cache = ResponseCache(cache_path(cfg, out))
+    cache = ResponseCache(cached)
     return items, out, cache
 
 
@@ -250,7 +254,8 @@ GENERATED = ("thought_process", "predicted_label", "correct", "status", "error",
 def generate(input_path, output, cfg) -> dict:
     items, out, cache = _prepare(input_path, output, cfg, need_label=False)
     prompts = P.prompt_set(cfg)
-    jobs = [Job(cfg.model, P.generate_messages(prompts, it.premise, it.hypothesis), P.THOUGHT_SCHEMA,
+    prefix = P.generate_prefix(prompts)
+    jobs = [Job(cfg.model, P.generate_messages(prompts, it.premise, it.hypothesis, prefix), P.THOUGHT_SCHEMA,
                 P.parse_thought, P.THOUGHT_SHAPE) for it in items]
     outcomes, counters = run_jobs(cfg, cache, jobs, "generate")
     records = []

@@ -132,14 +132,19 @@ def label_text(label: int) -> str:
     return f"{label} ({'entailed' if label == 1 else 'not entailed'})"
 
 
-def generate_messages(p: dict, premise: str, hypothesis: str) -> list[dict]:
+def generate_prefix(p: dict) -> list[dict]:
+    """The messages every first-pass request starts with: the instructions and the few-shot example."""
     return [
         {"role": "system", "content": p["generate_system"]},
         {"role": "user", "content": _fill(p["generate_user"], premise=p["example_premise"],
                                           hypothesis=p["example_hypothesis"])},
         {"role": "assistant", "content": p["example_answer"]},
-        {"role": "user", "content": _fill(p["generate_user"], premise=premise, hypothesis=hypothesis)},
     ]
+
+
+def generate_messages(p: dict, premise: str, hypothesis: str, prefix: list[dict] | None = None) -> list[dict]:
+    return [*(prefix if prefix is not None else generate_prefix(p)),
+            {"role": "user", "content": _fill(p["generate_user"], premise=premise, hypothesis=hypothesis)}]
 
 
 def reflect_messages(p: dict, premise: str, hypothesis: str, thought: str, label: int) -> list[dict]:
