@@ -102,9 +102,13 @@ def test_generate_reflect_combine_judge(server, tmp_path, capsys):
     assert [r["source"] for r in train] == ["reflected" if i % 3 == 0 else "direct" for i in range(12)]
     assert all(r["label"] == str(d["label"]) for r, d in zip(train, data))
     assert comb["dropped"] == 0 and {r["model"] for r in train} == {cfg.model, cfg.reflect_model}
-    from app.tasks.nli_cot.task import NliCot  # the training reader takes it as is
-    assert {"premise", "hypothesis", "label", "thought_process"} <= set(train[0]) <= set(train[0])
-    assert NliCot.required_columns == ("premise", "hypothesis", "label")
+    from app.config import load_config
+    from app.tasks.nli_cot.task import NliCot  # configs/default.py's training reads it as is
+
+    train_cfg = load_config(ROOT / "configs" / "default.py", [f"--train_file={tmp_path / 'train.csv'}"])
+    loaded = NliCot().load_rows(train_cfg, "train")
+    assert [r.values["label"] for r in loaded] == [d["label"] for d in data]
+    assert [r.values["thought_process"] for r in loaded] == [r["thought_process"] for r in train]
 
     judged = pipeline.judge(tmp_path / "train.csv", tmp_path / "judge.csv", cfg)
     assert judged["mean"] == {"coherence": 5, "correctness": 4, "brevity": 3} and judged["failed"] == 0
@@ -172,6 +176,58 @@ def test_faults_are_retried_then_recorded(server, tmp_path):
     asked = {q for q in p if server.count(premise=q) > before[q]}
     assert asked == {p[6]} and again["requests"] == 1  # p[5]'s cut-off replies are cached answers: not re-asked
     assert read_table(tmp_path / "gen.csv")[6]["status"] == "ok"
+
+
+def test_a_changed_parser_rereads_the_cached_answers(server, tmp_path, monkeypatch):
+    data = rows(3)
+    server.faults = {data[1]["premise"]: [{"content": "The label is 1."}, {"content": "Label: 1, as said."}]}
+    src = write_csv(tmp_path / "in.csv", data)
+    cfg = config(server)
+    pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    assert [r["status"] for r in read_table(tmp_path / "gen.csv")] == ["ok", "failed", "ok"]
+    from app.tasks.nli_cot.datagen import prompts as P
+
+    strict = P.parse_thought
+
+    def lenient(text):
+        try:
+            return strict(text)
+        except P.ParseError:
+            return {"thought_process": text, "predicted_label": int("1" in text)}
+
+    monkeypatch.setattr(P, "parse_thought", lenient)
+    n = len(server.requests)
+    assert pipeline.generate(src, tmp_path / "gen.csv", cfg)["requests"] == 0 and len(server.requests) == n
+    again = read_table(tmp_path / "gen.csv")
+    assert [r["status"] for r in again] == ["ok", "ok", "ok"] and again[1]["thought_process"] == "The label is 1."
+
+
+def test_backoff_retry_after_and_token_limit():
+    import asyncio
+    import email.utils
+
+    from app.tasks.nli_cot.datagen.client import Limiter, retry_after
+
+    assert retry_after({"retry-after": "3"}) == 3.0 and retry_after({"retry-after-ms": "250"}) == 0.25
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after({"retry-after": date}) <= 30 and retry_after({}) is None
+    cfg = load_datagen_config(None, ["--backoff_base=1", "--backoff_max=8"])
+    from app.tasks.nli_cot.datagen.client import ChatClient
+
+    client = ChatClient(cfg, ResponseCache(Path("/nonexistent/never-written.jsonl")), "k")
+    delays = [[client.backoff(a) for _ in range(200)] for a in range(6)]
+    for a, ds in enumerate(delays):  # capped exponential with jitter: in [cap/2, cap]
+        cap = min(8, 2 ** a)
+        assert all(cap / 2 <= d <= cap for d in ds) and len(set(ds)) > 100
+
+    async def tokens():
+        limiter = Limiter(rpm=None, tpm=1000)
+        await asyncio.wait_for(limiter.acquire(600), 0.5)
+        with pytest.raises(asyncio.TimeoutError):  # 600 + 600 > 1000 within the minute: it waits
+            await asyncio.wait_for(limiter.acquire(600), 0.3)
+        await asyncio.wait_for(limiter.acquire(400), 0.5)  # what still fits goes at once
+
+    asyncio.run(tokens())
 
 
 def test_structured_output_auto_falls_back_to_prompt_only(server, tmp_path, capsys):
