@@ -245,3 +245,50 @@ def test_corpus_and_tokenizer():
     ids = tok(sample, add_special_tokens=False).input_ids
     assert ids == list(sample.encode("ascii")) and tok.decode(ids) == sample
     assert tok.pad_token_id == 256 and len(tok) == 257
+
+
+@pytest.mark.parametrize("variant", ["seed", "fair"])
+def test_objective_sums_match_the_step_and_carry_confidences(variant):
+    """The engine's objective: summed losses with the counts of loss_items; prev_conf carried to the next step."""
+    from app.config import make_config
+    from app.data import Row
+    from app.tasks.lookahead.task import Lookahead, build_tokenizer
+
+    cfg = make_config(task="lookahead", lookahead_variant=variant, context_length=12, max_seq_length=14)
+    task, tok = Lookahead(), build_tokenizer()
+    text = "To be, or not to be, that is the question:"
+    feats = [task.encode(Row(i + 1, {"text": text[i : i + 14]}), tok, cfg) for i in range(3)]
+    items = task.loss_items(feats[0])
+    assert items == ({"lm": 1, "confidence": 1} if variant == "seed" else {"lm": 12, "confidence": 12})
+    batch = task.collate(feats, tok.pad_token_id)
+    model = _conf_model(dtype=torch.float32)
+    objective = task.objective(model, cfg)
+    objective.train()
+    torch.manual_seed(4)
+    sums = objective(**batch)
+    assert set(sums) == {"lm", "confidence"} and objective.prev_conf.shape == (3, 12)
+    torch.manual_seed(4)
+    if variant == "seed":
+        ref = step.seed_step_reference(model, batch["input_ids"], torch.zeros(3, 12), 1.0)
+        assert torch.allclose(sums["lm"] / 3, ref["loss_lm"], atol=1e-6)
+        assert torch.allclose(sums["confidence"] / 3, ref["loss_conf"], atol=1e-5)
+    carried = objective.prev_conf.clone()
+    torch.manual_seed(5)
+    objective(**batch)  # the second step receives the first step's predictions
+    torch.manual_seed(5)
+    expected = (step.seed_step(model, batch["input_ids"], carried) if variant == "seed"
+                else step.all_position_step(model, batch["input_ids"], carried)).prev_conf
+    assert torch.allclose(objective.prev_conf, expected)
+    objective.eval()
+    with torch.no_grad():
+        a, b = objective(**batch), objective(**batch)  # evaluation is deterministic
+    assert torch.equal(a["lm"], b["lm"]) and torch.equal(a["confidence"], b["confidence"])
+
+
+def test_detached_confidence_trains_the_head_only():
+    model, data = _conf_model(), _data()
+    model.detach_confidence = True
+    out = step.all_position_step(model, data, torch.zeros(3, 12, dtype=torch.float64))
+    out.confidence_sum.backward()
+    assert model.confidence_predictor.weight.grad.abs().sum() > 0
+    assert model.blocks[0].fc.weight.grad is None or not model.blocks[0].fc.weight.grad.any()

@@ -26,6 +26,9 @@ class LookaheadConfig(Section):
     lookahead_steps: Literal[2] = Field(
         2, description="tokens ahead whose loss the confidence predicts (2: one step past the next token)"
     )
+    confidence_trunk_grad: bool = Field(
+        True, description="the confidence MSE trains the whole model (the seed's definition); False: the head only"
+    )
     confidence_init_bias: float = Field(2.0, description="initial bias of the confidence_predictor's output")
     context_length: int = Field(128, gt=0, description="L: tokens per training sequence (chunks hold L + 2)")
     n_layer: int = Field(4, gt=0, description="transformer blocks")

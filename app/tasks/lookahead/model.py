@@ -9,7 +9,8 @@ parameters, then `x * (1 + scale) + shift` with (scale, shift) = Linear(1, 2 * d
 scalar. That Linear starts at zero, so the model starts as a standard transformer (LayerNorm weight 1, bias 0), and
 with zero confidence it always equals a MiniGPT whose LayerNorm weight is 1 + bias_scale and bias is bias_shift
 (`plain_state_dict`). A `confidence_predictor` head (Linear(d_model, 1), bias `confidence_init_bias`) reads the final
-normed hidden state and predicts, per position, the loss the model will have one step further on.
+normed hidden state and predicts, per position, the loss the model will have one step further on (its gradient
+reaches the trunk as in the seed's definition, unless `detach_confidence` is set: then it trains the head only).
 
 `extend` runs only appended tokens on top of cached keys/values of a sequence the model already ran, each appended
 token at its own position and with its own attention mask over the cache: the cheap pass 2 of the lookahead step.
@@ -103,6 +104,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(s.d_model)
         self.apply(self._init)
         self.confidence_predictor = None
+        self.detach_confidence = False  # set by the task (confidence_trunk_grad=False); holds no weights
         if s.confidence:
             for b in self.blocks:  # _init touched the adaptive projections: back to zero
                 for norm in (b.ln1, b.ln2):
@@ -128,14 +130,17 @@ class GPT(nn.Module):
             return torch.zeros(idx.shape, device=idx.device)
         return confidence_scalars
 
-    def _head(self, x):
+    def _head(self, x, last_logits_only: bool = False):
         h = self.ln_f(x)
-        logits = F.linear(h, self.tok_emb.weight)
-        conf = self.confidence_predictor(h).squeeze(-1) if self.confidence_predictor is not None else None
+        logits = F.linear(h[:, -1:] if last_logits_only else h, self.tok_emb.weight)
+        conf = None
+        if self.confidence_predictor is not None:  # detach_confidence: the MSE trains the head only, not the trunk
+            conf = self.confidence_predictor(h.detach() if self.detach_confidence else h).squeeze(-1)
         return logits, conf
 
-    def forward(self, idx, confidence_scalars=None, return_cache: bool = False):
-        """idx (B, T) -> (logits (B, T, V), confidence_pred (B, T) or None[, cache: one (k, v) per block])."""
+    def forward(self, idx, confidence_scalars=None, return_cache: bool = False, last_logits_only: bool = False):
+        """idx (B, T) -> (logits (B, T, V), confidence_pred (B, T) or None[, cache: one (k, v) per block]);
+        `last_logits_only`: logits (B, 1, V) of the last position only (confidence_pred stays per position)."""
         c = self._conf(idx, confidence_scalars)
         pos = torch.arange(idx.size(1), device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)
@@ -143,7 +148,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x, kv = block(x, c)
             cache.append(kv)
-        logits, conf = self._head(x)
+        logits, conf = self._head(x, last_logits_only)
         return (logits, conf, cache) if return_cache else (logits, conf)
 
     def extend(self, idx, positions, cache, mask, confidence_scalars=None):

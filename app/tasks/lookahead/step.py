@@ -84,7 +84,8 @@ def seed_step(model, data, prev_conf, cached: bool = True) -> StepOut:
     """The seed's step as sums over the batch; pass 2 on pass 1's cache (cached) or recomputed in full."""
     tokens_t, tokens_t_plus_1, tokens_t_plus_2 = split(data)
     L = tokens_t.size(1)
-    logits, confidence_pred, cache = model(tokens_t, confidence_scalars=prev_conf, return_cache=True)
+    logits, confidence_pred, cache = model(tokens_t, confidence_scalars=prev_conf, return_cache=True,
+                                           last_logits_only=True)  # the seed's LM loss reads the last position only
     lm_sum = F.cross_entropy(logits[:, -1], tokens_t_plus_1, reduction="sum")
     last_conf_pred = confidence_pred[:, -1]
     with torch.no_grad():

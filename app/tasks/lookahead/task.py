@@ -149,6 +149,7 @@ class Lookahead(Task):
     def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
         tokenizer = build_tokenizer()
         model = GPT(model_shape(cfg, len(tokenizer)))
+        model.detach_confidence = not cfg.confidence_trunk_grad
         if weights_dir is not None:
             from safetensors.torch import load_file
 
