@@ -299,7 +299,7 @@ def _run(argv, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", ["missing_column", "empty", "refused", "unauthorized", "no_key", "bad_label",
-                                  "unknown_key"])
+                                  "unknown_key", "unknown_model"])
 def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys, monkeypatch):
     src = write_csv(tmp_path / "in.csv", rows(4))
     base = server.base_url
@@ -313,6 +313,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys
         monkeypatch.setenv("COT_TEST_KEY", "sk-wrong-key")
     elif case == "no_key":
         monkeypatch.delenv("COT_TEST_KEY")
+    elif case == "unknown_model":
+        server.faults = {r["premise"]: [{"status": 404}] for r in rows(4)}
     elif case == "bad_label":
         src.write_text("premise,hypothesis,label\na,b,1\nc,d,yes\n", encoding="utf-8")
     extra = ["--concurrence=3", "--max_retries=-1"] if case == "unknown_key" else []
@@ -323,7 +325,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys
     expected = {"missing_column": "in.csv:1: missing column(s) hypothesis", "empty": "in.csv: file is empty",
                 "refused": "cannot connect", "unauthorized": "COT_TEST_KEY was refused",
                 "no_key": "environment variable COT_TEST_KEY is not set", "bad_label": "in.csv:3: label must be 0 or 1",
-                "unknown_key": "did you mean 'concurrency'"}[case]
+                "unknown_key": "did you mean 'concurrency'", "unknown_model": "HTTP 404 for model 'open-mistral-7b'"}[case]
     assert expected in err
     if case == "unknown_key":
         assert "max_retries=-1" in err  # every problem at once
@@ -350,6 +352,17 @@ def test_stats_of_a_generate_output(server, tmp_path, shared_fixtures, capsys):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["first_pass"]["accuracy"] == 0.6667 and s["reflection"]["rows_reflected"] == 0
     assert s["cost_usd"]["total"] > 0 and (tmp_path / "h.png").is_file()
+
+
+def test_cli_refused_key_is_exactly_one_line(server, tmp_path):
+    src = write_csv(tmp_path / "in.csv", rows(10))
+    env = {**os.environ, "COT_TEST_KEY": "sk-wrong", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "app", "cot", "generate", str(src), "--output", str(tmp_path / "o" / "g.csv"),
+                        f"--base_url={server.base_url}", "--api_key_env=COT_TEST_KEY", "--concurrency=8"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "COT_TEST_KEY was refused" in r.stderr and "sk-wrong" not in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_recipe_config_loads():

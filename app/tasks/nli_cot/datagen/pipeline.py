@@ -186,9 +186,8 @@ async def _run_all(cfg, cache, jobs, key, desc):
     for i in range(len(jobs)):
         queue.put_nowait(i)
     prompts = P.prompt_set(cfg)
-    bar = tqdm(total=len(jobs), unit="row", desc=desc, dynamic_ncols=True, file=sys.stderr,
-               disable=not cfg.progress or not jobs, smoothing=0.1)
-    t0 = time.perf_counter()
+    bar = None  # made when the first row is done: a run stopped by its first request (a refused key, no server)
+    t0 = time.perf_counter()  # prints its one error line and nothing else
 
     async def worker():
         while True:
@@ -197,6 +196,10 @@ async def _run_all(cfg, cache, jobs, key, desc):
             except asyncio.QueueEmpty:
                 return
             results[i] = await _ask(client, jobs[i], prompts)
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=len(jobs), unit="row", desc=desc, dynamic_ncols=True, file=sys.stderr,
+                           disable=not cfg.progress, smoothing=0.1)
             bar.update(1)
             c = client.counters
             if c.requests:
@@ -206,14 +209,16 @@ async def _run_all(cfg, cache, jobs, key, desc):
     workers = [asyncio.create_task(worker()) for _ in range(min(2 * cfg.concurrency, max(len(jobs), 1)))]
     try:
         done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                for p in pending:
-                    p.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                raise task.exception()
+        errors = [t.exception() for t in done if t.exception() is not None]  # every one retrieved
+        if errors:
+            for p in pending:
+                p.cancel()
+            late = await asyncio.gather(*pending, return_exceptions=True)
+            errors += [e for e in late if isinstance(e, BaseException) and not isinstance(e, asyncio.CancelledError)]
+            raise next((e for e in errors if isinstance(e, UserError)), errors[0])
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         cache.close()
         try:
             await client.close()
