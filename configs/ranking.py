@@ -12,6 +12,7 @@ quantization = None
 dtype = "bfloat16"
 mixed_precision = "bf16"
 gradient_checkpointing = False   # on: activations are recomputed, and the shared prefix falls back to B x 8 rows
+attn_implementation = "sdpa"     # the shared-prefix pass is tested with SDPA and eager attention, not flash-attention
 lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.05

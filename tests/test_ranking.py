@@ -263,6 +263,22 @@ def test_shared_prefix_equals_flattened_and_padding_side_does_not_matter(tiny, t
             assert torch.allclose(g, grads[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_shared_prefix_equals_flattened_with_eager_attention(tiny, tmp_path):
+    model, tok = tiny
+    batch = collate_ranking(sample_features(tok, rk_config(None, tmp_path)), tok.pad_token_id)
+    objective = RankingObjective(model, ScoreHead(96, 32, 0.0), pad_id=tok.pad_token_id).eval()
+    model.config._attn_implementation = "eager"
+    try:
+        shared, g_shared = scores_and_grads(objective, batch, True)
+        left, g_left = scores_and_grads(objective, batch, False, "left")
+    finally:
+        model.config._attn_implementation = "sdpa"
+    valid = batch["cand_valid"]
+    assert torch.allclose(shared[valid], left[valid], atol=1e-5, rtol=0)
+    for name, g in g_shared.items():
+        assert torch.allclose(g, g_left[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_scores_do_not_depend_on_the_batch(tiny, tmp_path):
     model, tok = tiny
     cfg = rk_config(None, tmp_path)
