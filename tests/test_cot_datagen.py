@@ -202,6 +202,23 @@ def test_a_changed_parser_rereads_the_cached_answers(server, tmp_path, monkeypat
     assert [r["status"] for r in again] == ["ok", "ok", "ok"] and again[1]["thought_process"] == "The label is 1."
 
 
+def test_a_prompt_version_from_the_config_asks_anew(server, tmp_path):
+    src = write_csv(tmp_path / "in.csv", rows(3))
+    pipeline.generate(src, tmp_path / "gen.csv", config(server))
+    cfg_file = tmp_path / "cot.py"
+    cfg_file.write_text('prompt_version = "v2"\n'
+                        'prompts = {"v2": {"generate_system": "# Task\\nEntailment? Three steps. JSON only."}}\n',
+                        encoding="utf-8")
+    cfg = load_datagen_config(cfg_file, [f"--base_url={server.base_url}", "--api_key_env=COT_TEST_KEY",
+                                         "--progress=False"])
+    n = len(server.requests)
+    summary = pipeline.generate(src, tmp_path / "gen.csv", cfg)
+    assert summary["requests"] == 3 and len(server.requests) == n + 3
+    assert {r["prompt_version"] for r in read_table(tmp_path / "gen.csv")} == {"v2"}
+    with pytest.raises(UserError, match="prompt_version='v9': unknown"):
+        load_datagen_config(None, ["--prompt_version=v9"])
+
+
 def test_backoff_retry_after_and_token_limit():
     import asyncio
     import email.utils
