@@ -270,8 +270,7 @@ def generate(input_path, output, cfg) -> dict:
             rec[cfg.label_column] = it.label
         pred = oc.value["predicted_label"] if oc.ok else None
         rec.update(thought_process=oc.value["thought_process"] if oc.ok else "", predicted_label=pred,
-                   correct=(pred == it.label) if it.label is not None and oc.ok else (False if it.label is not None
-                                                                                       else None),
+                   correct=None if it.label is None else (oc.ok and pred == it.label),
                    status="ok" if oc.ok else "failed", error=oc.error, source="direct", model=cfg.model,
                    prompt_version=cfg.prompt_version, prompt_tokens=oc.prompt_tokens,
                    completion_tokens=oc.completion_tokens, cost_usd=round(oc.cost, 8))
@@ -336,8 +335,11 @@ def reflect(input_path, output, cfg) -> dict:
                 r["reflection_error"] = (f"asked without the label, the reasoning reaches {oc.value['predicted_label']}"
                                          f", not {items[i].label}")
         consistency = {"checked": len(check), "requests": ccounters["requests"]}
-        counters = {k: (counters[k] + ccounters[k] if isinstance(counters[k], (int, float)) and
-                        not isinstance(counters[k], bool) else counters[k]) for k in counters}
+        for k in ("requests", "answered", "cache_hits", "retries", "new_prompt_tokens", "new_completion_tokens",
+                  "new_cost_usd", "seconds"):
+            counters[k] = round(counters[k] + ccounters[k], 6)
+        for reason, n in ccounters["errors"].items():
+            counters["errors"][reason] = counters["errors"].get(reason, 0) + n
     records = []
     for i, it in enumerate(items):
         rec = {k: v for k, v in it.values.items() if k not in REFLECTED}
