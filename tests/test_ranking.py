@@ -318,7 +318,7 @@ def test_overlength_truncates_the_context_and_keeps_candidates(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def full_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranking") / "run"
-    cfg = rk_config(tiny_model_dir, out, num_epochs=4, eval_every=80)
+    cfg = rk_config(tiny_model_dir, out, eval_every=60)
     assert train(cfg) == 0
     return cfg, out
 
@@ -327,7 +327,7 @@ def test_tiny_config_learns_the_synthetic_set(full_run):
     cfg, out = full_run
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval/accuracy"' in x]
     final = evals[-1]
-    assert final["eval/accuracy"] >= 0.5, final  # random pick: 0.125
+    assert final["eval/accuracy"] >= 0.8, final  # random pick: 0.125
     assert final["eval/random_accuracy"] == pytest.approx(0.125)
     assert final["eval/oracle_accuracy"] == 1.0
     assert (out / "checkpoints/best" / HEAD_FILE).is_file()
@@ -359,7 +359,7 @@ def test_rank_command_and_infer_resume(full_run, tmp_path, capsys):
     rows = [json.loads(x) for x in output.read_text().splitlines()]
     assert len(rows) == 64 and [r["index"] for r in rows] == list(range(64))
     assert all(len(r["scores"]) == 8 and r["pick"] == max(range(8), key=lambda k: r["scores"][k]) for r in rows)
-    assert summary["metrics"]["accuracy"] >= 0.5
+    assert summary["metrics"]["accuracy"] >= 0.8
     metrics = json.loads((tmp_path / "rankings.metrics.json").read_text())["metrics"]
     # a kill after some batches: the partial file is continued, the rows done are not predicted again
     partial = tmp_path / "again.jsonl.partial.jsonl"
@@ -415,6 +415,37 @@ def test_lora_adapter_and_head_load_back_without_retraining(tiny_model_dir, tmp_
     batch = collate_ranking(feats, tok.pad_token_id)
     trained = captured["objective"].eval()
     assert torch.allclose(objective.scores(**batch), trained.scores(**batch), atol=1e-5)
+
+
+def test_listwise_losses():
+    scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]])
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    log_p = torch.log_softmax(scores[:, :3], 1)[0]
+    assert listwise_loss(scores, rewards, valid, "ce").item() == pytest.approx(-log_p[1].item())  # first best
+    assert listwise_loss(scores, rewards, valid, "multi_positive").item() == pytest.approx(
+        -torch.logsumexp(log_p[1:], 0).item())
+    target = torch.softmax(rewards[0, :3] / 0.5, 0)
+    assert listwise_loss(scores, rewards, valid, "listnet", 0.5).item() == pytest.approx(-(target * log_p).sum().item())
+    two = listwise_loss(scores.repeat(2, 1), rewards.repeat(2, 1), valid.repeat(2, 1), "listnet", 0.5)
+    assert two.item() == pytest.approx(2 * listwise_loss(scores, rewards, valid, "listnet", 0.5).item())  # summed
+
+
+@pytest.mark.parametrize("loss", ["multi_positive", "listnet"])
+def test_other_losses_train(tiny_model_dir, tmp_path, loss):
+    cfg = rk_config(tiny_model_dir, tmp_path / loss, rank_loss=loss, max_steps=8, eval_every=1000, dev_file=None)
+    assert train(cfg) == 0
+    losses = [json.loads(x)["loss"] for x in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert len(losses) == 8 and all(x == x and x >= 0 for x in losses)
+
+
+def test_gold_context_is_the_annotated_facts(shared_fixtures):
+    rows, _ = prepare_records(shared_fixtures / "finqa" / "train_sample.json", context="gold")
+    record = json.loads((shared_fixtures / "finqa" / "train_sample.json").read_text())[0]
+    assert rows[0]["context"] == "\n".join(record["qa"]["gold_inds"].values())
+    full, _ = prepare_records(shared_fixtures / "finqa" / "train_sample.json")
+    assert record["table"][2][0] in full[0]["context"] and record["pre_text"][0].strip() in full[0]["context"]
 
 
 def test_bundled_sample_is_what_the_writer_writes(tmp_path):
