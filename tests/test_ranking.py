@@ -279,6 +279,29 @@ def test_shared_prefix_equals_flattened_with_eager_attention(tiny, tmp_path):
         assert torch.allclose(g, g_left[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_activation_checkpointing_falls_back_to_the_flattened_forward(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.lm.modeling import enable_activation_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    batch = collate_ranking(sample_features(tok, rk_config(None, tmp_path)), tok.pad_token_id)
+    objective = RankingObjective(model, ScoreHead(96, 32, 0.0), pad_id=tok.pad_token_id)
+    objective.eval()
+    reference, g_reference = scores_and_grads(objective, batch, True)
+    enable_activation_checkpointing(model)
+    objective.train()
+    model.train()
+    assert objective._pooled_shared(batch["prefix_ids"], batch["prefix_mask"], batch["cand_ids"], batch["cand_mask"],
+                                    *batch["cand_valid"].nonzero(as_tuple=True)) is None
+    checkpointed, g_checkpointed = scores_and_grads(objective, batch, True)
+    valid = batch["cand_valid"]
+    assert torch.allclose(reference[valid], checkpointed[valid], atol=1e-5)
+    for name, g in g_reference.items():
+        assert torch.allclose(g, g_checkpointed[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_scores_do_not_depend_on_the_batch(tiny, tmp_path):
     model, tok = tiny
     cfg = rk_config(None, tmp_path)

@@ -181,10 +181,12 @@ class Ranking(Task):
         rows = read_rows(path)
         for r in rows:
             check_row(r.values, f"{path}:{r.line}")
+            r.values["_file"] = str(path)  # for messages at encoding time
         return rows
 
     def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
-        return feature_of(row.values, tokenizer, cfg, row.line, f"{cfg.train_file}:{row.line}")
+        where = f"{row.values.get('_file', cfg.train_file)}:{row.line}"
+        return feature_of(row.values, tokenizer, cfg, row.line, where)
 
     def loss_items(self, feature: Feature) -> int:
         return 1 if feature.extra.get("keep", True) else 0
