@@ -484,3 +484,15 @@ def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_stats_bad_tokenizer_and_combine_of_a_first_pass(server, tmp_path, capsys):
+    src = write_csv(tmp_path / "in.csv", rows(6))
+    pipeline.generate(src, tmp_path / "gen.csv", config(server))
+    code, err = _run(["cot", "stats", str(tmp_path / "gen.csv"), "--output", str(tmp_path / "s" / "s.json"),
+                      f"--tokenizer={tmp_path / 'no-such-tokenizer'}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tokenizer=" in err and not (tmp_path / "s").exists()
+    code, err = _run(["cot", "combine", str(tmp_path / "gen.csv"), "--output", str(tmp_path / "train.csv")], capsys)
+    assert code == 0, err
+    train = read_table(tmp_path / "train.csv")
+    assert [int(r["row"]) for r in train] == [1, 2, 4, 5] and {r["source"] for r in train} == {"direct"}
