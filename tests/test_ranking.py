@@ -481,3 +481,20 @@ def test_bundled_sample_is_what_the_writer_writes(tmp_path):
     rows = [json.loads(x) for x in (SAMPLE / "train.jsonl").read_text().splitlines()]
     assert all(len(r["candidates"]) == 8 and sorted(r["rewards"]) == [0.0] * 7 + [1.0] for r in rows)
     assert len({r["rewards"].index(1.0) for r in rows}) == 8  # the right one is anywhere
+
+
+def test_rank_command_line(full_run, tmp_path):
+    _, out = full_run
+    rows = [json.loads(x) for x in (SAMPLE / "dev.jsonl").read_text().splitlines()[:6]]
+    for r in rows:  # as `ranking candidates` writes them: no rewards yet, a gold answer
+        del r["rewards"], r["exact"]
+    src = tmp_path / "cands.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = run_app("ranking", "rank", str(src), "--checkpoint", str(out), "--output", str(tmp_path / "r.jsonl"),
+                   "--infer_batch_size=4")
+    assert done.returncode == 0, done.stderr
+    assert "6 questions ranked (48 candidates)" in done.stdout and "accuracy" in done.stdout
+    got = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [g["id"] for g in got] == [r["id"] for r in rows]
+    assert all(g["pick_text"] == rows[i]["candidates"][g["pick"]]["text"] and "reward" in g for i, g in enumerate(got))
+    assert not (tmp_path / "r.jsonl.partial.jsonl").exists()
