@@ -11,7 +11,9 @@ MiniGPT), AdamW, one optimizer step per batch of `--batch` random byte sequences
   cached       the seed's step with pass 2 as one appended token on pass 1's keys/values, no graph (cached=True)
   all_position LM loss at every position + every position's lookahead in one batched appended pass
 
-Step time: forward + backward + optimizer step + zero_grad, median over `--steps` after `--skip` warm-up steps.
+Step time: forward + backward + optimizer step + zero_grad, median over `--steps` after `--skip` warm-up steps, as
+wall time and as the process's CPU time; on a CPU with one thread the ratios use CPU time, which other processes on a
+shared machine do not inflate (wall time there swings several-fold with the load).
 Peak memory: each mode runs in a fresh process; CPU: peak RSS (ru_maxrss) minus RSS before the first step; CUDA:
 max_memory_allocated minus memory allocated before the first step. Prints one line per mode and the ratio to plain.
 Not collected by pytest.
@@ -79,17 +81,19 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_kb() * 1024
-    times = []
+    times, cpu = [], []
     for i in range(args.skip + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         one()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.skip:
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    return {"mode": args.mode, "step_s": statistics.median(times), "peak_mb": peak / 2**20}
+    return {"mode": args.mode, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+            "peak_mb": peak / 2**20}
 
 
 def main() -> int:
@@ -119,12 +123,15 @@ def main() -> int:
             print(out.stderr, file=sys.stderr)
             return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    plain = rows[0]["step_s"]
+    # on a CPU, ratios use CPU time (one thread: not inflated by other processes on a shared machine)
+    key = "cpu_s" if args.device == "cpu" and args.threads == 1 else "step_s"
+    plain = rows[0][key]
     print(f"batch={args.batch} context={args.context} layers={args.layers} dim={args.dim} device={args.device} "
-          f"threads={args.threads}")
+          f"threads={args.threads}; ratios of {'CPU' if key == 'cpu_s' else 'wall'} time")
     for r in rows:
-        r["x_plain"] = r["step_s"] / plain
-        print(f"{r['mode']:<13} step {r['step_s'] * 1000:8.1f} ms  {r['x_plain']:5.2f}x plain  peak {r['peak_mb']:8.1f} MB")
+        r["x_plain"] = r[key] / plain
+        print(f"{r['mode']:<13} wall {r['step_s'] * 1000:8.1f} ms  cpu {r['cpu_s'] * 1000:8.1f} ms  "
+              f"{r['x_plain']:5.2f}x plain  peak {r['peak_mb']:8.1f} MB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
