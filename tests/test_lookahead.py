@@ -292,3 +292,22 @@ def test_detached_confidence_trains_the_head_only():
     out.confidence_sum.backward()
     assert model.confidence_predictor.weight.grad.abs().sum() > 0
     assert model.blocks[0].fc.weight.grad is None or not model.blocks[0].fc.weight.grad.any()
+
+
+def test_causal_confidence_inputs_in_training():
+    from app.config import make_config
+    from app.data import Row
+    from app.tasks.lookahead.task import Lookahead, build_tokenizer
+
+    cfg = make_config(task="lookahead", confidence_inputs="causal", context_length=12, max_seq_length=14)
+    task, tok = Lookahead(), build_tokenizer()
+    text = "Now is the winter of our discontent"
+    batch = task.collate([task.encode(Row(i + 1, {"text": text[i : i + 14]}), tok, cfg) for i in range(2)],
+                         tok.pad_token_id)
+    model = _conf_model(dtype=torch.float32)
+    objective = task.objective(model, cfg).train()
+    torch.manual_seed(2)
+    sums = objective(**batch)
+    torch.manual_seed(2)
+    ref = step.all_position_step(model, batch["input_ids"], step.causal_confidence(model, batch["input_ids"][:, :12]))
+    assert torch.allclose(sums["lm"], ref.lm_sum) and torch.allclose(sums["confidence"], ref.confidence_sum)

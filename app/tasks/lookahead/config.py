@@ -29,6 +29,10 @@ class LookaheadConfig(Section):
     confidence_trunk_grad: bool = Field(
         True, description="the confidence MSE trains the whole model (the seed's definition); False: the head only"
     )
+    confidence_inputs: Literal["carried", "causal"] = Field(
+        "carried", description="pass-1 confidence inputs: carried (the previous step's predictions, the seed's) or "
+        "causal (position i gets the prediction made at i - 1 by a zero-confidence pass, as at evaluation)"
+    )
     confidence_init_bias: float = Field(2.0, description="initial bias of the confidence_predictor's output")
     context_length: int = Field(128, gt=0, description="L: tokens per training sequence (chunks hold L + 2)")
     n_layer: int = Field(4, gt=0, description="transformer blocks")

@@ -10,7 +10,8 @@ Losses (app.tasks.lookahead.step):
   confidence, variant seed  {"lm", "confidence"}: the seed's step exactly (last position only), pass 2 cached
 `loss_weights` gives "confidence" the weight `confidence_alpha`. ConfidenceAwareGPT's confidence inputs carry over
 from step to step (prev_conf, the seed's definition); they are saved beside the weights (`lookahead_state.
-safetensors`) so a resumed run continues exactly.
+safetensors`) so a resumed run continues exactly. `confidence_inputs="causal"` feeds pass 1 the model's own causal
+predictions instead (as at evaluation; one more forward pass without gradient).
 
 Checkpoint: `model.safetensors` (safetensors.torch), `config.json` (the model shape), the tokenizer.
 Metrics (`evaluate`, computed the same way for both models): `perplexity` and `eval_lm_loss` at all positions of the
@@ -76,10 +77,11 @@ def model_shape(cfg: Config, vocab_size: int):
 class LookaheadObjective(nn.Module):
     """forward(input_ids) -> {"lm": sum[, "confidence": sum]}; keeps prev_conf between steps (train mode only)."""
 
-    def __init__(self, model: GPT, variant: str):
+    def __init__(self, model: GPT, variant: str, inputs: str = "carried"):
         super().__init__()
         self.model = model
         self.variant = variant
+        self.inputs = inputs
         self.register_buffer("prev_conf", torch.zeros(0, 0), persistent=False)
 
     def forward(self, input_ids, **_):
@@ -88,7 +90,10 @@ class LookaheadObjective(nn.Module):
         if not self.training:
             return self._eval(input_ids)
         B, L = input_ids.size(0), input_ids.size(1) - 2
-        prev = step.fit_prev_conf(self.prev_conf if self.prev_conf.numel() else None, (B, L), input_ids.device)
+        if self.inputs == "causal":
+            prev = step.causal_confidence(self.model, input_ids[:, :L])
+        else:
+            prev = step.fit_prev_conf(self.prev_conf if self.prev_conf.numel() else None, (B, L), input_ids.device)
         if self.variant == "seed":
             out = step.seed_step(self.model, input_ids, prev, cached=True)
         else:
@@ -174,7 +179,7 @@ class Lookahead(Task):
         tokenizer.save_pretrained(str(directory))
 
     def objective(self, model, cfg: Config) -> nn.Module:
-        return LookaheadObjective(model, cfg.lookahead_variant)
+        return LookaheadObjective(model, cfg.lookahead_variant, cfg.confidence_inputs)
 
     def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
         from safetensors.torch import save_file
