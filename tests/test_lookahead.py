@@ -142,8 +142,10 @@ def experiment(tmp_path_factory):
     args = [*TINY, f"--out_dir={root}/runs"]
     first = run_experiment("configs/lookahead_tiny.py", [*args, "--stop_after_steps=13"], str(root / "results"))
     stopped = sorted(p.name for p in (root / "runs" / "confidence_seed7" / "checkpoints").iterdir())
+    results_after_first = (root / "results").exists()
     second = run_experiment("configs/lookahead_tiny.py", args, str(root / "results"))
-    return {"root": root, "args": args, "first": first, "stopped": stopped, "path": second}
+    return {"root": root, "args": args, "first": first, "stopped": stopped, "path": second,
+            "results_after_first": results_after_first}
 
 
 def test_killed_experiment_resumes_exactly(experiment, tmp_path):
@@ -152,7 +154,8 @@ def test_killed_experiment_resumes_exactly(experiment, tmp_path):
     from app.config import load_config
     from app.engine.loop import train
 
-    assert experiment["first"] is None
+    assert experiment["first"] == 0  # stop_after_steps: stopped on purpose, nothing written yet
+    assert not experiment["results_after_first"]
     assert "step_0000013" in experiment["stopped"] and "final" not in experiment["stopped"]
     root = experiment["root"]
     for name in ("confidence_seed7", "plain_seed7", "confidence_seed8", "plain_seed8"):
@@ -209,7 +212,7 @@ def test_rerun_of_finished_experiment_trains_nothing(experiment, capsys):
     root = experiment["root"]
     before = (root / "runs" / "plain_seed8" / "metrics.jsonl").read_text()
     path = run_experiment("configs/lookahead_tiny.py", experiment["args"], str(root / "results2"))
-    assert path is not None and (root / "runs" / "plain_seed8" / "metrics.jsonl").read_text() == before
+    assert isinstance(path, Path) and (root / "runs" / "plain_seed8" / "metrics.jsonl").read_text() == before
 
 
 def test_shuffled_confidence_does_not_collapse_perplexity(experiment):

@@ -16,7 +16,8 @@ def experiment(config_file, results_dir, overrides):
     from app.tasks.lookahead.experiment import run_experiment
 
     overrides = check_overrides(overrides, "experiment CONFIG.py [--results-dir DIR] [--key=value ...]")
-    return 0 if run_experiment(config_file, overrides, results_dir) is not None else 1
+    result = run_experiment(config_file, overrides, results_dir)
+    return result if isinstance(result, int) else 0  # a stopped run's exit code (re-run to continue)
 
 
 @click.command("plot", context_settings=HELP)

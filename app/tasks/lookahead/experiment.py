@@ -65,9 +65,10 @@ def _add_time(cfg, seconds: float) -> float:
     return total
 
 
-def run_experiment(config_file, overrides=(), results_dir: str | None = None) -> Path | None:
-    """Train every run (resuming unfinished ones), then evaluate, write results and plots; the results path, or None
-    when a run stopped early (re-run to continue)."""
+def run_experiment(config_file, overrides=(), results_dir: str | None = None) -> Path | int:
+    """Train every run (resuming unfinished ones), then evaluate, write results and plots; the results path, or the
+    stopped run's exit code when a run stopped early (0 for stop_after_steps, 130/143 for SIGINT/SIGTERM; re-run to
+    continue)."""
     from app.engine.loop import train
 
     overrides = list(overrides)
@@ -81,7 +82,7 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
         _add_time(cfg, time.perf_counter() - start)
         if rc != 0 or not _finished(cfg):
             print(f"experiment stopped during {cfg.out_dir} (exit {rc}); re-run the same command to continue")
-            return None
+            return rc
     results = collect(base, runs, config_file, overrides)
     out_dir = Path(results_dir or base.experiment_results_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
