@@ -122,7 +122,8 @@ def final_evaluation(cfg) -> dict:
     from app.tasks.lookahead.task import Lookahead, dev_tensor, evaluate_model
 
     task = Lookahead()
-    model, tokenizer = task.load_model(cfg, torch.device("cpu"), Path(cfg.out_dir) / "checkpoints" / "final")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = task.load_model(cfg, device, Path(cfg.out_dir) / "checkpoints" / "final")
     data = dev_tensor(task.load_rows(cfg, "dev"), tokenizer, cfg)
     out = evaluate_model(model, data, cfg.eval_batch_size, keep_pairs=cfg.calibration_points)
     if model.shape.confidence:

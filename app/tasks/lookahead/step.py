@@ -174,7 +174,8 @@ def evaluate_batch(model, data, generator=None, shuffle: bool = False) -> dict:
     if model.shape.confidence:
         conf_in = causal_confidence(model, tokens)
         if shuffle:
-            perm = torch.randperm(tokens.size(0), generator=generator, device="cpu").to(tokens.device)
+            where = generator.device if generator is not None else tokens.device
+            perm = torch.randperm(tokens.size(0), generator=generator, device=where).to(tokens.device)
             conf_in = conf_in[perm]
         logits, pred, cache = model(tokens, confidence_scalars=conf_in, return_cache=True)
         _, future = future_losses(model, logits, cache, pred, data, generator)
