@@ -314,3 +314,11 @@ def test_causal_confidence_inputs_in_training():
     torch.manual_seed(2)
     ref = step.all_position_step(model, batch["input_ids"], step.causal_confidence(model, batch["input_ids"][:, :12]))
     assert torch.allclose(sums["lm"], ref.lm_sum) and torch.allclose(sums["confidence"], ref.confidence_sum)
+
+
+def test_parameter_table_printed_by_the_experiment():
+    from app.config import load_config
+    from app.tasks.lookahead.experiment import parameter_table
+
+    table = parameter_table(load_config("configs/lookahead.py"))
+    assert "confidence_predictor" in table and "d_mlp=514" in table and "totals differ by 0.014%" in table

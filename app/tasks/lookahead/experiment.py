@@ -73,6 +73,7 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
 
     overrides = list(overrides)
     base, runs = run_configs(config_file, overrides)
+    print(parameter_table(base))
     for cfg in runs:
         if _finished(cfg):
             log.info("%s: finished, skipped", cfg.out_dir)
@@ -94,6 +95,22 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
     for p in plots:
         print(f"plot: {p}")
     return path
+
+
+def parameter_table(cfg) -> str:
+    """Both models' parameters by part, and how far apart the totals are."""
+    from app.tasks.lookahead.model import GPT, parameter_breakdown, shapes
+
+    sh = shapes(257, cfg.context_length + 1, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio,
+                cfg.confidence_init_bias)
+    counts = {k: parameter_breakdown(GPT(s)) for k, s in sh.items()}
+    lines = [f"parameters  {'plain (d_mlp=' + str(sh['plain'].d_mlp) + ')':>22}  "
+             f"{'confidence (d_mlp=' + str(sh['confidence'].d_mlp) + ')':>27}"]
+    for part in counts["plain"]:
+        lines.append(f"  {part:<22}{counts['plain'][part]:>12,}  {counts['confidence'][part]:>27,}")
+    a, b = counts["plain"]["total"], counts["confidence"]["total"]
+    lines.append(f"  totals differ by {100 * abs(a - b) / b:.3f}%")
+    return "\n".join(lines)
 
 
 # --- collecting ----------------------------------------------------------------------------------------------------
