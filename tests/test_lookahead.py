@@ -322,3 +322,17 @@ def test_parameter_table_printed_by_the_experiment():
 
     table = parameter_table(load_config("configs/lookahead.py"))
     assert "confidence_predictor" in table and "d_mlp=514" in table and "totals differ by 0.014%" in table
+
+
+def test_seed_variant_trains_through_the_engine(tmp_path):
+    from app.config import load_config
+    from app.engine.loop import train
+    from app.metrics.plots import read_metrics
+
+    cfg = load_config("configs/lookahead_tiny.py", [*TINY, "--lookahead_variant=seed", "--max_steps=6",
+                                                    "--eval_every=6", "--log_every=2", f"--out_dir={tmp_path}/seed"])
+    assert train(cfg) == 0
+    records = read_metrics(tmp_path / "seed" / "metrics.jsonl")
+    assert any("loss/confidence" in r for r in records)
+    final = [r for r in records if "eval/perplexity" in r][-1]
+    assert final["step"] == 6 and final["eval/perplexity"] > 1
