@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from app.lm.forward import MIN_SHARED_PREFIX, CompletionLoss, shared_prefix_length
-from app.lm.modeling import load_tokenizer
 from app.tasks.nli_cot.task import NliCot
 from app.engine.loop import train
 from conftest import ROOT, read_metrics, tiny_config

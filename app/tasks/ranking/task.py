@@ -19,7 +19,6 @@ Best checkpoints: `best` by metric_for_best (default accuracy) and `best_reward_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
