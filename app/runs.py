@@ -248,6 +248,18 @@ def check_output(path: Path, input_path: Path) -> None:
         raise UserError(f"--output {path}: {existing} is not writable")
 
 
+class JsonlOutputs:
+    """Outputs of a predictor that writes JSON lines: OUT.jsonl, OUT.metrics.json and OUT.jsonl.partial.jsonl."""
+
+    def __init__(self, output: Path, example: str):
+        out = Path(output)
+        if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
+            raise UserError(f"--output {out}: give the main JSONL path (e.g. {example})")
+        stem = out.with_suffix("") if out.suffix else out
+        self.main, self.metrics = out, stem.with_name(stem.name + ".metrics.json")
+        self.partial = out.with_name(out.name + ".partial.jsonl")
+
+
 def ensure_base_model(cfg, checkpoint: Path | None = None) -> None:
     """Write the embedded tiny model to cfg.model_name when the config asks for it and it is missing (an adapter
     over it needs its base rebuilt exactly as it was trained)."""

@@ -49,8 +49,7 @@ def _unknown(name: str, where: str, fields, task: str) -> str:
     owner = _other_task_owning(name, task)
     if owner is not None:
         return f"{where}: {name!r} is a setting of task {owner!r}, not of task {task!r}"
-    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
-    return f"{where}: unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return unknown_key(name, where, fields)
 
 
 def _describe_type(cls, name: str) -> str:
@@ -67,6 +66,38 @@ def _metric_problem(task: str, metric, where: str) -> str | None:
     return f"{where}: metric_for_best={metric!r} is not a metric of task {task!r} (one of: {', '.join(metrics)})"
 
 
+def build_schema(cls, known: dict, values: Values, problems: list[str], coerce=None):
+    """`cls(**known)`, or None with one line per validation error (key, value, where it was set, what was expected)
+    appended to `problems`. Ints are fine for float fields (lr=1 is 1.0: strict mode would reject them);
+    `coerce(name, value)` may adapt other values first."""
+    known = dict(known)
+    for k, v in known.items():
+        if coerce is not None:
+            known[k] = v = coerce(k, v)
+        if cls.model_fields[k].annotation in (float, float | None) and type(v) is int:
+            known[k] = float(v)
+    try:
+        return cls(**known)
+    except ValidationError as err:
+        for e in err.errors():
+            key = str(e["loc"][0]) if e["loc"] else "?"
+            where = values[key][1] if key in values else "config"
+            value = repr(e.get("input"))
+            value = value if len(value) <= 80 else value[:77] + "..."
+            problems.append(f"{where}: {key}={value}: {e['msg'].lower()} (expected {_describe_type(cls, key)})")
+    return None
+
+
+def unknown_key(name: str, where: str, fields) -> str:
+    """The one-line problem of a name no schema knows, with the closest valid one."""
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+    return f"{where}: unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def join_problems(problems: list[str]) -> str:
+    return "invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0]
+
+
 def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
     """Validate merged values (name -> (value, where)) against the core schema and the task's section."""
     from app.tasks import check_task_name
@@ -77,35 +108,19 @@ def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
         check_task_name(task)
     except UserError as err:
         problems.append(f"{values['task'][1]}: {err}")
-        raise UserError(_join(problems)) from None
+        raise UserError(join_problems(problems)) from None
     cls = config_class(task)
     for name, (_, where) in values.items():
         if name not in cls.model_fields:
             problems.append(_unknown(name, where, cls.model_fields, task))
     known = {k: v for k, (v, _) in values.items() if k in cls.model_fields}
-    for k, v in known.items():  # ints are fine for float fields (lr=1 is 1.0); strict mode would reject them
-        if cls.model_fields[k].annotation in (float, float | None) and type(v) is int:
-            known[k] = float(v)
-    cfg = None
-    try:
-        cfg = cls(**known)
-    except ValidationError as err:
-        for e in err.errors():
-            key = str(e["loc"][0]) if e["loc"] else "?"
-            where = values[key][1] if key in values else "config"
-            value = repr(e.get("input"))
-            value = value if len(value) <= 80 else value[:77] + "..."
-            problems.append(f"{where}: {key}={value}: {e['msg'].lower()} (expected {_describe_type(cls, key)})")
+    cfg = build_schema(cls, known, values, problems)
     problem = _metric_problem(task, *values.get("metric_for_best", (None, "config")))
     if problem:
         problems.append(problem)
     if problems:
-        raise UserError(_join(problems))
+        raise UserError(join_problems(problems))
     return cfg
-
-
-def _join(problems: list[str]) -> str:
-    return "invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0]
 
 
 def load_config(path: str | Path | None, overrides=()) -> CoreConfig:

@@ -26,18 +26,9 @@ from pathlib import Path
 
 from app.atomic import write_atomic, write_json_atomic
 from app.errors import UserError
+from app.runs import JsonlOutputs
 
 DEFAULT_OUTPUT = "step_scores.jsonl"
-
-
-class OutputPaths:
-    def __init__(self, output: Path):
-        out = Path(output)
-        if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
-            raise UserError(f"--output {out}: give the scores JSONL path (e.g. {DEFAULT_OUTPUT})")
-        stem = out.with_suffix("") if out.suffix else out
-        self.main, self.metrics = out, stem.with_name(stem.name + ".metrics.json")
-        self.partial = out.with_name(out.name + ".partial.jsonl")
 
 
 def load_scorer(ckpt: Path, cfg, device):
@@ -81,8 +72,8 @@ class StepScorer:
             r.values["source"] = str(path)
         return rows
 
-    def output_paths(self, output: Path) -> OutputPaths:
-        return OutputPaths(output)
+    def output_paths(self, output: Path) -> JsonlOutputs:
+        return JsonlOutputs(output, DEFAULT_OUTPUT)
 
     def load(self, checkpoint: Path, cfg, device):
         return load_scorer(checkpoint, cfg, device)
@@ -97,7 +88,7 @@ class StepScorer:
                                             skip=skip):
             yield [{"i": i, "scores": s} for i, s in zip(batch, scores)]
 
-    def finish(self, rows, records: list[dict], paths: OutputPaths, summary: dict, examples: int) -> dict:
+    def finish(self, rows, records: list[dict], paths: JsonlOutputs, summary: dict, examples: int) -> dict:
         from app.tasks.confidence_head.task import labelled_pairs, step_metrics
 
         scores = [r["scores"] for r in records]

@@ -172,35 +172,17 @@ def build_objective(model, cfg: Config) -> StepConfidenceObjective:
 
 
 def save_head(head: nn.Module, directory: Path, cfg: Config | None = None) -> Path:
-    from safetensors.torch import save_file
+    from app.lm.heads import save_head_file
 
-    path = Path(directory) / HEAD_FILE
-    state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-    meta = {"format": "pt"}
-    if cfg is not None:
-        meta.update(step_marker=cfg.step_marker, head_hidden_sizes=json.dumps(cfg.head_hidden_sizes))
-    save_file(state, str(path), metadata=meta)
-    return path
+    meta = {} if cfg is None else {"step_marker": cfg.step_marker, "head_hidden_sizes": json.dumps(cfg.head_hidden_sizes)}
+    return save_head_file(head, Path(directory) / HEAD_FILE, meta)
 
 
 def load_head(head: nn.Module, directory: Path) -> None:
     """Load head.safetensors into `head`: the keys and shapes must be exactly the head's."""
-    from safetensors.torch import load_file
+    from app.lm.heads import load_head_file
 
-    path = Path(directory) / HEAD_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: missing (a confidence_head checkpoint holds the head's weights there)")
-    state = load_file(str(path))
-    expected = head.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{path}: head weights do not match the configured head (missing: {missing or 'none'}; "
-                        f"unexpected: {unexpected or 'none'}); check head_hidden_sizes")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, the configured head expects "
-                            f"{tuple(v.shape)}; check head_hidden_sizes and the model")
-    head.load_state_dict(state, strict=True)
+    load_head_file(head, Path(directory) / HEAD_FILE, "confidence_head", "head_hidden_sizes")
 
 
 # --- metrics (numpy only) -----------------------------------------------------------------------------------------

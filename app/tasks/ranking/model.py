@@ -180,36 +180,16 @@ def save_head(head: nn.Module, directory, cfg=None):
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from app.lm.heads import save_head_file
 
-    path = Path(directory) / HEAD_FILE
-    state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-    meta = {"format": "pt"}
-    if cfg is not None:
-        meta["rank_head_hidden"] = json.dumps(cfg.rank_head_hidden)
-    save_file(state, str(path), metadata=meta)
-    return path
+    meta = {} if cfg is None else {"rank_head_hidden": json.dumps(cfg.rank_head_hidden)}
+    return save_head_file(head, Path(directory) / HEAD_FILE, meta)
 
 
 def load_head(head: nn.Module, directory) -> None:
     """Load score_head.safetensors into `head`: keys and shapes must be exactly the head's."""
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from app.lm.heads import load_head_file
 
-    from app.errors import UserError
-
-    path = Path(directory) / HEAD_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: missing (a ranking checkpoint holds the score head's weights there)")
-    state = load_file(str(path))
-    expected = head.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{path}: score head weights do not match the configured head (missing: {missing or 'none'}; "
-                        f"unexpected: {unexpected or 'none'})")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, the configured head expects "
-                            f"{tuple(v.shape)}; check rank_head_hidden and the model")
-    head.load_state_dict(state, strict=True)
+    load_head_file(head, Path(directory) / HEAD_FILE, "ranking", "rank_head_hidden")

@@ -19,19 +19,9 @@ import sys
 from pathlib import Path
 
 from app.atomic import write_atomic, write_json_atomic
-from app.errors import UserError
+from app.runs import JsonlOutputs
 
 DEFAULT_OUTPUT = "rankings.jsonl"
-
-
-class OutputPaths:
-    def __init__(self, output: Path):
-        out = Path(output)
-        if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
-            raise UserError(f"--output {out}: give the rankings JSONL path (e.g. {DEFAULT_OUTPUT})")
-        stem = out.with_suffix("") if out.suffix else out
-        self.main, self.metrics = out, stem.with_name(stem.name + ".metrics.json")
-        self.partial = out.with_name(out.name + ".partial.jsonl")
 
 
 def load_ranker(ckpt: Path, cfg, device):
@@ -75,8 +65,8 @@ class Ranker:
                 v["exact"] = [same_answer(c.get("answer"), v["gold_answer"]) for c in v["candidates"]]
         return rows
 
-    def output_paths(self, output: Path) -> OutputPaths:
-        return OutputPaths(output)
+    def output_paths(self, output: Path) -> JsonlOutputs:
+        return JsonlOutputs(output, DEFAULT_OUTPUT)
 
     def load(self, checkpoint: Path, cfg, device):
         return load_ranker(checkpoint, cfg, device)
@@ -91,7 +81,7 @@ class Ranker:
                                             cfg.infer_batch_size, skip=skip):
             yield [{"i": i, "scores": s} for i, s in zip(batch, scores)]
 
-    def finish(self, rows, records: list[dict], paths: OutputPaths, summary: dict, examples: int) -> dict:
+    def finish(self, rows, records: list[dict], paths: JsonlOutputs, summary: dict, examples: int) -> dict:
         from app.tasks.ranking.metrics import ranking_metrics, table
 
         lines, labelled = [], [r for r in rows if r.values.get("rewards") is not None]

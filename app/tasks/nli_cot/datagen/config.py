@@ -8,11 +8,10 @@ key, the value and what was expected, each with the file:line (or "command line"
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from app.config.core import NonEmpty, Section
 from app.errors import UserError
@@ -69,11 +68,6 @@ class DatagenConfig(Section):
         return float(p.get("input", 0.0)), float(p.get("output", 0.0))
 
 
-def _describe_type(name: str) -> str:
-    ann = DatagenConfig.model_fields[name].annotation
-    return str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def _floats(value):
     """Integers are fine where floats are expected (prices of 1 USD, a timeout of 30)."""
     if isinstance(value, dict):
@@ -83,30 +77,16 @@ def _floats(value):
 
 def validate_datagen(values, problems: list[str] | None = None) -> DatagenConfig:
     """Validate merged values (name -> (value, where)); every problem in one UserError."""
+    from app.config import build_schema, unknown_key
+
     problems = list(problems or [])
     fields = DatagenConfig.model_fields
-    known = {}
-    for name, (value, where) in values.items():
+    for name, (_, where) in values.items():
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
-            problems.append(f"{where}: unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            continue
-        ann = fields[name].annotation
-        if ann in (float, float | None) and type(value) is int:
-            value = float(value)
-        if name == "prices":
-            value = _floats(value)
-        known[name] = value
-    cfg = None
-    try:
-        cfg = DatagenConfig(**known)
-    except ValidationError as err:
-        for e in err.errors():
-            key = str(e["loc"][0]) if e["loc"] else "?"
-            where = values[key][1] if key in values else "config"
-            value = repr(e.get("input"))
-            value = value if len(value) <= 80 else value[:77] + "..."
-            problems.append(f"{where}: {key}={value}: {e['msg'].lower()} (expected {_describe_type(key)})")
+            problems.append(unknown_key(name, where, fields))
+    known = {k: v for k, (v, _) in values.items() if k in fields}
+    cfg = build_schema(DatagenConfig, known, values, problems,
+                       coerce=lambda name, value: _floats(value) if name == "prices" else value)
     if cfg is not None:
         from app.tasks.nli_cot.datagen.prompts import PROMPTS
 
@@ -117,7 +97,9 @@ def validate_datagen(values, problems: list[str] | None = None) -> DatagenConfig
             where = values.get("length_bands", (None, "config"))[1]
             problems.append(f"{where}: length_bands={cfg.length_bands!r}: must be increasing positive token counts")
     if problems:
-        raise UserError(problems[0] if len(problems) == 1 else "invalid config:\n  " + "\n  ".join(problems))
+        from app.config import join_problems
+
+        raise UserError(join_problems(problems))
     return cfg
 
 
