@@ -27,6 +27,16 @@ def overrides_argument(f):
     return click.argument("overrides", nargs=-1, type=click.UNPROCESSED, metavar="[--key=value]...")(f)
 
 
+def checkpoint_options(default_output: str | None, what: str):
+    """--checkpoint, --output and --fresh: the options of every command that runs a checkpoint over an input file."""
+    def apply(f):
+        f = click.option("--fresh", is_flag=True, help="ignore a partial file from an interrupted run")(f)
+        f = click.option("--output", default=default_output, show_default=default_output is not None, help=what)(f)
+        return click.option("--checkpoint", help="checkpoint or run directory (default: the newest run under "
+                            "checkpoints/)")(f)
+    return apply
+
+
 def check_overrides(overrides: tuple[str, ...], usage: str) -> list[str]:
     """The overrides as a list; anything that is not `--name=value` is a usage error naming it."""
     for arg in overrides:
@@ -115,9 +125,7 @@ def tiny_model(directory):
 
 @cli.command(context_settings=OVERRIDES)
 @click.argument("input_file", metavar="INPUT", type=click.Path(dir_okay=True))
-@click.option("--checkpoint", help="checkpoint or run directory (default: the newest run under checkpoints/)")
-@click.option("--output", help="the main output file (default: the task's, e.g. predictions.csv)")
-@click.option("--fresh", is_flag=True, help="ignore a partial file from an interrupted run")
+@checkpoint_options(None, "the main output file (default: the task's, e.g. predictions.csv)")
 @click.option("--examples", type=int, default=5, show_default=True, help="example rows to print at the end")
 @overrides_argument
 def infer(input_file, checkpoint, output, fresh, examples, overrides):

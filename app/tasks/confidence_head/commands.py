@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import click
 
-from app.cli import HELP, OVERRIDES, check_overrides, overrides_argument
+from app.cli import HELP, OVERRIDES, check_overrides, checkpoint_options, overrides_argument
 
 
 @click.command("score-steps", context_settings=OVERRIDES)
 @click.argument("input_file", metavar="INPUT")
-@click.option("--checkpoint", help="checkpoint or run directory (default: the newest run under checkpoints/)")
-@click.option("--output", default="step_scores.jsonl", show_default=True, help="scores JSONL")
-@click.option("--fresh", is_flag=True, help="ignore a partial file from an interrupted run")
+@checkpoint_options("step_scores.jsonl", "scores JSONL")
 @overrides_argument
 def score_steps(input_file, checkpoint, output, fresh, overrides):
     """Per-step confidences of step-by-step solutions (generic step JSONL) from a confidence_head checkpoint."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import HELP, OVERRIDES, check_overrides, overrides_argument
+from app.cli import HELP, OVERRIDES, check_overrides, checkpoint_options, overrides_argument
 
 _CONFIG = click.option("--config", "config_file", default="configs/ranking.py", show_default=True,
                        help="config module of the settings (seed, candidates, reward tiers)")
@@ -66,9 +66,7 @@ def rewards(input_file, output, config_file, fresh, overrides):
 
 @ranking.command(context_settings=OVERRIDES)
 @click.argument("input_file", metavar="INPUT.jsonl")
-@click.option("--checkpoint", help="checkpoint or run directory (default: the newest run under checkpoints/)")
-@click.option("--output", default="rankings.jsonl", show_default=True, help="rankings JSONL")
-@click.option("--fresh", is_flag=True, help="ignore a partial file from an interrupted run")
+@checkpoint_options("rankings.jsonl", "rankings JSONL")
 @overrides_argument
 def rank(input_file, checkpoint, output, fresh, overrides):
     """Pick the best candidate of every question with a ranking checkpoint (resumable after a kill)."""
