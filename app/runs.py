@@ -251,10 +251,10 @@ def check_output(path: Path, input_path: Path) -> None:
 class JsonlOutputs:
     """Outputs of a predictor that writes JSON lines: OUT.jsonl, OUT.metrics.json and OUT.jsonl.partial.jsonl."""
 
-    def __init__(self, output: Path, example: str):
+    def __init__(self, output: Path, example: str, what: str):
         out = Path(output)
         if out.name.endswith(".metrics.json") or out.name.endswith(".partial.jsonl"):
-            raise UserError(f"--output {out}: give the main JSONL path (e.g. {example})")
+            raise UserError(f"--output {out}: give the {what} JSONL path (e.g. {example})")
         stem = out.with_suffix("") if out.suffix else out
         self.main, self.metrics = out, stem.with_name(stem.name + ".metrics.json")
         self.partial = out.with_name(out.name + ".partial.jsonl")

@@ -73,7 +73,7 @@ class StepScorer:
         return rows
 
     def output_paths(self, output: Path) -> JsonlOutputs:
-        return JsonlOutputs(output, DEFAULT_OUTPUT)
+        return JsonlOutputs(output, DEFAULT_OUTPUT, "scores")
 
     def load(self, checkpoint: Path, cfg, device):
         return load_scorer(checkpoint, cfg, device)

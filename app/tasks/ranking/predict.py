@@ -66,7 +66,7 @@ class Ranker:
         return rows
 
     def output_paths(self, output: Path) -> JsonlOutputs:
-        return JsonlOutputs(output, DEFAULT_OUTPUT)
+        return JsonlOutputs(output, DEFAULT_OUTPUT, "rankings")
 
     def load(self, checkpoint: Path, cfg, device):
         return load_ranker(checkpoint, cfg, device)
