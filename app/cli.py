@@ -163,6 +163,32 @@ def sample_data(task, directory):
     return 0
 
 
+@cli.command(context_settings=OVERRIDES)
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--output", required=True, help="new directory to write the exported model or adapter to")
+@click.option("--merge", is_flag=True, help="merge an adapter into its base (a 4-bit base is reloaded in 16-bit)")
+@overrides_argument
+def export(checkpoint, output, merge, overrides):
+    """Export a checkpoint for serving (merged model or clean adapter) and print vllm/transformers serve commands."""
+    from app.export import export as run_export
+
+    run_export(checkpoint, output, merge, check_overrides(overrides, "export CHECKPOINT --output DIR [--merge]"),
+               echo=click.echo)
+    return 0
+
+
+@cli.command(context_settings=OVERRIDES)
+@click.option("--checkpoint", help="NLI checkpoint or run directory (default: the newest run under checkpoints/)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=7860, show_default=True, help="port to listen on")
+@overrides_argument
+def demo(checkpoint, host, port, overrides):
+    """Serve a demo page for an NLI checkpoint: premise + hypothesis -> reasoning and label, CSV batch upload."""
+    from app.demo.app import serve
+
+    return serve(checkpoint, host, port, check_overrides(overrides, "demo [--checkpoint DIR] [--key=value ...]"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -54,6 +54,10 @@ class ModelSection(Section):
         "auto", description="auto = flash_attention_2 when flash-attn is installed and on GPU, else sdpa"
     )
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    license: NonEmpty = Field(
+        "apache-2.0", description="license of the trained weights, written into each final/best model card (an SPDX "
+        "or Hub license id; check the base model's license allows it)"
+    )
 
 
 class MethodSection(Section):

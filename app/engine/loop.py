@@ -171,6 +171,10 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
     if accelerator.is_main_process:
         task.save_weights(model, tokenizer, tmp)
         task.save_extra(objective, tmp, cfg)
+        if name == "final" or name.startswith("best"):  # the model card, before publish: the manifest covers it
+            from app.modelcard import write_model_card
+
+            write_model_card(tmp, cfg, name, state.step)
         ckpt.save_optimizer(optimizer, tmp)
         ckpt.save_scheduler(scheduler, tmp)
         ckpt.write_json(tmp / "run_config.json", cfg.model_dump())

@@ -15,7 +15,7 @@ def hub_token() -> str | None:
 
 HUB_FILES = ["adapter_model.safetensors", "adapter_config.json", "model*.safetensors", "config.json",
              "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
-             "vocab.json", "merges.txt", "*.model"]
+             "vocab.json", "merges.txt", "*.model", "README.md"]
 
 
 def push_to_hub(directory: Path, repo: str) -> bool:

@@ -1,0 +1,1 @@
+"""The live demo page of an NLI checkpoint (app/demo/app.py)."""
