@@ -13,8 +13,6 @@ MAX_UPLOAD_BYTES, a CSV without the columns or with more than MAX_BATCH_ROWS row
 `dev` and `demo` extras); multipart bodies are parsed with the standard library, no python-multipart.
 """
 
-from __future__ import annotations
-
 import html
 import sys
 import tempfile
@@ -120,7 +118,7 @@ def render_page(result: dict | None = None, error: str | None = None, premise: s
             .replace("{{max_chars}}", str(MAX_FIELD_CHARS)))
 
 
-def make_app(demo):
+def make_app(demo):  # annotations stay real objects here: FastAPI reads them
     """The FastAPI application over a loaded `Demo` (or anything with its three members, in tests)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -145,6 +143,17 @@ def make_app(demo):
         except UserError as err:
             return page(400, error=str(err), premise=premise or "", hypothesis=hypothesis or "")
         return page(result=demo.predict_pair(p, h), premise=p, hypothesis=h)
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, err):
+        return page(400, error="the request does not fit this page's forms; use the form above")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err):
+        return page(err.status_code, error=f"{err.status_code}: {err.detail}")
 
     @app.exception_handler(Exception)
     async def any_error(request, err):  # never a traceback in the page

@@ -1,0 +1,267 @@
+"""`python -m app demo`: the NLI demo page on 127.0.0.1, over HTTP and in a real headless Chromium.
+
+The browser test drives Debian's `chromium` through the Chrome DevTools protocol over a pipe
+(`--remote-debugging-pipe`: standard library only): it types a premise and a hypothesis, clicks Predict, reads the
+label and saves a screenshot to test-artifacts/ (or $TEST_ARTIFACTS). Skipped, saying why, without a browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_config
+
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
+PAIR = ("The lamp is in the kitchen.", "The lamp is indoors.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
+    from app.engine.loop import train
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cfg = tiny_config(tiny_model_dir, out, max_steps=2, batch_size=4, micro_batch_size=4, save_every=1000)
+    assert train(cfg) == 0
+    return out / "checkpoints" / "final"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("demolog") / "demo.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "demo", "--checkpoint", str(checkpoint), "--port", str(port),
+                             "--max_new_tokens=12"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"demo exited {proc.returncode}: {log.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                    break
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                if time.monotonic() > deadline:
+                    pytest.fail("demo did not come up in 180 s")
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def post(url: str, data: bytes, content_type: str) -> tuple[int, str, bytes]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Content-Type", ""), err.read()
+
+
+def form(base: str, premise: str, hypothesis: str):
+    body = urllib.parse.urlencode({"premise": premise, "hypothesis": hypothesis}).encode()
+    return post(base + "/predict", body, "application/x-www-form-urlencoded")
+
+
+def multipart(base: str, content: bytes, filename: str = "pairs.csv"):
+    boundary = "----demo-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return post(base + "/batch", body, f"multipart/form-data; boundary={boundary}")
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback" not in text and 'File "' not in text
+
+
+def test_pair_gives_label_and_reasoning(server):
+    status, _, body = form(server, *PAIR)
+    page = body.decode()
+    assert status == 200, page
+    assert 'id="label">0<' in page or 'id="label">1<' in page
+    assert 'id="reasoning"' in page and PAIR[0] in page
+
+
+@pytest.mark.parametrize("premise,hypothesis,message", [
+    ("", "something", "premise is empty"),
+    ("something", "   ", "hypothesis is empty"),
+    ("x" * 1_000_000, "something", "premise is too long"),
+])
+def test_bad_pairs_are_a_message_in_the_page(server, premise, hypothesis, message):
+    status, ctype, body = form(server, premise, hypothesis)
+    page = body.decode()
+    assert status in (400, 413) and "text/html" in ctype
+    assert 'id="error"' in page and message in page
+    assert_no_traceback(page)
+
+
+def test_csv_batch_returns_predictions(server):
+    rows = "id,premise,hypothesis\na,The cup is in the garden.,The cup is indoors.\nb,The pen is in the office.,The pen is indoors.\n"
+    status, ctype, body = multipart(server, rows.encode())
+    assert status == 200 and "text/csv" in ctype, body[:500]
+    out = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [r["id"] for r in out] == ["a", "b"]
+    assert all(r["predicted_label"] in ("0", "1") for r in out)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"question,answer\nfoo,bar\n", "premise"),
+    (b"   ", "empty"),
+])
+def test_bad_csv_is_a_message_in_the_page(server, content, message):
+    status, ctype, body = multipart(server, content)
+    page = body.decode()
+    assert status == 400 and "text/html" in ctype
+    assert 'id="error"' in page and message in page
+    error = page.split('id="error"', 1)[1].split("</div>", 1)[0]
+    assert "input.csv" not in error and "demo-batch-" not in error, error  # no temporary path in the message
+    assert_no_traceback(page)
+
+
+# --- a real browser ---------------------------------------------------------------------------------------------------
+def find_browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class Chromium:
+    """Headless Chromium driven through the DevTools protocol on fds 3/4 (--remote-debugging-pipe)."""
+
+    def __init__(self, exe: str, profile: Path):
+        to_child_r, self.to_child = os.pipe()
+        self.from_child, from_child_w = os.pipe()
+
+        def fds():
+            os.dup2(to_child_r, 3)
+            os.dup2(from_child_w, 4)
+
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "--window-size=1000,900", "--no-first-run", "about:blank"],
+            close_fds=False, preexec_fn=fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # close_fds=False: with pass_fds the cleanup after preexec_fn would close the new fds 3/4
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.buf, self.next_id, self.session = b"", 0, None
+        targets = self.call("Target.getTargets")["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def call(self, method: str, timeout: float = 60, **params) -> dict:
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            msg["sessionId"] = self.session
+        os.write(self.to_child, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buf:
+                raw, self.buf = self.buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            if time.monotonic() > deadline:
+                raise TimeoutError(method)
+            chunk = os.read(self.from_child, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the pipe")
+            self.buf += chunk
+
+    def js(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return res.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(expression)
+
+    def screenshot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self.to_child)
+        os.close(self.from_child)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    exe = find_browser()
+    if exe is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install chromium); the browser test needs one")
+    b = Chromium(exe, tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.close()
+
+
+def test_browser_submits_a_pair_and_reads_the_label(server, browser):
+    browser.call("Page.navigate", url=server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
+    browser.js(f"document.getElementById('premise').value = {json.dumps(PAIR[0])};"
+               f"document.getElementById('hypothesis').value = {json.dumps(PAIR[1])};"
+               "document.getElementById('submit').click(); true")
+    label = browser.wait_for("document.getElementById('label') && document.getElementById('label').textContent")
+    assert label in ("0", "1")
+    assert browser.js("document.getElementById('premise').value") == PAIR[0]
+    assert browser.js("!!document.getElementById('reasoning')")
+    browser.screenshot(ARTIFACTS / "demo_pair.png")
+    assert (ARTIFACTS / "demo_pair.png").stat().st_size > 1000
+
+
+def test_browser_shows_a_message_for_a_blank_field(server, browser):
+    browser.call("Page.navigate", url=server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
+    browser.js("document.getElementById('premise').value = 'The lamp is in the kitchen.';"
+               "document.getElementById('hypothesis').value = '   ';"
+               "document.getElementById('submit').click(); true")
+    error = browser.wait_for("document.getElementById('error') && document.getElementById('error').textContent")
+    assert "hypothesis is empty" in error
+    browser.screenshot(ARTIFACTS / "demo_error.png")
