@@ -282,6 +282,28 @@ def test_compose_inference_and_cpu_variants_are_opt_in():
         assert services[name]["profiles"] == ["cpu"] and "deploy" not in services[name]
 
 
+def test_compose_serve_and_demo_services_are_opt_in_healthchecked_and_local():
+    services = compose()["services"]
+    assert services["serve"]["profiles"] == ["serve"] and services["serve"]["entrypoint"] == ["vllm", "serve"]
+    assert "deploy" in services["serve"] and "deploy" not in services["serve-cpu"]
+    assert services["serve-cpu"]["profiles"] == ["cpu"]
+    assert services["serve-cpu"]["entrypoint"] == ["transformers", "serve"]
+    assert services["demo"]["profiles"] == ["demo"] and services["demo-cpu"]["profiles"] == ["cpu"]
+    assert "deploy" in services["demo"] and "deploy" not in services["demo-cpu"]
+    for name in ("serve", "serve-cpu", "demo", "demo-cpu"):
+        s = services[name]
+        assert s["build"]["dockerfile"] == "Dockerfile.infer" and str(s["build"]["args"]["WITH_VLLM"]) == "1"
+        assert any(v.startswith("checkpoints:/checkpoints") for v in s["volumes"])
+        assert all(p.startswith("127.0.0.1:") for p in s["ports"])
+        test = s["healthcheck"]["test"]
+        assert test[0] == "CMD" and "http://127.0.0.1:" in test[-1]
+    port = lambda s: s["ports"][0].rsplit(":", 1)[1]  # noqa: E731
+    assert "/v1/models" in services["serve"]["healthcheck"]["test"][-1] and port(services["serve"]) == "8000"
+    demo = services["demo"]
+    assert demo["command"][0] == "demo" and "--port" in demo["command"] and "/health" in demo["healthcheck"]["test"][-1]
+    assert demo["command"][demo["command"].index("--port") + 1] == port(demo)
+
+
 def test_env_example_documents_every_compose_variable_and_holds_no_secret():
     text = (REPO / ".env.example").read_text()
     used = set(re.findall(r"\$\{(\w+)", (REPO / "compose.yaml").read_text()))
