@@ -189,6 +189,45 @@ def demo(checkpoint, host, port, overrides):
     return serve(checkpoint, host, port, check_overrides(overrides, "demo [--checkpoint DIR] [--key=value ...]"))
 
 
+@cli.group(invoke_without_command=True, context_settings=HELP)
+@click.option("--for", "config_file", metavar="CONFIG.py", type=click.Path(dir_okay=False),
+              help="fetch everything the config names on the Hub: base model, tokenizer, hf: data")
+@click.pass_context
+def download(ctx, config_file):
+    """Prefetch models and data into the Hugging Face cache, for nodes without internet (then HF_HUB_OFFLINE=1)."""
+    if ctx.invoked_subcommand is not None:
+        return None
+    if config_file is None:
+        raise click.UsageError("give a subcommand (model NAME, data ID) or --for CONFIG.py")
+    from app.download import download_for
+
+    download_for(config_file)
+    return 0
+
+
+@download.command("model", context_settings=HELP)
+@click.argument("name")
+@click.option("--revision", help="branch, tag or commit (default: main)")
+def download_model(name, revision):
+    """Fetch a model repository (safetensors, config, tokenizer; no .bin weights)."""
+    from app.download import download_model as fetch
+
+    fetch(name, revision)
+    return 0
+
+
+@download.command("data", context_settings=HELP)
+@click.argument("source", metavar="ID")
+@click.option("--split", help="only the files of this split")
+@click.option("--revision", help="branch, tag or commit (default: main)")
+def download_data(source, split, revision):
+    """Fetch a Hub dataset (OWNER/NAME or hf:OWNER/NAME[:CONFIG][:SPLIT])."""
+    from app.download import download_data as fetch
+
+    fetch(source, split, revision)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -55,7 +55,11 @@ def read_text(path: Path) -> str:
 
 def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     """Read a .csv, or a .jsonl/.ndjson/.json file (JSON lines, or one JSON array of objects); check that
-    `required` columns exist."""
+    `required` columns exist. Parquet, `save_to_disk` directories and `hf:` Hub ids go to app.sources."""
+    from app import sources
+
+    if sources.handles(path):
+        return sources.read_rows(path, required)
     path = Path(path)
     text = read_text(path)
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):

@@ -135,7 +135,10 @@ def fingerprint(input_path: Path, checkpoint: Path, cfg, parts: dict | None = No
     """Identity of what the outputs depend on: input bytes, checkpoint files, the config (but `ignore`: a smaller
     batch after an out-of-memory error still resumes) and any named `parts` (JSON-able)."""
     h = hashlib.sha256()
-    h.update(hashlib.sha256(input_path.read_bytes()).digest())
+    from app import sources  # Parquet, save_to_disk and hf: inputs: their fingerprint (Hub: id + revision)
+
+    h.update(sources.describe(input_path).get("fingerprint", str(input_path)).encode() if sources.handles(input_path)
+             else hashlib.sha256(input_path.read_bytes()).digest())
     h.update(str(checkpoint.resolve()).encode())
     for f in sorted(checkpoint.iterdir()):
         if f.is_file():

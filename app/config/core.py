@@ -27,11 +27,22 @@ class DataSection(Section):
     """Task and data"""
 
     task: str = Field("nli_cot", description="task package under app/tasks (python -m app config --list shows them)")
-    train_file: NonEmpty = Field("data/sample/train.csv", description="training data, CSV or JSONL")
-    dev_file: NonEmpty | None = Field("data/sample/dev.csv", description="dev data for evaluation; None to skip")
+    train_file: NonEmpty = Field(
+        "data/sample/train.csv", description="training data: CSV, JSONL, JSON, Parquet, a save_to_disk directory or "
+        "a Hub dataset hf:OWNER/NAME[@REV][:CONFIG][:SPLIT]"
+    )
+    dev_file: NonEmpty | None = Field(
+        "data/sample/dev.csv", description="dev data for evaluation (any train_file source); None to skip"
+    )
     max_seq_length: int = Field(512, gt=0, description="prompt + response tokens per example")
     overlength: Literal["drop", "truncate", "error"] = Field(
         "truncate", description="what to do with examples longer than max_seq_length (truncate cuts the prompt)"
+    )
+    token_cache: bool = Field(
+        True, description="reuse tokenized data when data, tokenizer, encoding settings and task code are unchanged"
+    )
+    token_cache_dir: NonEmpty | None = Field(
+        None, description="where tokenized data is cached (shared by runs); None = out_dir/token_cache"
     )
 
 

@@ -319,9 +319,14 @@ def _train(cfg: Config) -> int:
             move_previous_aside(cfg)
         cfg.out_path.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(cfg.out_path / "run_config.json", cfg.model_dump())
+        from app.sources import run_sources  # beside run_config.json: path or Hub id + revision + fingerprint
+
+        ckpt.write_json(cfg.out_path / "data_sources.json", run_sources(cfg))
     accelerator.wait_for_everyone()
-    features = encode_all(task, train_rows, tokenizer, cfg, cfg.train_file)
-    dev_features = encode_all(task, dev_rows, tokenizer, cfg, cfg.dev_file) if dev_rows else []
+    from app.engine.token_cache import encode_cached
+
+    features = encode_cached(task, train_rows, tokenizer, cfg, cfg.train_file, "train", encode_all)
+    dev_features = encode_cached(task, dev_rows, tokenizer, cfg, cfg.dev_file, "dev", encode_all) if dev_rows else []
     plan = BatchPlan(tuple(len(f.input_ids) for f in features), cfg.micro_batch_size, world, accumulation,
                      cfg.seed, cfg.group_by_length)
     if plan.steps_per_epoch == 0:
