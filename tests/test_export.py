@@ -138,3 +138,44 @@ def test_export_refuses_a_non_empty_output(lora_run, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     assert main(["export", str(lora_run), "--output", str(tmp_path / "full")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def token_adapter_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A confidence-tokens LoRA run: its adapter carries trainable token rows (the added <C_...>/<U_...> tokens)."""
+    from test_confidence_tokens import ct_config
+
+    from app.engine.loop import train
+
+    out = tmp_path_factory.mktemp("export-ct") / "run"
+    cfg = ct_config(tiny_model_dir, out, finetuning="lora", target_modules=["q_proj", "v_proj"], max_steps=1,
+                    batch_size=4, micro_batch_size=4, save_every=1000, validation_files={}, dev_file=None)
+    assert train(cfg) == 0
+    return out / "checkpoints" / "final"
+
+
+def test_adapter_with_token_rows_says_merge_first_and_merges(token_adapter_run, tmp_path, capsys):
+    adapter_cfg = json.loads((token_adapter_run / "adapter_config.json").read_text())
+    assert adapter_cfg.get("trainable_token_indices")
+    assert main(["export", str(token_adapter_run), "--output", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "export it with --merge" in printed and "vllm serve" not in printed
+    assert "transformers serve" in printed
+
+    out = tmp_path / "merged"
+    assert main(["export", str(token_adapter_run), "--output", str(out), "--merge"]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<C_READ>" in tok.get_vocab()  # the added tokens travel with the tokenizer
+    plain = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
+    with torch.no_grad():
+        got = plain(**tok(PROMPT + " <C_READ>", return_tensors="pt")).logits
+    from app.export import MERGE_TOLERANCE
+    from app.lm.modeling import load_for_inference
+    from app.runs import checkpoint_config
+
+    model, tok2 = load_for_inference(token_adapter_run, checkpoint_config(token_adapter_run), torch.device("cpu"))
+    with torch.no_grad():
+        ref = model(**tok2(PROMPT + " <C_READ>", return_tensors="pt")).logits
+    assert got.shape == ref.shape and float((got - ref).abs().max()) <= MERGE_TOLERANCE
