@@ -178,10 +178,10 @@ def _merge(ckpt: Path, cfg, tmp: Path, ensure_base_model) -> list[str]:
 
     notes = []
     dtype = _base_dtype(cfg)
-    if cfg.quantization is not None:
-        notes.append(f"the base was trained {cfg.quantization}-quantized; it is reloaded unquantized in {dtype} for "
-                     "merging (merged weights differ from the quantized model by the quantization error)")
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    if cfg.quantization is not None:
+        notes.append(f"the base was trained {cfg.quantization}-quantized; it is reloaded unquantized in {name} for "
+                     "merging (merged weights differ from the quantized model by the quantization error)")
     merge_cfg = cfg.model_copy(update={"quantization": None, "dtype": name})
     ensure_base_model(merge_cfg, ckpt)
     model, tokenizer = load_for_inference(ckpt, merge_cfg, torch.device("cpu"))

@@ -179,3 +179,21 @@ def test_adapter_with_token_rows_says_merge_first_and_merges(token_adapter_run, 
     with torch.no_grad():
         ref = model(**tok2(PROMPT + " <C_READ>", return_tensors="pt")).logits
     assert got.shape == ref.shape and float((got - ref).abs().max()) <= MERGE_TOLERANCE
+
+
+def test_4bit_base_is_reloaded_unquantized_for_merging(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from app.engine.loop import train
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "q", finetuning="lora", quantization="4bit",
+                      bnb_4bit_compute_dtype="bfloat16", dtype="auto", max_steps=1, batch_size=4, micro_batch_size=4,
+                      target_modules=["q_proj"], save_every=1000)
+    assert train(cfg) == 0
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "q"), "--output", str(out), "--merge"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 4bit-quantized" in printed and "reloaded unquantized in bfloat16" in printed
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert plain.dtype == torch.bfloat16 and getattr(plain.config, "quantization_config", None) is None
