@@ -197,3 +197,21 @@ def test_4bit_base_is_reloaded_unquantized_for_merging(tiny_model_dir, tmp_path,
 
     plain = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert plain.dtype == torch.bfloat16 and getattr(plain.config, "quantization_config", None) is None
+
+
+def test_score_head_travels_with_the_export(tiny_model_dir, tmp_path, capsys):
+    """Task extras (the confidence head's score_head.safetensors) are copied beside the merged model."""
+    from test_confidence_head import HEAD_FILE, ch_config
+
+    from app.engine.loop import train
+
+    cfg = ch_config(tiny_model_dir, tmp_path / "head", finetuning="lora", target_modules=["q_proj"], max_steps=1,
+                    batch_size=4, micro_batch_size=4, dev_file=None)
+    assert train(cfg) == 0
+    final = tmp_path / "head" / "checkpoints" / "final"
+    assert (final / HEAD_FILE).is_file()
+    for merge in ([], ["--merge"]):
+        out = tmp_path / f"out{len(merge)}"
+        assert main(["export", str(final), "--output", str(out), *merge]) == 0
+        assert (out / HEAD_FILE).read_bytes() == (final / HEAD_FILE).read_bytes()
+        assert not list(out.glob("rng_rank*")) and not (out / "optimizer.safetensors").exists()
