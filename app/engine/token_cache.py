@@ -17,6 +17,7 @@ entries of the same split). Features whose `extra` does not survive JSON are not
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import json
@@ -142,14 +143,29 @@ def load(directory: Path) -> tuple[list[Feature], dict] | None:
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         t = load_file(str(directory / "features.safetensors"))
-        ids, labels, offsets, lines = t["input_ids"], t["labels"], t["offsets"].tolist(), t["lines"].tolist()
+        offsets, lines = t["offsets"].tolist(), t["lines"].tolist()
+        if not {"input_ids", "labels"} <= set(t) or len(lines) + 1 != len(offsets):
+            raise ValueError("incomplete entry")
     except Exception as err:  # noqa: BLE001 - any unreadable entry (truncated, foreign) is rebuilt
         if directory.exists():
             log.warning("token cache %s unreadable (%s): tokenizing again", directory, err)
         return None
     extras = meta.get("extra") or [None] * len(lines)
-    features = [Feature(ids[a:b].tolist(), labels[a:b].tolist(), line, dict(extra) if extra else {})
-                for a, b, line, extra in zip(offsets, offsets[1:], lines, extras)]
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new ints and lists: the collector's passes over them would cost more than the copy
+    try:
+        features = []
+        for name in ("input_ids", "labels"):  # one list at a time, sliced per example (the slices share the ints)
+            flat = t[name].tolist()
+            for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+                if name == "input_ids":
+                    features.append(Feature(flat[a:b], [], lines[i], dict(extras[i]) if extras[i] else {}))
+                else:
+                    features[i].labels = flat[a:b]
+            del flat
+    finally:
+        if collecting:
+            gc.enable()
     return features, meta
 
 
