@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.cli import main
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
 PROMPT = "The cat sits in the kitchen. Is the cat indoors?"
 
