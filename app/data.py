@@ -76,6 +76,20 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     return rows
 
 
+def csv_field(value) -> str:
+    """One CSV field: quoted when it holds a comma, a quote or any line break (a bare \r too, which the csv module
+    leaves unquoted when the line terminator is \n), so that `_read_csv` reads back exactly what was written."""
+    text = str(value)
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_text(header: list[str], rows) -> str:
+    """A CSV file's text: the header, then each row (a sequence of values), `\n` line ends."""
+    return "".join(",".join(csv_field(v) for v in row) + "\n" for row in [header, *rows])
+
+
 def _read_csv(path: Path, text: str) -> list[Row]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:

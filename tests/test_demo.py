@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
 PAIR = ("The lamp is in the kitchen.", "The lamp is indoors.")
@@ -37,13 +37,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
-    from app.engine.loop import train
-
-    out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = tiny_config(tiny_model_dir, out, max_steps=2, batch_size=4, micro_batch_size=4, save_every=1000)
-    assert train(cfg) == 0
-    return out / "checkpoints" / "final"
+def checkpoint(tiny_final_checkpoint) -> Path:
+    return tiny_final_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,8 @@ class EvilConfig(MistralConfig):
 
 
 @pytest.fixture(scope="module")
-def full_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
-    from app.engine.loop import train
-
-    out = tmp_path_factory.mktemp("shell") / "run"
-    cfg = tiny_config(tiny_model_dir, out, max_steps=1, batch_size=4, micro_batch_size=4, save_every=1000)
-    assert train(cfg) == 0
-    return out / "checkpoints" / "final"
+def full_checkpoint(tiny_final_checkpoint) -> Path:
+    return tiny_final_checkpoint
 
 
 def _with_remote_code(src: Path, dst: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from app.atomic import write_atomic
+from app.errors import UserError
 
 __all__ = [
     "INSTALL_HINT",
@@ -322,6 +323,6 @@ def save_training_curves(out_dir: str | os.PathLike) -> Path | None:
         return None
     try:
         return write_atomic(out_dir / TRAINING_CURVES_NAME, blob)
-    except OSError as exc:
-        log.warning("no training curves: cannot write %s: %s", out_dir / TRAINING_CURVES_NAME, exc)
+    except UserError as exc:  # write_atomic's one line for a path that cannot be written
+        log.warning("no training curves: %s", exc)
         return None

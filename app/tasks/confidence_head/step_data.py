@@ -376,14 +376,11 @@ def write_synthetic(out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     written = []
-    try:
-        for split, (n, seed) in SYNTHETIC_SPLITS.items():
-            rng = random.Random(seed)
-            path = out_dir / f"{split}.jsonl"
-            write_atomic(path, "".join(json.dumps(synthetic_example(rng)) + "\n" for _ in range(n)))
-            written.append(path)
-    except OSError as err:
-        raise UserError(f"{out_dir}: cannot write the synthetic set ({err.strerror or err})") from None
+    for split, (n, seed) in SYNTHETIC_SPLITS.items():
+        rng = random.Random(seed)
+        path = out_dir / f"{split}.jsonl"
+        write_atomic(path, "".join(json.dumps(synthetic_example(rng)) + "\n" for _ in range(n)))
+        written.append(path)
     return written
 
 
@@ -408,10 +405,7 @@ def convert(in_path: str | Path, out_path: str | Path, fmt: str = "auto") -> int
     blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UserError(f"{out_path}: cannot create its folder, {blocker} is a file")
-    try:
-        write_atomic(out_path, text)
-    except OSError as err:
-        raise UserError(f"{out_path}: cannot write ({err.strerror or err})") from None
+    write_atomic(out_path, text)  # a path that cannot be written is its one-line UserError
     return len(rows)
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.atomic import write_atomic, write_json_atomic
-from app.data import parse_binary_label, read_rows
+from app.data import csv_text, parse_binary_label, read_rows
 from app.errors import UserError
 from app.metrics.classification import classification_metrics, format_table
 from app.tasks.nli_cot.prompts import build_prompt
@@ -173,22 +173,11 @@ class OutputPaths:
         return paths
 
 
-def csv_field(value) -> str:
-    """One CSV field: quoted when it holds a comma, a quote or any line break (a bare \r too, which the csv
-    module leaves unquoted when the line terminator is \n)."""
-    text = str(value)
-    if any(c in text for c in ',"\r\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
 def predictions_csv(records: list[dict], ids: list[str] | None) -> str:
     head = ["index"] + (["id"] if ids is not None else []) + ["predicted_label", "thought_process", "parse_ok"]
-    lines = [",".join(head)]
-    for i, r in enumerate(records):
-        row = [i] + ([ids[i]] if ids is not None else []) + [r["label"], r["thought"], "true" if r["parse_ok"] else "false"]
-        lines.append(",".join(csv_field(v) for v in row))
-    return "\n".join(lines) + "\n"
+    rows = ([i] + ([ids[i]] if ids is not None else []) + [r["label"], r["thought"], "true" if r["parse_ok"] else "false"]
+            for i, r in enumerate(records))
+    return csv_text(head, rows)
 
 
 _NO_VLLM = "backend='vllm' needs vLLM, which is not installed: pip install vllm (needs a GPU), or use --backend=hf"

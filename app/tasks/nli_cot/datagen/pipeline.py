@@ -9,8 +9,6 @@ run re-run sends no request that was already answered and writes the same output
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import sys
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.atomic import write_atomic
-from app.data import parse_binary_label, read_rows
+from app.data import csv_text, parse_binary_label, read_rows
 from app.errors import UserError
 from app.tasks.nli_cot.datagen import prompts as P
 from app.tasks.nli_cot.datagen.client import ChatClient, RequestFailed, api_key
@@ -38,12 +36,7 @@ def write_table(path: Path, records: list[dict]) -> None:
     if path.suffix.lower() in JSON_SUFFIXES:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: _csv_value(r.get(k)) for k in columns})
-        text = buf.getvalue()
+        text = csv_text(columns, ([_csv_value(r.get(k)) for k in columns] for r in records))
     write_atomic(path, text)
 
 
