@@ -111,6 +111,14 @@ class OptimSection(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="autocast; auto = bf16 on a GPU that supports it, else no"
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp copies the model to each; fsdp (FSDP2) shards parameters, gradients "
+        "and optimizer state over them per transformer block (full fine-tuning beyond one GPU's memory)"
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="with parallelism='fsdp': keep the sharded parameters, gradients and optimizer state in CPU "
+        "memory (slower steps, far less GPU memory)"
+    )
     group_by_length: bool = Field(True, description="batch examples of similar length to cut padding")
     share_prompt_prefix: bool = Field(
         True,

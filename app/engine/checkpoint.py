@@ -3,7 +3,8 @@
 Layout of out_dir/checkpoints/<name>/ (name = step_000120, best, final):
   adapter_model.safetensors + adapter_config.json (LoRA) or model.safetensors + config.json (full)
   tokenizer files
-  optimizer.safetensors + optimizer.json   tensors and the rest of the optimizer state (no pickle)
+  optimizer.safetensors + optimizer.json   tensors and the rest of the optimizer state (no pickle), keyed by
+                                           parameter index, or by name when a sharded (FSDP) run gathered it
   scheduler.json                           learning-rate scheduler state
   rng_rank{R}.json + rng_rank{R}.safetensors   python/numpy/torch RNG of every process
   trainer_state.json                       step, data position, best metric
@@ -67,15 +68,25 @@ def _split_tensors(value, path: str, tensors: dict):
 
 
 def save_optimizer(optimizer, directory: Path) -> None:
-    """Optimizer state as safetensors (tensors, also nested ones such as bitsandbytes' quant state) + JSON."""
-    sd = optimizer.state_dict()
+    save_optimizer_state(optimizer.state_dict(), directory)
+
+
+def _keyed_by_name(sd: dict) -> bool:
+    return any(isinstance(p, str) for g in sd["param_groups"] for p in g["params"])
+
+
+def save_optimizer_state(sd: dict, directory: Path) -> None:
+    """Optimizer state as safetensors (tensors, also nested ones such as bitsandbytes' quant state) + JSON. Keyed
+    by parameter index (torch's own state_dict) or by parameter name (a sharded run's gathered state)."""
     tensors: dict = {}
     plain = {str(pid): _split_tensors(state, str(pid), tensors) for pid, state in sd["state"].items()}
     save_file(tensors, str(directory / "optimizer.safetensors"))
-    write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "state": plain})
+    keys = "names" if _keyed_by_name(sd) else "indices"
+    write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "state": plain, "keys": keys})
 
 
-def load_optimizer(optimizer, directory: Path) -> None:
+def read_optimizer_state(directory: Path) -> dict:
+    """What save_optimizer_state wrote, keyed as it was saved."""
     meta = read_json(directory / "optimizer.json")
     state = meta["state"]
     for name, tensor in load_file(str(directory / "optimizer.safetensors")).items():
@@ -84,7 +95,23 @@ def load_optimizer(optimizer, directory: Path) -> None:
         for part in parents:
             node = node.setdefault(part, {})
         node[key] = tensor
-    optimizer.load_state_dict({"state": {int(pid): v for pid, v in state.items()}, "param_groups": meta["param_groups"]})
+    by_name = meta.get("keys") == "names"
+    return {"state": {(pid if by_name else int(pid)): v for pid, v in state.items()},
+            "param_groups": meta["param_groups"]}
+
+
+def keyed_by(sd: dict, names: list[str], by_name: bool) -> dict:
+    """An optimizer state re-keyed by parameter name or by index; `names` lists the optimizer's parameters in its
+    own order (groups in order, each group's params in order), which is what torch's indices count."""
+    if _keyed_by_name(sd) == by_name:
+        return sd
+    key = (lambda i: names[i]) if by_name else {n: i for i, n in enumerate(names)}.__getitem__
+    return {"state": {key(k): v for k, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [key(p) for p in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer(optimizer, directory: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(directory))
 
 
 def save_scheduler(scheduler, directory: Path) -> None:

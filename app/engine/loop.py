@@ -2,7 +2,8 @@
 
 One loop for every task: the task gives data, a loss module and metrics; this file gives data order,
 gradient accumulation, mixed precision, multi-process (accelerate: DDP under `accelerate launch` or
-`torchrun`), the optimizer and schedule, evaluation, checkpoints and exact resume.
+`torchrun`, or FSDP2 sharding with parallelism='fsdp', app/engine/fsdp.py), the optimizer and schedule,
+evaluation, checkpoints and exact resume.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from app.engine import checkpoint as ckpt
+from app.engine import fsdp
 from app.engine.batching import BatchPlan
 from app.engine.optim import make_optimizer, make_scheduler
 from app.engine.runlog import RunLog
@@ -157,7 +159,10 @@ class StopFlag:
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
-def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg) -> Path:
+def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg,
+                    sharded: bool = False) -> Path:
+    """Every process calls this. Sharded: the optimizer state is gathered to rank 0 and the full weights to every
+    process while rank 0 writes them, so the checkpoint is the same as a single process writes."""
     out = cfg.out_path
     tmp, final = ckpt.temp_dir(out, name), ckpt.checkpoints_dir(out) / name
     if accelerator.is_main_process:
@@ -168,26 +173,62 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
     accelerator.wait_for_everyone()
     ckpt.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        task.save_weights(model, tokenizer, tmp)
-        task.save_extra(objective, tmp, cfg)
-        if name == "final" or name.startswith("best"):  # the model card, before publish: the manifest covers it
-            from app.modelcard import write_model_card
+    optimizer_state = fsdp.full_optimizer_state(objective, optimizer) if sharded else optimizer.state_dict()
+    with fsdp.gathered(objective) if sharded else contextlib.nullcontext():
+        if accelerator.is_main_process:
+            task.save_weights(model, tokenizer, tmp)
+            task.save_extra(objective, tmp, cfg)
+            if name == "final" or name.startswith("best"):  # the model card, before publish: the manifest covers it
+                from app.modelcard import write_model_card
 
-            write_model_card(tmp, cfg, name, state.step)
-        ckpt.save_optimizer(optimizer, tmp)
-        ckpt.save_scheduler(scheduler, tmp)
-        ckpt.write_json(tmp / "run_config.json", cfg.model_dump())
-        ckpt.write_json(tmp / "trainer_state.json", asdict(state))  # written last: marks the dir complete
-        ckpt.publish(tmp, final)
-        if name.startswith("step_"):
-            ckpt.prune(out, cfg.keep_last)
-        log.info("checkpoint %s written", name)
-    accelerator.wait_for_everyone()
+                write_model_card(tmp, cfg, name, state.step)
+            ckpt.save_optimizer_state(optimizer_state, tmp)
+            ckpt.save_scheduler(scheduler, tmp)
+            ckpt.write_json(tmp / "run_config.json", cfg.model_dump())
+            ckpt.write_json(tmp / "trainer_state.json", asdict(state))  # written last: marks the dir complete
+            ckpt.publish(tmp, final)
+            if name.startswith("step_"):
+                ckpt.prune(out, cfg.keep_last)
+            log.info("checkpoint %s written", name)
+        accelerator.wait_for_everyone()
     return final
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
+def uses_fsdp(cfg: Config, world: int) -> bool:
+    """Whether this run shards with FSDP2 (parallelism='fsdp' on more than one process)."""
+    if cfg.parallelism != "fsdp":
+        return False
+    if cfg.quantization is not None:
+        raise UserError(f"parallelism='fsdp' does not shard quantized weights (quantization={cfg.quantization!r}): "
+                        "use parallelism='ddp' for QLoRA, or quantization=None")
+    if world == 1:
+        log.warning("parallelism='fsdp' on one process: nothing to shard over, training unsharded")
+        return False
+    return True
+
+
+def gradient_sync(accelerator, model, sync: bool, sharded: bool):
+    """The context of one micro batch's backward: gradients synchronised only on the last of an optimizer step."""
+    if sharded:
+        fsdp.gradient_sync(model, sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+@contextlib.contextmanager
+def eval_out_dir(cfg: Config, is_main: bool):
+    """Where an evaluation writes its files: the run directory on rank 0, a scratch directory removed afterwards on
+    the other processes of a sharded run (which evaluate too, their files unused)."""
+    if is_main:
+        yield cfg.out_path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="eval-") as scratch:
+        yield Path(scratch)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -247,16 +288,32 @@ def check_fresh_target(cfg: Config) -> None:
                         "give the run's own directory")
 
 
-def restore(resume_from: Path, state: TrainState, task, objective, optimizer, scheduler, rank: int) -> TrainState:
-    """Everything a checkpoint holds besides the model weights (loaded with the model): the task's extra weights,
-    optimizer, schedule, this process's RNG, and the data position; returns the resumed state."""
+def optimizer_param_names(objective, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in its own order (what torch's state_dict indices count)."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def load_optimizer(resume_from: Path, objective, optimizer, sharded: bool, rank: int) -> None:
+    """The optimizer state of a checkpoint, written by a sharded run or not, onto this run's optimizer."""
+    names = optimizer_param_names(objective, optimizer)
+    if not sharded:
+        optimizer.load_state_dict(ckpt.keyed_by(ckpt.read_optimizer_state(resume_from), names, by_name=False))
+        return
+    full = ckpt.keyed_by(ckpt.read_optimizer_state(resume_from), names, by_name=True) if rank == 0 else {}
+    fsdp.load_full_optimizer_state(objective, optimizer, full)
+
+
+def restore(resume_from: Path, state: TrainState, task, objective, optimizer, scheduler, rank: int,
+            sharded: bool = False) -> TrainState:
+    """Everything a checkpoint holds besides the weights (the model's loaded with the model, the task's extra ones
+    before sharding): optimizer, schedule, this process's RNG, and the data position; returns the resumed state."""
     saved = ckpt.read_json(resume_from / "trainer_state.json")
     if saved["world_size"] != state.world_size:
         log.warning("resuming a %d-process run on %d processes: data order changes from here", saved["world_size"],
                     state.world_size)
     resumed = TrainState(**{**saved, "total_steps": state.total_steps, "world_size": state.world_size})
-    task.load_extra(objective, resume_from)
-    ckpt.load_optimizer(optimizer, resume_from)
+    load_optimizer(resume_from, objective, optimizer, sharded, rank)
     ckpt.load_scheduler(scheduler, resume_from)
     ckpt.load_rng(resume_from, rank if (resume_from / f"rng_rank{rank}.json").exists() else 0)
     log.info("resumed from %s at step %d", resume_from, resumed.step)
@@ -300,6 +357,10 @@ def _train(cfg: Config) -> int:
     ensure_base_model(cfg)
     accelerator = make_accelerator(cfg, task.ddp_options(cfg))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    sharded = uses_fsdp(cfg, world)
+    if sharded and cfg.share_prompt_prefix:  # the shared prefix runs each block twice per step, FSDP2 one forward
+        log.info("parallelism='fsdp': share_prompt_prefix off (every row computes its prompt)")
+        cfg = cfg.model_copy(update={"share_prompt_prefix": False})
     accumulation = accumulation_steps(cfg, world)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
@@ -338,19 +399,27 @@ def _train(cfg: Config) -> int:
 
     objective = task.objective(model, cfg)
     objective.to(device)
+    if resume_from is not None:
+        task.load_extra(objective, resume_from)
+    if sharded:  # parameters become DTensor shards: the optimizer is built on them
+        fsdp.shard(objective, task.shard_blocks(objective, cfg), cfg.fsdp_cpu_offload)
     groups = task.param_groups(objective, cfg)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(cfg, groups)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     state = TrainState(total_steps=total_steps, world_size=world, seed=cfg.seed)
     if resume_from is not None:
-        state = restore(resume_from, state, task, objective, optimizer, scheduler, rank)
-    ddp_objective, optimizer = accelerator.prepare(objective, optimizer)
+        state = restore(resume_from, state, task, objective, optimizer, scheduler, rank, sharded)
+    if sharded:
+        ddp_objective, optimizer = objective, accelerator.prepare(optimizer)
+    else:
+        ddp_objective, optimizer = accelerator.prepare(objective, optimizer)
 
     n_trainable = sum(p.numel() for p in params)
     log.info("%d train / %d dev examples; %d steps (%d per epoch), global batch %d = %d x %d accumulation x %d "
-             "processes; %.2fM trainable parameters", len(features), len(dev_features), total_steps,
-             plan.steps_per_epoch, cfg.batch_size, cfg.micro_batch_size, accumulation, world, n_trainable / 1e6)
+             "processes%s; %.2fM trainable parameters", len(features), len(dev_features), total_steps,
+             plan.steps_per_epoch, cfg.batch_size, cfg.micro_batch_size, accumulation, world,
+             " (FSDP2)" if sharded else "", n_trainable / 1e6)
     run_log = RunLog(cfg, state.step, is_main)
     progress = None
     if is_main:
@@ -359,7 +428,7 @@ def _train(cfg: Config) -> int:
         progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     save = lambda name: save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer,  # noqa: E731
-                                        scheduler, state, cfg)
+                                        scheduler, state, cfg, sharded)
     epoch_steps, epoch_of_plan = None, -1
     pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
     steps_this_run, last_metrics = 0, {}
@@ -379,11 +448,11 @@ def _train(cfg: Config) -> int:
         for k, indices in enumerate(micro_batches):
             batch = to_device(task.collate([features[i] for i in indices], tokenizer.pad_token_id), device)
             sync = k == len(micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_objective)), accelerator.autocast():
+            with gradient_sync(accelerator, ddp_objective, sync, sharded), accelerator.autocast():
                 sums = named_losses(ddp_objective(**batch))
                 accelerator.backward(weighted_total(sums, global_items, loss_weights, world))
             step_loss += torch.stack([sums[n].detach().float() for n in loss_names])
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        grad_norm = fsdp.full_tensor(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -420,10 +489,14 @@ def _train(cfg: Config) -> int:
 
         if dev_features and (state.step % cfg.eval_every == 0 or last) and stop.signum is None:
             decision = [[], state.best]  # decided on rank 0, shared with all
+            if is_main or sharded:  # sharded: every process takes part in each forward, rank 0's results count
+                with eval_out_dir(cfg, is_main) as eval_dir, fsdp.root_gathered(objective) if sharded else \
+                        contextlib.nullcontext():
+                    ctx = EvalContext(state.step, state.step // plan.steps_per_epoch, plan.steps_per_epoch, eval_dir,
+                                      objective, device)
+                    metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx)
             if is_main:
-                ctx = EvalContext(state.step, state.step // plan.steps_per_epoch, plan.steps_per_epoch, cfg.out_path,
-                                  objective, device)
-                last_metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx)
+                last_metrics = metrics
                 run_log.write(state.step, {f"eval/{k}": v for k, v in last_metrics.items()})
                 log.info("step %d eval: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in last_metrics.items()))
                 decision = [improved_bests(task, cfg, last_metrics, state), state.best]

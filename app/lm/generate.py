@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.tasks.nli_cot.extract import json_object_closed
+from app.engine.fsdp import is_sharded
 from app.lm.forward import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,7 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
     stops, text = rule.stop_ids, rule.text
     logits, mask, cache = _prefill(model, ids, tokenizer.pad_token_id, device, max_new_tokens, prefill_tokens)
     suppress, suppress_later = _suppression(rule, logits.device)
+    synced = is_sharded(model)
     last_pos = mask.sum(-1) - 1
     generated: list[list[int]] = [[] for _ in ids]
     alive = list(range(len(ids)))
@@ -229,6 +231,8 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
             logits.index_fill_(1, suppress, float("-inf"))
         suppress = suppress_later
         tokens = logits.argmax(-1)
+        if synced:  # each process of a sharded model must make the same forward calls: rank 0's tokens are all's
+            torch.distributed.broadcast(tokens, src=0)
         keep = []
         for k, (row, t) in enumerate(zip(alive, tokens.tolist())):
             if t in stops:

@@ -20,6 +20,7 @@ Every method receives the context it needs (the config always), so a task keeps 
     param_groups(objective, cfg)   one group of trainable parameters    several learning rates / no decay groups
     loss_weights(cfg)              1.0 each                             weighted sum of several named losses
     ddp_options(cfg)               {}                                   e.g. {"find_unused_parameters": True}
+    shard_blocks(objective, cfg)   the HF model's decoder layers        another architecture's blocks (FSDP2 units)
     evaluate(model, tok, cfg,      {}                                   task metrics; files it writes go under
              rows, ctx)                                                 ctx.out_dir (ctx.step, ctx.epoch, ctx.objective)
     best_checkpoints(cfg)          {"best": metric_for_best}            several best-by-metric checkpoints
@@ -148,6 +149,13 @@ class Task:
     def ddp_options(self, cfg: Config) -> dict:
         """Keyword arguments of torch DDP for this task's objective (e.g. find_unused_parameters=True)."""
         return {}
+
+    def shard_blocks(self, objective: nn.Module, cfg: Config) -> list[nn.Module]:
+        """The transformer blocks FSDP2 shards one unit each (parallelism='fsdp'); the rest of the objective is the
+        root unit. Default: the Hugging Face model's `_no_split_modules` classes (its decoder layers)."""
+        from app.engine.fsdp import default_blocks
+
+        return default_blocks(objective)
 
     # --- data ---------------------------------------------------------------------------------------------------
     def load_rows(self, cfg: Config, split: str) -> list[Row]:
