@@ -183,7 +183,7 @@ def export(checkpoint, output, merge, overrides):
 @click.option("--port", type=int, default=7860, show_default=True, help="port to listen on")
 @overrides_argument
 def demo(checkpoint, host, port, overrides):
-    """Serve a demo page for an NLI checkpoint: premise + hypothesis -> reasoning and label, CSV batch upload."""
+    """Serve a demo page for an nli_cot, confidence_tokens or confidence_head checkpoint: a form and a file upload."""
     from app.demo.app import serve
 
     return serve(checkpoint, host, port, check_overrides(overrides, "demo [--checkpoint DIR] [--key=value ...]"))

@@ -1,8 +1,11 @@
-"""`python -m app demo`: the NLI demo page on 127.0.0.1, over HTTP and in a real headless Chromium.
+"""`python -m app demo`: the demo page on 127.0.0.1, over HTTP and in a real headless Chromium.
 
-The browser test drives Debian's `chromium` through the Chrome DevTools protocol over a pipe
-(`--remote-debugging-pipe`: standard library only): it types a premise and a hypothesis, clicks Predict, reads the
-label and saves a screenshot to test-artifacts/ (or $TEST_ARTIFACTS). Skipped, saying why, without a browser.
+NLI (the session's tiny checkpoint), confidence_tokens and confidence_head (2-step tiny checkpoints trained here): a
+pair gives the label and reasoning, and for the confidence tasks the confidence, equal to what `python -m app infer`
+writes for the same row; a file upload returns the `infer` predictions file; bad input is a message in the page.
+The browser tests drive Debian's `chromium` through the Chrome DevTools protocol over a pipe
+(`--remote-debugging-pipe`: standard library only): they type the fields, click Predict, read the result and save
+screenshots to test-artifacts/ (or $TEST_ARTIFACTS). Skipped, saying why, without a browser.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from conftest import ROOT
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
 PAIR = ("The lamp is in the kitchen.", "The lamp is indoors.")
+MAX_NEW_TOKENS = 12
 
 
 def free_port() -> int:
@@ -41,12 +45,12 @@ def checkpoint(tiny_final_checkpoint) -> Path:
     return tiny_final_checkpoint
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def demo_server(checkpoint: Path, log_dir: Path):
+    """`python -m app demo` on `checkpoint` in a subprocess; yields its base URL once /health answers."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("demolog") / "demo.log", "w+")
+    log = open(log_dir / "demo.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "app", "demo", "--checkpoint", str(checkpoint), "--port", str(port),
-                             "--max_new_tokens=12"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             f"--max_new_tokens={MAX_NEW_TOKENS}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -71,6 +75,11 @@ def server(checkpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    yield from demo_server(checkpoint, tmp_path_factory.mktemp("demolog"))
 
 
 def post(url: str, data: bytes, content_type: str) -> tuple[int, str, bytes]:
@@ -260,3 +269,140 @@ def test_browser_shows_a_message_for_a_blank_field(server, browser):
     error = browser.wait_for("document.getElementById('error') && document.getElementById('error').textContent")
     assert "hypothesis is empty" in error
     browser.screenshot(ARTIFACTS / "demo_error.png")
+
+
+# --- confidence checkpoints -----------------------------------------------------------------------------------------
+QUESTION = ("The lamp is in the kitchen.", "is the lamp indoors")
+
+
+def tiny_task_checkpoint(config: str, model_dir: Path, out: Path, **overrides) -> Path:
+    """checkpoints/final of a 2-step full fine-tune of the tiny model on a task's sample data (a few seconds)."""
+    from app.config import load_config
+    from app.engine.loop import train
+
+    base = {"model_name": str(model_dir), "create_tiny_model": False, "out_dir": str(out), "max_steps": 2,
+            "batch_size": 8, "micro_batch_size": 8, "eval_every": 1000, "save_every": 1000, "tensorboard": False,
+            **overrides}
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in base.items()]
+    assert train(load_config(ROOT / "configs" / config, args)) == 0
+    return out / "checkpoints" / "final"
+
+
+@pytest.fixture(scope="module")
+def ct_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
+    return tiny_task_checkpoint("confidence_tokens_tiny.py", tiny_model_dir, tmp_path_factory.mktemp("ct") / "run",
+                                validation_files={})
+
+
+@pytest.fixture(scope="module")
+def ch_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
+    return tiny_task_checkpoint("confidence_head_tiny.py", tiny_model_dir, tmp_path_factory.mktemp("ch") / "run",
+                                dev_file=None)
+
+
+@pytest.fixture(scope="module")
+def ct_server(ct_checkpoint, tmp_path_factory):
+    yield from demo_server(ct_checkpoint, tmp_path_factory.mktemp("ctlog"))
+
+
+@pytest.fixture(scope="module")
+def ch_server(ch_checkpoint, tmp_path_factory):
+    yield from demo_server(ch_checkpoint, tmp_path_factory.mktemp("chlog"))
+
+
+def infer(checkpoint: Path, src: Path, out: Path) -> Path:
+    """`python -m app infer` (in this process) on `src` with the demo's settings; the main output."""
+    from app.__main__ import main
+
+    assert main(["infer", str(src), "--checkpoint", str(checkpoint), "--output", str(out),
+                 f"--max_new_tokens={MAX_NEW_TOKENS}"]) == 0
+    return out
+
+
+def data_value(page: str, ident: str) -> float:
+    return float(page.split(f'id="{ident}" data-value="', 1)[1].split('"', 1)[0])
+
+
+def submit(base: str, **fields):
+    return post(base + "/predict", urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded")
+
+
+def test_confidence_tokens_page_confidence_equals_infer(ct_server, ct_checkpoint, tmp_path):
+    status, _, body = submit(ct_server, passage=QUESTION[0], question=QUESTION[1])
+    page = body.decode()
+    assert status == 200, page
+    assert 'id="label">' in page and 'id="reasoning"' in page and 'id="token"' in page
+    shown = data_value(page, "confidence")
+    assert 0.0 <= shown <= 1.0 and f"{shown * 100:.1f}%" in page  # the percentage and its bar
+
+    src = tmp_path / "one.jsonl"
+    src.write_text(json.dumps({"passage": QUESTION[0], "question": QUESTION[1]}) + "\n")
+    row = next(csv.DictReader(infer(ct_checkpoint, src, tmp_path / "predictions.csv").open()))
+    assert float(row["confidence"]) == shown
+    label = page.split('id="label">', 1)[1].split("<", 1)[0]
+    assert (row["answer"] or "(no answer parsed)") == label
+
+
+def test_confidence_tokens_batch_is_the_infer_file(ct_server, ct_checkpoint, tmp_path):
+    src = tmp_path / "questions.csv"
+    src.write_text("id,passage,question,answer\na,The cup is in the garden.,is the cup indoors,no\n"
+                   "b,The pen is in the office.,is the pen indoors,yes\n")
+    status, ctype, body = multipart(ct_server, src.read_bytes(), "questions.csv")
+    assert status == 200 and "text/csv" in ctype, body[:500]
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [r["id"] for r in rows] == ["a", "b"] and all(0 <= float(r["confidence"]) <= 1 for r in rows)
+    assert body.decode() == infer(ct_checkpoint, src, tmp_path / "predictions.csv").read_text()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"passage": "The lamp is in the kitchen.", "question": "  "}, "question is empty"),
+    ({"question": "Where is the lamp?", "options": "indoors"}, "give at least two"),
+    ({"question": "x" * 1_000_000}, "question is too long"),
+])
+def test_confidence_tokens_bad_input_is_a_message(ct_server, fields, message):
+    status, ctype, body = submit(ct_server, **fields)
+    page = body.decode()
+    assert status == 400 and "text/html" in ctype and 'id="error"' in page and message in page
+    assert_no_traceback(page)
+    status, _, body = multipart(ct_server, b"premise,hypothesis\na,b\n")
+    assert status == 400 and "missing column(s) question" in body.decode()
+
+
+def test_confidence_head_page_scores_equal_infer(ch_server, ch_checkpoint, tmp_path):
+    steps = ["Hugo is painting in the garage.", "So he is indoors."]
+    status, _, body = submit(ch_server, problem="Where is Hugo painting?", steps="\n".join(steps))
+    page = body.decode()
+    assert status == 200, page
+    shown = [data_value(page, f"confidence-{k}") for k in (1, 2)]
+    src = tmp_path / "steps.jsonl"
+    src.write_text(json.dumps({"problem": "Where is Hugo painting?", "steps": steps}) + "\n")
+    out = infer(ch_checkpoint, src, tmp_path / "step_scores.jsonl")
+    assert json.loads(out.read_text())["scores"] == shown
+    status, ctype, body = multipart(ch_server, src.read_bytes(), "steps.jsonl")
+    assert status == 200 and "ndjson" in ctype and body.decode() == out.read_text()
+
+
+def test_browser_reads_answer_and_confidence(ct_server, browser):
+    browser.call("Page.navigate", url=ct_server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
+    browser.js(f"document.getElementById('passage').value = {json.dumps(QUESTION[0])};"
+               f"document.getElementById('question').value = {json.dumps(QUESTION[1])};"
+               "document.getElementById('submit').click(); true")
+    label = browser.wait_for("document.getElementById('label') && document.getElementById('label').textContent")
+    assert label
+    value = float(browser.js("document.getElementById('confidence').dataset.value"))
+    assert 0.0 <= value <= 1.0
+    assert browser.js("document.getElementById('confidence-percent').textContent") == f"{value * 100:.1f}%"
+    bar = browser.js("document.querySelector('.bar > span').getBoundingClientRect().width / "
+                     "document.querySelector('.bar').getBoundingClientRect().width")
+    assert abs(bar - value) < 0.02  # the bar is drawn to the confidence
+    browser.screenshot(ARTIFACTS / "demo_confidence.png")
+    assert (ARTIFACTS / "demo_confidence.png").stat().st_size > 1000
+
+
+def test_a_task_without_a_page_is_refused():
+    from app.demo.views import view_for
+    from app.errors import UserError
+
+    with pytest.raises(UserError, match="supports nli_cot, confidence_tokens, confidence_head"):
+        view_for("ranking", "ckpt")

@@ -1,1 +1,1 @@
-"""The live demo page of an NLI checkpoint (app/demo/app.py)."""
+"""The live demo page of a checkpoint: NLI, confidence tokens, confidence head (app/demo/app.py, views.py)."""

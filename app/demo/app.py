@@ -1,19 +1,28 @@
-"""`python -m app demo --checkpoint DIR`: a small web page for an NLI checkpoint (FastAPI + uvicorn, plain HTML).
+"""`python -m app demo --checkpoint DIR`: a small web page for a checkpoint (FastAPI + uvicorn, plain HTML).
 
-  GET  /            the page: a premise + hypothesis form and a CSV upload
-  POST /predict     the form (urlencoded): the page again with the reasoning and the label
-  GET  /predict     the same with ?premise=...&hypothesis=... (a shareable link)
-  POST /batch       a CSV (multipart, field `file`) with premise and hypothesis columns: predictions.csv back
-                    (index, id, predicted_label, thought_process, parse_ok: the `infer` output)
-  GET  /health      {"status": "ok", "checkpoint": ...} once the model is loaded (the compose healthcheck)
+The checkpoint's task (its run_config.json) picks the page (app/demo/views.py): nli_cot (premise + hypothesis ->
+reasoning and label), confidence_tokens (passage + question -> answer, response and confidence), confidence_head
+(problem + steps -> each step's confidence). Predictions are the task's own predictor's, the one `infer` runs.
+
+  GET  /            the page: the task's form and a file upload
+  POST /predict     the form (urlencoded): the page again with the result
+  GET  /predict     the same with the fields as query parameters (a shareable link)
+  POST /batch       a CSV or JSONL file (multipart, field `file`) in the task's `infer` input format: the task's
+                    predictions file back, as `infer` writes it (nli_cot and confidence_tokens: predictions.csv;
+                    confidence_head: step_scores.jsonl)
+  GET  /health      {"status": "ok", "checkpoint": ..., "task": ...} once the model is loaded (the compose healthcheck)
 
 The model loads once at start (the checkpoint's run_config.json with `--key=value` overrides, as `infer`). Bad input
 is a message in the page (HTTP 400), never a traceback: an empty field, a field over MAX_FIELD_CHARS, a body over
-MAX_UPLOAD_BYTES, a CSV without the columns or with more than MAX_BATCH_ROWS rows. Needs fastapi and uvicorn (the
-`dev` and `demo` extras); multipart bodies are parsed with the standard library, no python-multipart.
+MAX_UPLOAD_BYTES, a file without the columns or with more than MAX_BATCH_ROWS rows, a checkpoint of another task at
+start. Needs fastapi and uvicorn (the `dev` and `demo` extras); multipart bodies are parsed with the standard
+library, no python-multipart.
 """
 
+import contextlib
 import html
+import json
+import re
 import sys
 import tempfile
 import threading
@@ -22,6 +31,7 @@ from email.policy import HTTP
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from app.demo.views import Field, View, view_for
 from app.errors import UserError
 
 MAX_FIELD_CHARS = 20_000
@@ -31,7 +41,7 @@ PAGE = Path(__file__).with_name("page.html")
 
 
 class Demo:
-    """The loaded checkpoint and what the page asks of it (one request at a time on the model)."""
+    """The loaded checkpoint, its task's predictor and view (one request at a time on the model)."""
 
     def __init__(self, checkpoint: str | None, overrides=()):
         from app.runs import checkpoint_config, device, ensure_base_model, resolve_checkpoint, verify
@@ -39,9 +49,7 @@ class Demo:
 
         self.checkpoint, _ = resolve_checkpoint(checkpoint)
         self.cfg = checkpoint_config(self.checkpoint, list(overrides))
-        if self.cfg.task != "nli_cot":
-            raise UserError(f"{self.checkpoint}: trained for task={self.cfg.task!r}; the demo page needs an nli_cot "
-                            "checkpoint")
+        self.view = view_for(self.cfg.task, str(self.checkpoint))
         verify(self.checkpoint)
         self.device = device()
         self.predictor = get_task(self.cfg.task).predictor(self.cfg)
@@ -49,85 +57,114 @@ class Demo:
         self.state = self.predictor.load(self.checkpoint, self.cfg, self.device)
         self.lock = threading.Lock()
 
-    def predict_pair(self, premise: str, hypothesis: str) -> dict:
-        from app.tasks.nli_cot.predict import InputData
-
-        data = InputData(Path("<form>"), [{"premise": premise, "hypothesis": hypothesis}], [1], None, None)
+    def _records(self, data) -> list[dict]:
         with self.lock:
             records = [r for batch in self.predictor.predict(self.state, self.cfg, data, self.device, None)
                        for r in batch]
-        return records[0]
+        return sorted(records, key=lambda r: r["i"])
 
-    def predict_csv(self, content: bytes) -> bytes:
-        """The predictions CSV of an uploaded CSV (a UserError names what is wrong with it)."""
+    def predict_row(self, row: dict) -> dict:
+        """The predictor's record of one form row, read as `infer` reads a one-row JSONL file."""
+        with tempfile.TemporaryDirectory(prefix="demo-form-") as tmp:
+            src = Path(tmp) / "form.jsonl"
+            src.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+            with user_paths(src, "the form"):
+                data = self.predictor.read_input(src, self.cfg)
+            return self._records(data)[0]
+
+    def predict_file(self, content: bytes, suffix: str) -> tuple[bytes, str]:
+        """(the task's predictions file, its name) of an uploaded file (a UserError names what is wrong with it)."""
         with tempfile.TemporaryDirectory(prefix="demo-batch-") as tmp:
-            src = Path(tmp) / "input.csv"
+            src = Path(tmp) / f"upload{suffix}"
             src.write_bytes(content)
-            data = self.predictor.read_input(src, self.cfg)
+            with user_paths(src, "the file"):
+                data = self.predictor.read_input(src, self.cfg)
             if len(data) > MAX_BATCH_ROWS:
                 raise UserError(f"{len(data)} rows; the demo predicts at most {MAX_BATCH_ROWS} (use python -m app "
                                 "infer for more)")
-            with self.lock:
-                records = [r for batch in self.predictor.predict(self.state, self.cfg, data, self.device, None)
-                           for r in batch]
-            records.sort(key=lambda r: r["i"])
-            paths = self.predictor.output_paths(Path(tmp) / "predictions.csv")
-            self.predictor.finish(data, records, paths, {}, 0)
-            return paths.main.read_bytes()
+            records = self._records(data)
+            paths = self.predictor.output_paths(Path(tmp) / self.predictor.default_output)
+            with contextlib.redirect_stdout(sys.stderr):  # finish() prints its summary for a terminal
+                self.predictor.finish(data, records, paths, {}, 0)
+            return paths.main.read_bytes(), paths.main.name
 
 
-def check_field(name: str, value) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{name} is empty: type a {name}")
-    if len(value) > MAX_FIELD_CHARS:
-        raise UserError(f"{name} is too long ({len(value):,} characters; at most {MAX_FIELD_CHARS:,})")
-    return value.strip()
+@contextlib.contextmanager
+def user_paths(path: Path, name: str):
+    """A UserError about the temporary file `path` names `name` instead: the path means nothing to the user."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(str(err).replace(str(path), name)) from None
 
 
-def parse_multipart_file(content_type: str, body: bytes, field: str = "file") -> bytes:
-    """The bytes of the uploaded file `field` of a multipart/form-data body."""
+def check_field(field: Field, value) -> str:
+    """The field's text, stripped ("" for an empty optional field); a UserError saying what is wrong."""
+    text = value if isinstance(value, str) else ""
+    if len(text) > MAX_FIELD_CHARS:
+        raise UserError(f"{field.name} is too long ({len(text):,} characters; at most {MAX_FIELD_CHARS:,})")
+    if field.required and not text.strip():
+        raise UserError(f"{field.name} is empty: type a {field.name}")
+    return text.strip()
+
+
+def parse_multipart_file(content_type: str, body: bytes, field: str = "file") -> tuple[bytes, str]:
+    """(the bytes, the file name) of the uploaded file `field` of a multipart/form-data body."""
     if "multipart/form-data" not in (content_type or ""):
-        raise UserError("upload a CSV file with the form (multipart/form-data)")
+        raise UserError("upload a file with the form (multipart/form-data)")
     msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     for part in msg.iter_parts() if msg.is_multipart() else []:
         if part.get_param("name", header="content-disposition") == field:
             data = part.get_payload(decode=True) or b""
             if not data.strip():
                 raise UserError("the uploaded file is empty")
-            return data
-    raise UserError("no file uploaded: choose a CSV file with premise and hypothesis columns")
+            return data, part.get_filename() or ""
+    raise UserError("no file uploaded: choose a file to predict")
 
 
-def render_page(result: dict | None = None, error: str | None = None, premise: str = "", hypothesis: str = "",
+def upload_suffix(filename: str, view: View) -> str:
+    """The uploaded file's format: its name's extension when the readers know it, else the task's usual one."""
+    suffix = Path(filename).suffix.lower()
+    return suffix if suffix in (".csv", ".jsonl", ".json") else view.upload_suffix
+
+
+def fields_html(view: View, values: dict[str, str]) -> str:
+    out = []
+    for f in view.fields:
+        value = values.get(f.name, "")
+        value = html.escape(value) if len(value) <= MAX_FIELD_CHARS else ""  # a rejected huge field is not echoed
+        required = " required" if f.required else ""
+        out.append(f'  <label for="{f.name}">{html.escape(f.label)}</label>\n'
+                   f'  <textarea id="{f.name}" name="{f.name}"{required}>{value}</textarea>\n')
+    return "".join(out)
+
+
+def render_page(view: View, record: dict | None = None, error: str | None = None, values: dict | None = None,
                 checkpoint: str = "") -> str:
-    esc = html.escape
+    values = values or {}
     block = ""
     if error:
-        block = f'<div id="error" class="error" role="alert">{esc(error)}</div>'
-    elif result is not None:
-        label = int(result["label"])
-        name = "entailment" if label == 1 else "no entailment"
-        note = "" if result["parse_ok"] else '<p class="note">(the label came from the fallback: no JSON object)</p>'
-        block = (f'<div id="result" class="result"><p>Label: <strong id="label">{label}</strong> '
-                 f'(<span id="label-name">{name}</span>)</p><p>Reasoning:</p>'
-                 f'<pre id="reasoning">{esc(result["thought"] or "(none)")}</pre>{note}</div>')
-    # premise/hypothesis are echoed back only when short enough to be worth it
-    keep = lambda s: esc(s) if len(s) <= MAX_FIELD_CHARS else ""  # noqa: E731
-    return (PAGE.read_text(encoding="utf-8").replace("{{checkpoint}}", esc(checkpoint)).replace("{{block}}", block)
-            .replace("{{premise}}", keep(premise)).replace("{{hypothesis}}", keep(hypothesis))
-            .replace("{{max_chars}}", str(MAX_FIELD_CHARS)))
+        block = f'<div id="error" class="error" role="alert">{html.escape(error)}</div>'
+    elif record is not None:
+        block = f'<div id="result" class="result">{view.render(record, values)}</div>'
+    parts = {"title": html.escape(view.title), "about": view.about, "checkpoint": html.escape(checkpoint),
+             "task": view.task, "fields": fields_html(view, values), "block": block, "max_chars": str(MAX_FIELD_CHARS),
+             "upload_label": view.upload_label, "upload_note": view.upload_note}
+    # one pass over the template: text a user typed that looks like a placeholder stays text
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], PAGE.read_text(encoding="utf-8"))
 
 
 def make_app(demo):  # annotations stay real objects here: FastAPI reads them
-    """The FastAPI application over a loaded `Demo` (or anything with its three members, in tests)."""
+    """The FastAPI application over a loaded `Demo` (or anything with its members, in tests)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    app = FastAPI(title="finetune-runner NLI demo", docs_url=None, redoc_url=None, openapi_url=None)
+    view = demo.view
+    app = FastAPI(title=f"finetune-runner demo ({view.task})", docs_url=None, redoc_url=None, openapi_url=None)
     ckpt = str(demo.checkpoint)
 
     def page(status=200, **kw):
-        return HTMLResponse(render_page(checkpoint=ckpt, **kw), status_code=status)
+        return HTMLResponse(render_page(view, checkpoint=ckpt, **kw), status_code=status)
 
     async def read_body(request: Request) -> bytes:
         body = bytearray()
@@ -137,12 +174,14 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
                 raise UserError(f"the request is too large (over {MAX_UPLOAD_BYTES // 1_000_000} MB)")
         return bytes(body)
 
-    def answer(premise, hypothesis):
+    def answer(given: dict[str, str]):
+        values = {f.name: given.get(f.name, "") for f in view.fields}
         try:
-            p, h = check_field("premise", premise), check_field("hypothesis", hypothesis)
+            checked = {f.name: check_field(f, values[f.name]) for f in view.fields}
+            record = demo.predict_row(view.row(checked))
         except UserError as err:
-            return page(400, error=str(err), premise=premise or "", hypothesis=hypothesis or "")
-        return page(result=demo.predict_pair(p, h), premise=p, hypothesis=h)
+            return page(400, error=str(err), values=values)
+        return page(record=record, values=checked)
 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -166,11 +205,11 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
 
     @app.get("/health")
     async def health():
-        return JSONResponse({"status": "ok", "checkpoint": ckpt})
+        return JSONResponse({"status": "ok", "checkpoint": ckpt, "task": view.task})
 
     @app.get("/predict", response_class=HTMLResponse)
-    async def predict_get(premise: str = "", hypothesis: str = ""):
-        return answer(premise, hypothesis)
+    async def predict_get(request: Request):
+        return answer(dict(request.query_params))
 
     @app.post("/predict", response_class=HTMLResponse)
     async def predict_post(request: Request):
@@ -182,21 +221,18 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
             form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
         except UnicodeDecodeError:
             return page(400, error="the form is not UTF-8 text")
-        return answer(form.get("premise", [""])[0], form.get("hypothesis", [""])[0])
+        return answer({k: v[0] for k, v in form.items()})
 
     @app.post("/batch")
     async def batch(request: Request):
         try:
             body = await read_body(request)
-            content = parse_multipart_file(request.headers.get("content-type", ""), body)
-            out = demo.predict_csv(content)
+            content, filename = parse_multipart_file(request.headers.get("content-type", ""), body)
+            out, name = demo.predict_file(content, upload_suffix(filename, view))
         except UserError as err:
-            msg = str(err).replace(str(Path(tempfile.gettempdir())), "upload")
-            if "input.csv" in msg:  # the temporary file's path means nothing to the user
-                msg = "the CSV" + msg.split("input.csv", 1)[1]
-            return page(400, error=msg)
-        return Response(out, media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
+            return page(400, error=str(err))
+        return Response(out, media_type=view.media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     return app
 

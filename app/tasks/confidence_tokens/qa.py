@@ -134,22 +134,26 @@ def read_raw_qa(path, dataset: str | None, pairs: dict, limit: int | None = None
     return out
 
 
-def raw_qa(values: dict, dataset: str, path, line: int) -> QA:
-    """Normalise one raw QA row; UserError naming file and line when it is not usable."""
+def raw_qa(values: dict, dataset: str, path, line: int, need_answer: bool = True) -> QA:
+    """Normalise one raw QA row; UserError naming file and line when it is not usable. With `need_answer=False`
+    (questions to predict) a row without an answer gets `gold = ""`, which no parsed answer equals."""
     question = values.get("question")
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{path}:{line}: question must be non-empty text, found {question!r}")
     if "options" in values or ("A" in values and "B" in values):
         options = _options(values, path, line)
-        gold = _letter_answer(values, options, path, line)
+        unanswered = not need_answer and values.get("answer_idx", values.get("answer")) in (None, "")
+        gold = "" if unanswered else _letter_answer(values, options, path, line)
         return QA(dataset, CHOICE, choice_text(question, options), gold, options, line)
-    if "answer" not in values:
+    if "answer" not in values and need_answer:
         raise UserError(f"{path}:{line}: missing answer (true/false for a yes/no question; add options for a "
                         "multiple-choice one)")
     passage = values.get("passage")
     if passage is not None and not isinstance(passage, str):
         raise UserError(f"{path}:{line}: passage must be text, found {passage!r}")
-    return QA(dataset, YES_NO, yes_no_text(question, passage), _bool_answer(values["answer"], path, line), {}, line)
+    answer = values.get("answer")
+    gold = "" if not need_answer and answer in (None, "") else _bool_answer(answer, path, line)
+    return QA(dataset, YES_NO, yes_no_text(question, passage), gold, {}, line)
 
 
 # --- answer parsing ------------------------------------------------------------------------------------------------

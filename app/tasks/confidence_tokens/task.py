@@ -219,3 +219,9 @@ class ConfidenceTokens(Task):
         for n in names:
             metrics.update({f"{n}/{k}": v for k, v in per_dataset[n].items()})
         return metrics
+
+    # --- inference --------------------------------------------------------------------------------------------------
+    def predictor(self, cfg: Config):
+        from app.tasks.confidence_tokens.predict import ConfidencePredictor
+
+        return ConfidencePredictor(self, cfg)
