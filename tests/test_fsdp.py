@@ -1,0 +1,196 @@
+"""FSDP2 (`parallelism='fsdp'`) on two CPU processes (torchrun, gloo): the same training as one process and as two
+DDP processes, exact resume after SIGKILL, resume on another number of processes, and a consolidated checkpoint that
+plain transformers loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.engine import checkpoint as ckpt
+from app.engine.loop import train
+from conftest import ROOT, read_metrics, tiny_args, tiny_config
+
+# full fine-tuning: what sharding is for (parameters, gradients and optimizer state all split)
+FULL = dict(finetuning="full", learning_rate=1e-3, max_steps=6, batch_size=8, micro_batch_size=2, save_every=3,
+            share_prompt_prefix=False)
+LORA = dict(FULL, finetuning="lora", lora_dropout=0.0, learning_rate=1e-2, max_steps=8, save_every=2,
+            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+# float32 sums in another order (per-process partial sums, then a reduce-scatter): not bitwise equal
+LOSS_TOLERANCE = 1e-5
+# Adam divides by sqrt(v): near-zero gradients turn 1e-7 differences into visible updates (as tests/test_distributed)
+WEIGHT_TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(model_dir, out, run: dict, nproc: int = 2, **extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "app", "train", "configs/tiny.py", *tiny_args(model_dir, out, **run, **extra)]
+
+
+def run2(model_dir, out, run: dict, **extra) -> subprocess.CompletedProcess:
+    r = subprocess.run(torchrun(model_dir, out, run, **extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def weights(out, name="model.safetensors") -> dict:
+    return load_file(str(out / "checkpoints/final" / name))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_losses(got_dir, want_dir, steps: int) -> None:
+    got, want = read_metrics(got_dir), read_metrics(want_dir)
+    assert sorted(s for s in got if "loss" in got[s]) == list(range(1, steps + 1))
+    assert [got[s]["loss"] for s in range(1, steps + 1)] == pytest.approx(
+        [want[s]["loss"] for s in range(1, steps + 1)], rel=LOSS_TOLERANCE)
+    assert [got[s]["lr"] for s in range(1, steps + 1)] == [want[s]["lr"] for s in range(1, steps + 1)]
+    # Adam hides a wrongly scaled gradient; the gradient norm does not
+    assert [got[s]["grad_norm"] for s in range(1, steps + 1)] == pytest.approx(
+        [want[s]["grad_norm"] for s in range(1, steps + 1)], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def one_full(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "one"
+    assert train(tiny_config(tiny_model_dir, out, **FULL)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_full(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "two"
+    r = run2(tiny_model_dir, out, FULL, parallelism="fsdp")
+    assert "2 x 2 accumulation x 2 processes (FSDP2)" in r.stderr  # really sharded, over two processes
+    return out
+
+
+def test_fsdp_full_finetune_matches_one_process_and_ddp(tiny_model_dir, tmp_path, one_full, fsdp_full):
+    ddp = tmp_path / "ddp"
+    run2(tiny_model_dir, ddp, FULL)
+    assert_same_losses(fsdp_full, one_full, FULL["max_steps"])
+    assert_same_losses(fsdp_full, ddp, FULL["max_steps"])
+    assert max_diff(weights(fsdp_full), weights(one_full)) <= WEIGHT_TOLERANCE
+    assert max_diff(weights(fsdp_full), weights(ddp)) <= WEIGHT_TOLERANCE
+    # one consolidated weights file, the gathered optimizer state keyed by parameter name, RNG of both ranks
+    final = fsdp_full / "checkpoints/final"
+    assert not list(final.glob("model-*.safetensors"))
+    meta = ckpt.read_json(final / "optimizer.json")
+    assert meta["keys"] == "names" and all(isinstance(p, str) for g in meta["param_groups"] for p in g["params"])
+    assert sorted(p.name for p in final.glob("rng_rank*.json")) == ["rng_rank0.json", "rng_rank1.json"]
+
+
+def test_consolidated_checkpoint_loads_with_plain_transformers(fsdp_full, one_full):
+    """A process that never imports this package loads the sharded run's final/ and gives the single-process run's
+    logits (float32, the weights within WEIGHT_TOLERANCE)."""
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'app' not in sys.modules\n"
+        "ids = torch.tensor([[1, 5, 9, 20, 33, 7]])\n"
+        "out = [AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits for d in sys.argv[1:]]\n"
+        "assert 'app' not in sys.modules\n"
+        "print((out[0] - out[1]).abs().max().item())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(fsdp_full / "checkpoints/final"),
+                        str(one_full / "checkpoints/final")], capture_output=True, text=True, timeout=300,
+                       cwd="/", env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip().splitlines()[-1]) <= 1e-3
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(tiny_model_dir, tmp_path, one_full):
+    """Two sharded processes stop after a checkpoint; one unsharded process finishes the run. The global batches do
+    not depend on the number of processes (app/engine/batching.py) and the name-keyed optimizer state maps onto the
+    single process's, so the result is the uninterrupted one's."""
+    out = tmp_path / "run"
+    run2(tiny_model_dir, out, FULL, parallelism="fsdp", stop_after_steps=3)
+    assert ckpt.latest(out).name == ckpt.step_name(3)
+    assert train(tiny_config(tiny_model_dir, out, **FULL, parallelism="fsdp")) == 0  # one process: unsharded
+    assert_same_losses(out, one_full, FULL["max_steps"])
+    assert max_diff(weights(out), weights(one_full)) <= WEIGHT_TOLERANCE
+
+
+def test_lora_fsdp_sigkill_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    assert train(tiny_config(tiny_model_dir, reference, **LORA)) == 0
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(torchrun(tiny_model_dir, out, LORA, parallelism="fsdp"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = out / "checkpoints" / ckpt.step_name(2)
+    try:
+        while not first.is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
+    finally:
+        proc.wait(timeout=60)
+    assert not (out / "checkpoints/final").exists()
+    run2(tiny_model_dir, out, LORA, parallelism="fsdp")
+    assert_same_losses(out, reference, LORA["max_steps"])
+    name = "adapter_model.safetensors"
+    assert max_diff(weights(out, name), weights(reference, name)) <= WEIGHT_TOLERANCE
+
+
+def test_lora_under_fsdp_trains_the_adapter_only(tiny_model_dir):
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        "tests/fsdp_lora_worker.py", str(tiny_model_dir)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK 21 base tensors unchanged" in r.stdout
+
+
+# --- pieces, in-process -------------------------------------------------------------------------------------
+def test_optimizer_state_rekeys_between_names_and_indices(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias], "lr": 0.1}])
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    names = ["0.weight", "2.weight", "0.bias"]
+    by_name = ckpt.keyed_by(opt.state_dict(), names, by_name=True)
+    assert sorted(by_name["state"]) == sorted(names)
+    assert by_name["param_groups"][1]["params"] == ["0.bias"]
+    ckpt.save_optimizer_state(by_name, tmp_path)
+    back = ckpt.keyed_by(ckpt.read_optimizer_state(tmp_path), names, by_name=False)
+    assert [(g["params"], g["lr"]) for g in back["param_groups"]] == [(g["params"], g["lr"])
+                                                                      for g in opt.state_dict()["param_groups"]]
+    for i, state in opt.state_dict()["state"].items():
+        assert torch.equal(back["state"][i]["exp_avg"], state["exp_avg"])
+
+
+def test_fsdp_refuses_quantized_weights(tiny_model_dir, tmp_path):
+    from app.engine.loop import uses_fsdp
+    from app.errors import UserError
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, finetuning="lora", quantization="4bit", parallelism="fsdp")
+    with pytest.raises(UserError, match="parallelism='fsdp' does not shard quantized weights"):
+        uses_fsdp(cfg, 2)
+    assert uses_fsdp(cfg.model_copy(update={"quantization": None}), 1) is False  # one process: nothing to shard
+
+
+def test_default_blocks_are_the_decoder_layers(tiny_model_dir, tmp_path):
+    from app.tasks import get_task
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, finetuning="lora")
+    task = get_task(cfg.task)
+    model, _ = task.load_model(cfg, torch.device("cpu"))
+    blocks = task.shard_blocks(task.objective(model, cfg), cfg)
+    assert [type(b).__name__ for b in blocks] == ["MistralDecoderLayer"] * model.config.num_hidden_layers
