@@ -181,6 +181,9 @@ class Lookahead(Task):
     def objective(self, model, cfg: Config) -> nn.Module:
         return LookaheadObjective(model, cfg.lookahead_variant, cfg.confidence_inputs)
 
+    def shard_blocks(self, objective: nn.Module, cfg: Config) -> list[nn.Module]:
+        return list(objective.model.blocks)
+
     def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
         from safetensors.torch import save_file
 
