@@ -23,13 +23,17 @@ die() { echo "$PROG: error: $*" >&2; exit 2; }
 note() { echo "$PROG: $*" >&2; }
 
 usage() {
+    local fsdp_help=""
+    if [[ $COMMAND == train ]]; then
+        fsdp_help=$'\n  --fsdp     shard parameters, gradients and optimizer state over the processes (--parallelism=fsdp)'
+    fi
     cat <<EOF
-usage: $PROG $WHAT [--mode auto|docker|apptainer|local] [--gpus N] [--image NAME] [--dry-run] [ARGS...]
+usage: $PROG $WHAT [--mode auto|docker|apptainer|local] [--gpus N]$( [[ $COMMAND == train ]] && echo " [--fsdp]") [--image NAME] [--dry-run] [ARGS...]
 
 Runs \`python -m app $COMMAND $WHAT ARGS...\`:
   auto       inside the image: directly; a working Docker engine: docker run of the image;
              else Apptainer/Singularity: apptainer exec --nv on the .sif; else the local .venv
-  --gpus N   $( [[ $COMMAND == train ]] && echo "N processes through accelerate launch (N GPUs)" || echo "expose N GPUs to the container" )
+  --gpus N   $( [[ $COMMAND == train ]] && echo "N processes through accelerate launch (N GPUs)" || echo "expose N GPUs to the container" )${fsdp_help}
   --image    Docker image or .sif file (default: $(default_image docker) / $(default_image apptainer))
   --dry-run  print the exact command and exit
 Every other argument passes through unchanged, e.g. --lora_r=64. See docker/README.md.
@@ -59,6 +63,7 @@ mode="${FINETUNE_MODE:-auto}"
 gpus=""
 image=""
 dry_run=0
+fsdp=0
 args=()
 while (($#)); do
     case "$1" in
@@ -69,6 +74,7 @@ while (($#)); do
         --image) (($# >= 2)) || die "--image needs a value"; image="$2"; shift 2 ;;
         --image=*) image="${1#*=}"; shift ;;
         --dry-run) dry_run=1; shift ;;
+        --fsdp) [[ $COMMAND == train ]] || die "--fsdp is a training option"; fsdp=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; args+=("$@"); break ;;
         *) args+=("$1"); shift ;;
@@ -90,6 +96,8 @@ esac
 ((${#args[@]})) || die "missing $WHAT; usage: $PROG $WHAT [--mode M] [--gpus N] [--dry-run] [--key=value ...] (--help)"
 target="${args[0]}"
 rest=("${args[@]:1}")
+# --fsdp is the config override, so the saved run config says so too
+if ((fsdp)); then rest+=("--parallelism=fsdp"); fi
 
 if [[ $COMMAND == train ]]; then
     [[ $target != -* ]] || die "the first argument must be the config file, got '$target'"

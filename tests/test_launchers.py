@@ -264,6 +264,16 @@ def test_docker_as_a_user_keeps_the_callers_ids_unless_asked(docker_box: Machine
     assert flag_values(dry_run_command(dry), "--user") == ["1234:2345"] and len(dry.stdout.strip().splitlines()) == 1
 
 
+def test_gpus_n_with_fsdp_shards_through_the_config_override(docker_box: Machine):
+    printed = dry_run_command(docker_box.run("run_training.sh", "configs/tiny.py", "--gpus", "2", "--fsdp",
+                                             "--lora_r=64", "--dry-run"))
+    i = printed.index("--entrypoint")
+    assert printed[i + 3:] == ["launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2", "-m", "app",
+                               "train", "configs/tiny.py", "--lora_r=64", "--parallelism=fsdp"]
+    error = one_line_error(docker_box.run("run_inference.sh", "data/sample/test.csv", "--fsdp", "--dry-run"))
+    assert "--fsdp is a training option" in error
+
+
 def test_docker_gpus_n_runs_accelerate_launch_inside(docker_box: Machine):
     printed = dry_run_command(docker_box.run("run_training.sh", "--gpus", "4", "configs/tiny.py", "--lora_r=64",
                                              "--dry-run"))
@@ -547,6 +557,14 @@ def test_sbatch_launches_torchrun_with_c10d_rendezvous_in_apptainer(slurm: Machi
     assert call["env"]["APPTAINERENV_HF_TOKEN"] == "hf_secret_value"
     assert "hf_secret_value" not in " ".join(argv)
     assert not [c for c in slurm.calls("scontrol") if c["argv"][:1] == ["requeue"]]
+
+
+def test_sbatch_fsdp_passes_the_parallelism_override(slurm: Machine):
+    result = sbatch(slurm, "configs/tiny.py", "--fsdp", "--lora_r=64")
+    assert result.returncode == 0, result.stderr
+    argv = slurm.calls("srun")[0]["argv"]
+    tail = argv[argv.index("train"):]
+    assert tail[:4] == ["train", "configs/tiny.py", "--parallelism=fsdp", "--lora_r=64"] and "--fsdp" not in argv
 
 
 def test_sbatch_keeps_a_user_out_dir_and_shared_storage(slurm: Machine, tmp_path: Path):
