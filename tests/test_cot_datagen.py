@@ -247,6 +247,125 @@ def test_backoff_retry_after_and_token_limit():
     asyncio.run(tokens())
 
 
+def test_token_limit_reserves_the_estimate_then_counts_reported_usage(server, tmp_path):
+    import asyncio
+
+    from app.tasks.nli_cot.datagen import prompts as P
+    from app.tasks.nli_cot.datagen.client import ChatClient, Limiter, estimate_tokens
+
+    async def settle():
+        limiter = Limiter(rpm=None, tpm=1000)
+        first = await limiter.acquire(600)
+        waiting = asyncio.ensure_future(limiter.acquire(600))  # 600 + 600 > 1000: waits for the first's reply
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and limiter.window_tokens == 600
+        limiter.settle(first, 300)  # the reply reports 300 used: 300 + 600 fits, the waiting start goes at once
+        await asyncio.wait_for(waiting, 0.5)
+        assert limiter.window_tokens == 900
+        limiter.settle(waiting.result(), 0)  # an error status: nothing used, the reservation is freed
+        assert limiter.window_tokens == 300
+
+    asyncio.run(settle())
+
+    # through the client: the window holds what the server reported, not the estimates (which would have made
+    # the third request wait a minute: 3 x 659 > 1800)
+    cfg = config(server, "--tpm=1800", "--concurrency=1")
+    client = ChatClient(cfg, ResponseCache(tmp_path / "cache.jsonl"), KEY)
+    prompts = P.prompt_set(cfg)
+    messages = [P.generate_messages(prompts, r["premise"], r["hypothesis"]) for r in rows(4)]
+    estimates = [estimate_tokens(m, cfg.max_tokens) for m in messages]
+
+    async def ask():
+        try:
+            return [await client.complete(cfg.model, m, P.THOUGHT_SCHEMA) for m in messages]
+        finally:
+            await client.close()
+
+    t0 = time.monotonic()
+    replies = asyncio.run(ask())
+    used = [r.total_tokens for r in replies]
+    assert time.monotonic() - t0 < 10 and server.count(kind="generate") == 4
+    assert sum(estimates[:3]) > 1800 and all(0 < u < e for u, e in zip(used, estimates))
+    assert client.limiter.window_tokens == sum(used)
+
+
+def test_identical_rows_in_flight_are_requested_once(server, tmp_path):
+    server.latency = 0.2  # each row's twin starts while the first is still waiting for its answer
+    data = rows(5)
+    failing = data[4]["premise"]
+    server.faults = {failing: [{"status": 418}]}  # refused: the twin gets the same failure, not a request of its own
+    twins = [r for d in data for r in (d, dict(d))] + [dict(data[0])]
+    src = write_csv(tmp_path / "in.csv", twins)
+    summary = pipeline.generate(src, tmp_path / "gen.csv", config(server, "--concurrency=8"))
+    assert [server.count(premise=d["premise"]) for d in data] == [1] * 5  # one request per distinct row
+    assert summary["requests"] == 5 and summary["shared"] == 6 and summary["failed"] == 2
+    assert summary["cache_hits"] == 5  # the twins answered; the failing one's twin failed with it
+    out = read_table(tmp_path / "gen.csv")
+    assert [r["premise"] for r in out] == [r["premise"] for r in twins]
+    by_premise = {}
+    for r in out:
+        by_premise.setdefault(r["premise"], set()).add((r["status"], r["thought_process"], r["predicted_label"]))
+    assert all(len(v) == 1 for v in by_premise.values())  # every twin has its first's answer
+    assert {r["status"] for r in out if r["premise"] == failing} == {"failed"}
+    assert all("HTTP 418" in r["error"] for r in out if r["premise"] == failing)
+
+
+def test_lean_transport_reads_every_reply_framing(monkeypatch):
+    """Content-Length on a kept-alive connection, chunked, and a body ended by the close, through AsyncOpenAI's own
+    POST; a proxy in the environment or https leaves the transport to httpx."""
+    import asyncio
+
+    import httpx2
+    import openai
+
+    from app.tasks.nli_cot.datagen.http import LeanTransport, usable
+
+    body = b'{"ok": true}'
+    replies = [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n" + body[:5] + b"\r\n"
+               + b"%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\n\r\n",
+               b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body]
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        try:
+            while replies:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                length = int(lengths[0])
+                await reader.readexactly(length)
+                reply = replies.pop(0)
+                writer.write(reply)
+                await writer.drain()
+                if reply.startswith(b"HTTP/1.0"):
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def go():
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1"
+        transport = LeanTransport(max_idle=4)
+        client = openai.AsyncOpenAI(api_key="k", base_url=base, max_retries=0,
+                                    http_client=openai.DefaultAsyncHttpxClient(transport=transport))
+        got = [await client.post("/chat/completions", cast_to=httpx2.Response, body={"n": i}) for i in range(3)]
+        idle = sum(len(p) for p in transport.idle.values())
+        await client.close()
+        srv.close()
+        return got, idle
+
+    got, idle = asyncio.run(go())
+    assert [r.content for r in got] == [body] * 3 and [r.status_code for r in got] == [200] * 3
+    assert len(connections) == 1 and idle == 0  # one connection kept alive, then closed by the HTTP/1.0 reply
+    assert usable("http://127.0.0.1:8000/v1") and not usable("https://api.mistral.ai/v1")
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert not usable("http://10.1.2.3:8000/v1")
+
+
 def test_structured_output_auto_falls_back_to_prompt_only(server, tmp_path, capsys):
     server.refuse_response_format = True
     src = write_csv(tmp_path / "in.csv", rows(6))

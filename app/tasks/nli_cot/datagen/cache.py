@@ -25,6 +25,23 @@ def request_key(model: str, messages: list[dict], params: dict, prompt_version: 
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _dumps(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def request_keys(model: str, messages: list[dict], variants: list[dict], prompt_version: str) -> list[str]:
+    """request_key for each of several parameter sets of one request, the messages serialized and hashed once:
+    the same bytes as request_key's sorted dump ("messages" < "model" < "params" < "prompt_version")."""
+    head = hashlib.sha256(('{"messages":' + _dumps(messages) + ',"model":' + _dumps(model)).encode("utf-8"))
+    tail = ',"prompt_version":' + _dumps(prompt_version) + "}"
+    keys = []
+    for params in variants:
+        h = head.copy()
+        h.update((',"params":' + _dumps(params) + tail).encode("utf-8"))
+        keys.append(h.hexdigest())
+    return keys
+
+
 class ResponseCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)

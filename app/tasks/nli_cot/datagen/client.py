@@ -1,9 +1,13 @@
 """The API client: AsyncOpenAI against any OpenAI-compatible base_url, with the cache in front of it.
 
 - bounded concurrency: at most `concurrency` requests in flight (rows are worked on by twice as many workers, so
-  that parsing and caching one reply overlaps the next request)
-- requests-per-minute (evenly spaced starts) and tokens-per-minute (60 s sliding window of prompt estimate +
-  max_tokens) limits
+  that parsing and caching one reply overlaps the next request); one client and one connection pool for the run,
+  sized to the concurrency, and for a plain-http endpoint the lean transport of http.py (a local server answers
+  faster than httpcore can ask it)
+- identical requests in flight are sent once: a row whose cache key is being asked already awaits that answer
+- requests-per-minute (evenly spaced starts) and tokens-per-minute (60 s sliding window) limits: a request reserves
+  its estimate (prompt characters / 4 + max_tokens) before it is sent, and the reply's reported usage replaces the
+  estimate once it arrives (an error status frees the reservation; a timeout keeps it, the server may have worked)
 - retries with capped exponential backoff and jitter on 408/409/429/5xx, timeouts, dropped connections and reply
   bodies that are not a chat completion; a `Retry-After` (or `retry-after-ms`) header is honoured and pauses every
   request, since the limit it reports is the account's, not one request's
@@ -18,6 +22,7 @@ logged, written or part of an error message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import random
@@ -27,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from app.errors import UserError
-from app.tasks.nli_cot.datagen.cache import ResponseCache, request_key
+from app.tasks.nli_cot.datagen.cache import ResponseCache, request_key, request_keys
 
 RETRY_STATUS = {408, 409, 429}
 
@@ -43,13 +48,15 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    total_tokens: int = 0  # the usage's total_tokens (prompt + completion where the server leaves it out)
 
 
 @dataclass
 class Counters:
     requests: int = 0  # HTTP requests sent
     answered: int = 0  # of them, replies stored in the cache
-    cache_hits: int = 0
+    cache_hits: int = 0  # rows answered without a request: from the cache, or by an identical request in flight
+    shared: int = 0  # rows that awaited an identical request in flight (its answer is a cache hit, its failure theirs)
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -81,8 +88,14 @@ def reply_from_body(body: dict, cached: bool) -> Reply:
     if isinstance(content, list):  # content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-    return Reply(content if isinstance(content, str) else "", choices[0].get("finish_reason"),
-                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), cached)
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return Reply(content if isinstance(content, str) else "", choices[0].get("finish_reason"), prompt, completion,
+                 cached, int(usage.get("total_tokens") or prompt + completion))
+
+
+def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
+    """What a request may use before its reply says: ~4 characters a prompt token, and the whole completion budget."""
+    return sum(len(str(m.get("content", ""))) for m in messages) // 4 + max_tokens
 
 
 def retry_after(headers) -> float | None:
@@ -107,21 +120,35 @@ def retry_after(headers) -> float | None:
             return None
 
 
+class Reservation:
+    """Tokens a request holds in the TPM window: its estimate until the reply reports what it used."""
+
+    __slots__ = ("t", "tokens", "live")
+
+    def __init__(self, t: float, tokens: int):
+        self.t, self.tokens = t, tokens
+        self.live = True  # still counted in the window
+
+
 class Limiter:
-    """RPM: starts spaced 60/rpm s apart. TPM: a 60 s window of estimated tokens. Pauses from Retry-After."""
+    """RPM: starts spaced 60/rpm s apart. TPM: a 60 s window of reserved tokens. Pauses from Retry-After."""
 
     def __init__(self, rpm: int | None, tpm: int | None):
         self.rpm, self.tpm = rpm, tpm
         self.next_start = 0.0
-        self.window: deque[tuple[float, int]] = deque()
+        self.window: deque[Reservation] = deque()
         self.window_tokens = 0
         self.paused_until = 0.0
         self.lock = asyncio.Lock()
+        self.freed: asyncio.Event | None = None  # set when a reply frees tokens: a waiting start looks again
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int) -> Reservation | None:
+        """Wait until a request of `tokens` (estimated) may start; its reservation in the TPM window, if any."""
+        if not (self.rpm or self.tpm) and self.paused_until <= time.monotonic():
+            return None  # nothing to wait for: no lock, no suspension
         async with self.lock:
             while True:
                 now = time.monotonic()
@@ -129,28 +156,61 @@ class Limiter:
                 if self.rpm:
                     wait = max(wait, self.next_start - now)
                 if self.tpm:
-                    while self.window and self.window[0][0] <= now - 60:
-                        self.window_tokens -= self.window.popleft()[1]
+                    self._expire(now)
                     if self.window and self.window_tokens + tokens > self.tpm:
-                        wait = max(wait, self.window[0][0] + 60 - now)
+                        wait = max(wait, self.window[0].t + 60 - now)
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             if self.rpm:
                 self.next_start = max(now, self.next_start) + 60.0 / self.rpm
-            if self.tpm:
-                self.window.append((now, tokens))
-                self.window_tokens += tokens
+            if not self.tpm:
+                return None
+            r = Reservation(now, tokens)
+            self.window.append(r)
+            self.window_tokens += tokens
+            return r
+
+    def settle(self, r: Reservation | None, tokens: int) -> None:
+        """Replace a reservation's estimate by what the request used (0: nothing, e.g. an error status)."""
+        if r is None or tokens == r.tokens:
+            return
+        if r.live:
+            self.window_tokens += tokens - r.tokens
+        freed = tokens < r.tokens
+        r.tokens = tokens
+        if freed and self.freed is not None:
+            self.freed.set()
+
+    def _expire(self, now: float) -> None:
+        while self.window and self.window[0].t <= now - 60:
+            r = self.window.popleft()
+            r.live = False
+            self.window_tokens -= r.tokens
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`; sooner when a reply frees tokens (only a TPM wait can end early that way)."""
+        if not self.tpm:
+            await asyncio.sleep(seconds)
+            return
+        if self.freed is None:
+            self.freed = asyncio.Event()
+        self.freed.clear()
+        try:
+            await asyncio.wait_for(self.freed.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
 
 class ChatClient:
     def __init__(self, cfg, cache: ResponseCache, key: str):
+        import httpx2
         import openai
 
         self.cfg, self.cache = cfg, cache
         self.openai = openai
         self.client = openai.AsyncOpenAI(
-            api_key=key, base_url=cfg.base_url, max_retries=0,
+            api_key=key, base_url=cfg.base_url, max_retries=0, http_client=http_client(cfg),
             timeout=openai.Timeout(cfg.request_timeout, connect=cfg.connect_timeout))
         self.limiter = Limiter(cfg.rpm, cfg.tpm)
         self.slots = asyncio.Semaphore(cfg.concurrency)  # requests in flight (not held while parsing or backing off)
@@ -158,6 +218,9 @@ class ChatClient:
         self.structured = cfg.structured_output != "off"
         self.connected = False
         self.rng = random.Random()
+        self.inflight: dict[str, asyncio.Future] = {}  # cache key -> the answer of the request asking it now
+        self._params = self.params()
+        self._raw = httpx2.Response  # cast_to: the reply as it came, no response wrapper or text decoding
 
     def params(self) -> dict:
         p = {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
@@ -167,13 +230,20 @@ class ChatClient:
 
     def key(self, model: str, messages: list[dict], schema: dict | None) -> str:
         """The cache key of a request with `schema` as its response_format (None: without one)."""
-        params = self.params() if schema is None else {**self.params(), "response_format": schema}
+        params = self._params if schema is None else {**self._params, "response_format": schema}
         return request_key(model, messages, params, self.cfg.prompt_version)
 
-    def cached(self, model: str, messages: list[dict], schema: dict | None) -> Reply | None:
+    def keys(self, model: str, messages: list[dict], schema: dict | None) -> dict[bool, str]:
+        """The cache keys a request may be answered under: structured (True) and prompt-only (False), as the
+        structured_output mode allows; each hashed once per request."""
         mode = self.cfg.structured_output if schema is not None else "off"
-        for structured in {"on": (True,), "off": (False,), "auto": (True, False)}[mode]:
-            body = self.cache.get(self.key(model, messages, schema if structured else None))
+        kinds = {"on": (True,), "off": (False,), "auto": (True, False)}[mode]
+        variants = [{**self._params, "response_format": schema} if s else self._params for s in kinds]
+        return dict(zip(kinds, request_keys(model, messages, variants, self.cfg.prompt_version)))
+
+    def cached(self, keys: dict[bool, str]) -> Reply | None:
+        for k in keys.values():
+            body = self.cache.get(k)
             if body is not None:
                 try:
                     reply = reply_from_body(body, cached=True)
@@ -188,47 +258,65 @@ class ChatClient:
         return cap * (0.5 + 0.5 * self.rng.random())  # jitter: between half and all of the capped delay
 
     async def complete(self, model: str, messages: list[dict], schema: dict | None = None) -> Reply:
-        hit = self.cached(model, messages, schema)
+        keys = self.keys(model, messages, schema)
+        hit = self.cached(keys)
         if hit is not None:
             return hit
+        ident = next(iter(keys.values()))  # the request as asked, whichever key its answer is stored under
+        pending = self.inflight.get(ident)
+        if pending is not None:
+            return await self._share(pending)
+        future = asyncio.get_running_loop().create_future()
+        self.inflight[ident] = future
+        try:
+            reply = await self._request(model, messages, schema, keys)
+        except BaseException as err:
+            if isinstance(err, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(err)
+                future.exception()  # retrieved: no "never retrieved" warning when no identical row waits
+            raise
+        finally:
+            del self.inflight[ident]
+        future.set_result(reply)
+        return reply
+
+    async def _share(self, pending: asyncio.Future) -> Reply:
+        """The answer of an identical request in flight (its failure too), as a cache hit: no request of our own.
+        Shielded: a waiter cancelled does not cancel the request it waits on."""
+        self.counters.shared += 1
+        reply = await asyncio.shield(pending)
+        self.counters.cache_hits += 1
+        return dataclasses.replace(reply, cached=True)
+
+    async def _request(self, model: str, messages: list[dict], schema: dict | None, keys: dict[bool, str]) -> Reply:
         o = self.openai
-        estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + self.cfg.max_tokens
+        estimate = estimate_tokens(messages, self.cfg.max_tokens)
         attempt = 0
         while True:
-            delay = use_schema = None
+            delay = use_schema = reservation = None
             try:
                 async with self.slots:
-                    await self.limiter.acquire(estimate)
+                    reservation = await self.limiter.acquire(estimate)
                     use_schema = schema if (self.structured and schema is not None) else None  # as of now
-                    request = {"model": model, "messages": messages, **self.params()}
+                    request = {"model": model, "messages": messages, **self._params}
                     if use_schema:
                         request["response_format"] = {"type": "json_schema", "json_schema": use_schema}
                     self.counters.requests += 1
                     if self.counters.first_sent is None:
                         self.counters.first_sent = time.monotonic()
-                    # the client's own POST (auth, base URL, timeouts, errors as APIStatusError), with the reply body
-                    # as text: the body is plain JSON already, and chat.completions.create would spend ~5 ms of CPU
-                    # per request transforming it, which caps a single process well below 160 requests/s
-                    text = await self.client.post("/chat/completions", cast_to=str, body=request)
+                    # the client's own POST (auth, base URL, timeouts, errors as APIStatusError) with the raw reply:
+                    # the body is plain JSON already, and chat.completions.create would spend ~5 ms of CPU per
+                    # request building models of it, which caps a single process well below 160 requests/s
+                    raw = await self.client.post("/chat/completions", cast_to=self._raw, body=request)
                 self.connected = True
-                try:
-                    body = json.loads(text)
-                except (ValueError, RecursionError):
-                    raise _BadBody("not JSON") from None
-                try:
-                    reply = reply_from_body(body, cached=False)
-                except ValueError as err:
-                    raise _BadBody(str(err)) from None
-                self.cache.put(self.key(model, messages, use_schema), model, body)
-                c = self.counters
-                c.answered += 1
-                c.last_reply = time.monotonic()
-                c.prompt_tokens += reply.prompt_tokens
-                c.completion_tokens += reply.completion_tokens
-                pin, pout = self.cfg.price(model)
-                c.cost += (reply.prompt_tokens * pin + reply.completion_tokens * pout) / 1e6
-                return reply
+                # the slot just freed wakes a row waiting for it: let it send its request before this reply is
+                # parsed and cached, so that a reply's bookkeeping never delays the next request
+                await asyncio.sleep(0)
+                return self._store(model, raw.content, keys[use_schema is not None], reservation)
             except o.APIStatusError as err:
+                self.limiter.settle(reservation, 0)  # refused: nothing generated
                 self.connected = True
                 status = err.status_code
                 reason = f"HTTP {status}"
@@ -268,8 +356,44 @@ class ChatClient:
             self.counters.retries += 1
             await asyncio.sleep(delay)
 
+    def _store(self, model: str, content: bytes, key: str, reservation: Reservation | None) -> Reply:
+        """A reply body parsed, appended to the cache and counted; _BadBody when it is not a chat completion."""
+        try:
+            body = json.loads(content)
+        except (ValueError, RecursionError):
+            raise _BadBody("not JSON") from None
+        try:
+            reply = reply_from_body(body, cached=False)
+        except ValueError as err:
+            raise _BadBody(str(err)) from None
+        if reply.total_tokens:  # what the request used, in place of its estimate
+            self.limiter.settle(reservation, reply.total_tokens)
+        self.cache.put(key, model, body)
+        c = self.counters
+        c.answered += 1
+        c.last_reply = time.monotonic()
+        c.prompt_tokens += reply.prompt_tokens
+        c.completion_tokens += reply.completion_tokens
+        pin, pout = self.cfg.price(model)
+        c.cost += (reply.prompt_tokens * pin + reply.completion_tokens * pout) / 1e6
+        return reply
+
     async def close(self) -> None:
         await self.client.close()
+
+
+def http_client(cfg):
+    """One connection pool for the run, sized to the concurrency: the lean transport for a plain-http endpoint
+    (cfg.http_transport='auto'), httpx's own otherwise."""
+    import httpx2
+    import openai
+
+    from app.tasks.nli_cot.datagen.http import LeanTransport, usable
+
+    if cfg.http_transport == "auto" and usable(cfg.base_url):
+        return openai.DefaultAsyncHttpxClient(transport=LeanTransport(max_idle=cfg.concurrency))
+    return openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=cfg.concurrency,
+                                                               max_keepalive_connections=cfg.concurrency))
 
 
 class _BadBody(Exception):

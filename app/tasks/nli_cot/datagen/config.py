@@ -37,12 +37,16 @@ class DatagenConfig(Section):
     seed: int | None = Field(None, description="sampling seed sent to servers that take one")
     concurrency: int = Field(8, gt=0, description="requests in flight at once")
     rpm: int | None = Field(None, gt=0, description="requests per minute limit; None = none")
-    tpm: int | None = Field(None, gt=0, description="tokens per minute limit (prompt estimate + max_tokens); None = none")
+    tpm: int | None = Field(None, gt=0, description="tokens per minute limit (a request reserves its prompt estimate + "
+                            "max_tokens, then counts the usage its reply reports); None = none")
     max_retries: int = Field(6, ge=0, description="retries of a request on 408/409/429/5xx, timeouts, bad bodies")
     backoff_base: float = Field(1.0, gt=0, description="first retry delay in seconds (doubles each retry, jittered)")
     backoff_max: float = Field(60.0, gt=0, description="cap of a retry delay in seconds (Retry-After too)")
     request_timeout: float = Field(120.0, gt=0, description="seconds to wait for one reply")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for a connection")
+    http_transport: Literal["auto", "httpx"] = Field(
+        "auto", description="auto: a plain-http base_url (a local server) through the lean keep-alive transport, "
+        "anything else through httpx; httpx: always httpx")
     structured_output: Literal["auto", "on", "off"] = Field(
         "auto", description="send a response_format JSON schema: on, off (JSON asked for in the prompt only), or "
         "auto (on until the server refuses it, then off)")
