@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -116,13 +117,17 @@ def test_consolidated_checkpoint_loads_with_plain_transformers(fsdp_full, one_fu
     assert float(r.stdout.strip().splitlines()[-1]) <= 1e-3
 
 
-def test_fsdp_checkpoint_resumes_on_one_process(tiny_model_dir, tmp_path, one_full):
-    """Two sharded processes stop after a checkpoint; one unsharded process finishes the run. The global batches do
-    not depend on the number of processes (app/engine/batching.py) and the name-keyed optimizer state maps onto the
-    single process's, so the result is the uninterrupted one's."""
+def test_checkpoints_resume_across_ddp_fsdp_and_one_process(tiny_model_dir, tmp_path, one_full):
+    """Two DDP processes stop after a checkpoint, two sharded processes continue from it and stop again, one
+    process finishes the run. The global batches do not depend on the number of processes (app/engine/batching.py)
+    and the optimizer state is mapped by parameter name (indices -> names -> indices), so the result is the
+    uninterrupted one's."""
     out = tmp_path / "run"
-    run2(tiny_model_dir, out, FULL, parallelism="fsdp", stop_after_steps=3)
-    assert ckpt.latest(out).name == ckpt.step_name(3)
+    run2(tiny_model_dir, out, FULL, stop_after_steps=2)
+    assert ckpt.read_json(ckpt.latest(out) / "optimizer.json")["keys"] == "indices"
+    run2(tiny_model_dir, out, FULL, parallelism="fsdp", stop_after_steps=2)
+    assert ckpt.latest(out).name == ckpt.step_name(4)
+    assert ckpt.read_json(ckpt.latest(out) / "optimizer.json")["keys"] == "names"
     assert train(tiny_config(tiny_model_dir, out, **FULL, parallelism="fsdp")) == 0  # one process: unsharded
     assert_same_losses(out, one_full, FULL["max_steps"])
     assert max_diff(weights(out), weights(one_full)) <= WEIGHT_TOLERANCE
@@ -133,17 +138,20 @@ def test_lora_fsdp_sigkill_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_p
     assert train(tiny_config(tiny_model_dir, reference, **LORA)) == 0
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(torchrun(tiny_model_dir, out, LORA, parallelism="fsdp"), cwd=ROOT, env=env,
+    # activation checkpointing on the sharded side only: it composes with FSDP2 and changes no number
+    proc = subprocess.Popen(torchrun(tiny_model_dir, out, LORA, parallelism="fsdp", gradient_checkpointing=True),
+                            cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = out / "checkpoints" / ckpt.step_name(2)
     try:
         while not first.is_dir():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
     finally:
         proc.wait(timeout=60)
     assert not (out / "checkpoints/final").exists()
-    run2(tiny_model_dir, out, LORA, parallelism="fsdp")
+    run2(tiny_model_dir, out, LORA, parallelism="fsdp", gradient_checkpointing=True)
     assert_same_losses(out, reference, LORA["max_steps"])
     name = "adapter_model.safetensors"
     assert max_diff(weights(out, name), weights(reference, name)) <= WEIGHT_TOLERANCE
