@@ -166,6 +166,26 @@ def test_lora_under_fsdp_trains_the_adapter_only(tiny_model_dir):
     assert "OK 21 base tensors unchanged" in r.stdout
 
 
+def test_ranking_with_its_score_head_under_fsdp_matches_ddp(tmp_path):
+    """A task with a head beside the model (in the root unit) and a prefix-sharing forward (turned off under FSDP2,
+    and said so): the same losses and the same saved head as two DDP processes."""
+    runs = {}
+    for parallelism in ("ddp", "fsdp"):
+        out = tmp_path / parallelism
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "app", "train", "configs/ranking_tiny.py", "--max_steps=3", "--save_every=100", "--log_every=1",
+               "--eval_every=100", "--micro_batch_size=4", f"--out_dir={out}", f"--parallelism={parallelism}",
+               "--tensorboard=False"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[parallelism] = out
+    assert "parallelism='fsdp': share_prompt_prefix=False, share_question_prefix=False" in r.stderr
+    assert_same_losses(runs["fsdp"], runs["ddp"], 3)
+    head = "score_head.safetensors"
+    assert max_diff(weights(runs["fsdp"], head), weights(runs["ddp"], head)) <= WEIGHT_TOLERANCE
+
+
 # --- pieces, in-process -------------------------------------------------------------------------------------
 def test_optimizer_state_rekeys_between_names_and_indices(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))

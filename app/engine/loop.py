@@ -358,9 +358,9 @@ def _train(cfg: Config) -> int:
     accelerator = make_accelerator(cfg, task.ddp_options(cfg))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     sharded = uses_fsdp(cfg, world)
-    if sharded and cfg.share_prompt_prefix:  # the shared prefix runs each block twice per step, FSDP2 one forward
-        log.info("parallelism='fsdp': share_prompt_prefix off (every row computes its prompt)")
-        cfg = cfg.model_copy(update={"share_prompt_prefix": False})
+    if sharded and (changes := task.fsdp_overrides(cfg)):
+        log.info("parallelism='fsdp': %s", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+        cfg = cfg.model_copy(update=changes)
     accumulation = accumulation_steps(cfg, world)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)

@@ -21,6 +21,7 @@ Every method receives the context it needs (the config always), so a task keeps 
     loss_weights(cfg)              1.0 each                             weighted sum of several named losses
     ddp_options(cfg)               {}                                   e.g. {"find_unused_parameters": True}
     shard_blocks(objective, cfg)   the HF model's decoder layers        another architecture's blocks (FSDP2 units)
+    fsdp_overrides(cfg)            share_prompt_prefix off              other settings FSDP2 cannot shard
     evaluate(model, tok, cfg,      {}                                   task metrics; files it writes go under
              rows, ctx)                                                 ctx.out_dir (ctx.step, ctx.epoch, ctx.objective)
     best_checkpoints(cfg)          {"best": metric_for_best}            several best-by-metric checkpoints
@@ -156,6 +157,12 @@ class Task:
         from app.engine.fsdp import default_blocks
 
         return default_blocks(objective)
+
+    def fsdp_overrides(self, cfg: Config) -> dict:
+        """Config changes a sharded run makes (and logs): FSDP2 gathers a block's weights for the backward when a
+        gradient reaches the block's output, so a forward whose gradient flows through a key/value cache (a prompt
+        prefix computed once) cannot be sharded. Default: share_prompt_prefix off."""
+        return {"share_prompt_prefix": False} if cfg.share_prompt_prefix else {}
 
     # --- data ---------------------------------------------------------------------------------------------------
     def load_rows(self, cfg: Config, split: str) -> list[Row]:

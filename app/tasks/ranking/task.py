@@ -149,6 +149,10 @@ class Ranking(Task):
 
     _pad_id = 0
 
+    def fsdp_overrides(self, cfg: Config) -> dict:
+        # the question prefix's keys/values carry the candidates' gradients back: one forward per block under FSDP2
+        return {**super().fsdp_overrides(cfg), **({"share_question_prefix": False} if cfg.share_question_prefix else {})}
+
     def load_model(self, cfg: Config, device, weights_dir=None):
         model, tokenizer = super().load_model(cfg, device, weights_dir)
         self._pad_id = tokenizer.pad_token_id
