@@ -16,6 +16,7 @@ import csv
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -117,8 +118,9 @@ class Fixtures:
 def find_fixtures() -> Fixtures:
     """$GPU_KIT_FIXTURES, else shared/fixtures inside the checkout (a copy carried to a machine that lacks the
     sibling folder), else ../shared/fixtures beside it."""
-    candidates = [os.environ.get("GPU_KIT_FIXTURES"), ROOT / "shared" / "fixtures", ROOT.parent / "shared" / "fixtures"]
-    for c in candidates:
+    chosen = os.environ.get("GPU_KIT_FIXTURES")
+    candidates = [chosen, ROOT / "shared" / "fixtures", ROOT.parent / "shared" / "fixtures"]
+    for c in candidates if chosen != "none" else ():  # "none": the fallback, as on a machine without fixtures
         if not c:
             continue
         base = Path(c)
@@ -173,29 +175,41 @@ class Context:
     # --- units --------------------------------------------------------------------------------------------------
     def unit(self, target: str, **kwargs):
         """Call `module:function(ctx, **kwargs)` (a module of this folder): in its own process when isolating, else
-        here. Returns what it returns (JSON-able); a failure is a UnitError naming the unit."""
-        if not self.isolate:
-            module, func = target.split(":")
+        here. Returns what it returns (JSON-able); any failure is a UnitError naming the unit and its log."""
+        log_path = self._log_path(target, kwargs)
+        if self.isolate:
+            return self._unit_process(target, kwargs, log_path)
+        module, func = target.split(":")
+        try:
             return getattr(importlib.import_module(module), func)(self, **kwargs)
-        return self._unit_process(target, kwargs)
+        except Exception as err:
+            log_path.write_text(traceback.format_exc())
+            line = (str(err).strip().splitlines() or [""])[0]
+            raise UnitError(f"{target}: {type(err).__name__}: {line} (traceback in {log_path})") from err
 
-    def _unit_process(self, target: str, kwargs: dict):
-        name = target.replace(":", ".") + "".join(f".{v}" for v in kwargs.values() if isinstance(v, (str, int, bool))
-                                                  and len(str(v)) < 20)
+    def _log_path(self, target: str, kwargs: dict) -> Path:
+        """logs/<module.function.args>.log: each setup of a part gets its own."""
+        shown = [str(v) for v in kwargs.values() if v is None or isinstance(v, (int, bool)) or
+                 (isinstance(v, str) and len(v) < 20)]
         logs = Path(self.out) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{safe_name(name)}.log"
+        return logs / f"{safe_name('.'.join([target.replace(':', '.'), *shown]))}.log"
+
+    def _unit_process(self, target: str, kwargs: dict, log_path: Path):
         ctx_file = self.work_path / f"ctx-{os.getpid()}.json"
         ctx_file.write_text(self.to_json())
-        result = self.work_path / f"unit-{safe_name(name)}.json"
+        result = self.work_path / f"unit-{log_path.stem}.json"
         result.unlink(missing_ok=True)
         cmd = [self.python, str(GPU_DIR / "run.py"), "--unit", target, "--ctx", str(ctx_file),
                "--kwargs", json.dumps(kwargs), "--result", str(result)]
         with open(log_path, "w") as log:
+            # its own process group: on a timeout the unit's children (training runs) go too, GPU memory with them
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=self.profile.unit_timeout_s).returncode
+                rc = proc.wait(timeout=self.profile.unit_timeout_s)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise UnitError(f"{target} ran past {self.profile.unit_timeout_s:.0f} s{log_tail(log_path)}") from None
         if rc != 0 or not result.is_file():
             raise UnitError(f"{target} exited {rc}{log_tail(log_path)}")

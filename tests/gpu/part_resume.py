@@ -15,9 +15,9 @@ warmup would show there).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -67,8 +67,13 @@ def run_values(ctx: Context, model_dir: str, out: Path) -> dict:
                             **p.resume_batch)
 
 
+# cuBLAS picks a fixed reduction order with a fixed workspace: one source of run-to-run noise fewer (attention
+# backward and other kernels still use atomics, hence the tolerance)
+CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
 def run_env(ctx: Context) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **CUBLAS}
     if not ctx.profile.cuda:
         env.setdefault("OMP_NUM_THREADS", "1")  # on a small CPU the killed run shares the cores with the reference
     return env
@@ -94,6 +99,7 @@ def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step_name: str, res
 
 def resume_unit(ctx: Context, model_dir: str) -> dict:
     use_repo_imports()
+    os.environ.update(CUBLAS)  # before this process's first matmul: the reference trains here
     from app.config import load_config
     from app.engine import checkpoint as ckpt
     from app.engine.loop import train
@@ -102,6 +108,8 @@ def resume_unit(ctx: Context, model_dir: str) -> dict:
     base = ctx.work_path / "resume"
     base.mkdir(parents=True, exist_ok=True)
     ref_out, out = base / "reference", base / "killed"
+    for old in (ref_out, out):  # a kept --work folder holds an earlier run's
+        shutil.rmtree(old, ignore_errors=True)
     logs = Path(ctx.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     p = ctx.profile
@@ -111,11 +119,16 @@ def resume_unit(ctx: Context, model_dir: str) -> dict:
     proc = start(ctx, command(ctx, model_dir, out), logs / "resume_killed.log")
     killer = threading.Thread(target=kill_after_checkpoint, args=(proc, out, first, res, p.unit_timeout_s))
     killer.start()
-    fresh_accelerate_state()
-    t0 = time.perf_counter()
-    ref_rc = train(load_config(RECIPE, config_args(run_values(ctx, model_dir, ref_out))))
-    res["reference_s"] = round(time.perf_counter() - t0, 2)
-    killer.join()
+    try:
+        fresh_accelerate_state()
+        t0 = time.perf_counter()
+        ref_rc = train(load_config(RECIPE, config_args(run_values(ctx, model_dir, ref_out))))
+        res["reference_s"] = round(time.perf_counter() - t0, 2)
+    except BaseException:
+        proc.kill()  # the reference broke: the run beside it is of no use
+        raise
+    finally:
+        killer.join()
     if ref_rc != 0:
         raise RuntimeError(f"the reference run exited {ref_rc}")
     latest = ckpt.latest(out)

@@ -25,7 +25,8 @@ def run(ctx: Context) -> dict:
     figures["cuda_visible"] = visible
     if ctx.profile.cuda:
         checks.append(check("CUDA visible", visible, "torch.cuda.is_available()" if visible else
-                            f"torch {torch.__version__} sees no GPU (CUDA build: {torch.version.cuda})"))
+                            f"torch {torch.__version__} sees no GPU (CUDA build: {torch.version.cuda}); "
+                            "without a GPU, run with --cpu-smoke"))
         if not visible:
             return {"figures": figures, "checks": checks, "notes": notes}
         props = torch.cuda.get_device_properties(0)
@@ -34,6 +35,8 @@ def run(ctx: Context) -> dict:
                        bf16_supported=torch.cuda.is_bf16_supported(), device_count=torch.cuda.device_count())
         checks.append(check("bf16 supported", figures["bf16_supported"], props.name))
     mm = bf16_matmul(ctx.profile.matmul_n, ctx.device)
+    if visible:
+        torch.cuda.empty_cache()  # this process stays up for the whole run: its matrices go back to the device
     figures["bf16_matmul"] = mm
     checks.append(check("bf16 matmul accuracy", mm["rel_error"] <= 1e-2,
                         f"relative error {mm['rel_error']:.2e} against fp32 (limit 1e-2)"))
@@ -70,9 +73,6 @@ def bf16_matmul(n: int, device: str) -> dict:
     for _ in range(3):  # warm-up: cuBLAS picks its kernel on the first calls
         torch.matmul(a16, b16, out=out)
     _, seconds = timed(device, lambda: [torch.matmul(a16, b16, out=out) for _ in range(iters)])
-    del a, b, ref, a16, b16, c, out
-    if device == "cuda":
-        torch.cuda.empty_cache()  # this process stays up for the whole run: hand the memory back
     return {"n": n, "rel_error": rel, "tflops": round(2 * n**3 * iters / seconds / 1e12, 2)}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def setup_config(ctx: Context, model_dir: str, name: str, quantization, ckpt: bo
     from kit import recipe_config
 
     out = ctx.work_path / "train" / name
+    shutil.rmtree(out, ignore_errors=True)  # a kept --work folder: an earlier run's final checkpoint would end it
     # one token cache for every setup: the same rows, tokenizer and encoding settings, tokenized once
     return recipe_config(ctx, model_dir, str(out), quantization=quantization, gradient_checkpointing=ckpt,
                          max_steps=ctx.profile.train_steps, token_cache_dir=str(ctx.work_path / "token_cache"),
