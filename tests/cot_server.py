@@ -58,8 +58,19 @@ class ScriptedServer:
 
     def close(self):
         if self.loop.is_running():
+            try:  # connections still open end here, not as "Task was destroyed but it is pending!" at exit
+                asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(5)
+            except Exception:  # noqa: BLE001 - stopping goes on regardless
+                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+
+    async def _stop(self):
+        self.server.close()
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in handlers:
+            t.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     @property
     def base_url(self) -> str:
