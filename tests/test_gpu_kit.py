@@ -21,8 +21,7 @@ def run_check(*args: str, env: dict | None = None, timeout: float = 600) -> subp
 
 def test_cpu_smoke_runs_every_part_and_writes_json_and_table(tmp_path):
     out = tmp_path / "out"
-    # no time budget: on a busy machine the smoke must still run every part, not skip the last ones
-    proc = run_check("--cpu-smoke", "--out", str(out), "--budget-s", "100000")
+    proc = run_check("--cpu-smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["ok"] and res["mode"] == "cpu-smoke"

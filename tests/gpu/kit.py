@@ -82,7 +82,7 @@ CUDA_PROFILE = Profile(
     estimates_s={"write_model": 45, "engine": 25, "trl": 40, "infer": 90, "confidence": 35, "resume": 60},
 )
 SMOKE_PROFILE = Profile(
-    name="cpu-smoke", cuda=False, budget_s=110, matmul_n=256,
+    name="cpu-smoke", cuda=False, budget_s=600, matmul_n=256,  # the smoke must not skip parts on a busy machine
     train_model={**TINY, "vocab_size": 32000}, train_steps=2, train_skip=1,
     train_batch=dict(batch_size=4, micro_batch_size=2),
     infer_rows=24, infer_batch=8, max_new_tokens=6, eq_rows=8,
@@ -180,12 +180,14 @@ class Context:
         if self.isolate:
             return self._unit_process(target, kwargs, log_path)
         module, func = target.split(":")
-        try:
-            return getattr(importlib.import_module(module), func)(self, **kwargs)
-        except Exception as err:
-            log_path.write_text(traceback.format_exc())
-            line = (str(err).strip().splitlines() or [""])[0]
-            raise UnitError(f"{target}: {type(err).__name__}: {line} (traceback in {log_path})") from err
+        with open(log_path, "w") as log:
+            try:
+                with contextlib.redirect_stdout(log):  # what a unit prints (the engine's summary line) goes to its log
+                    return getattr(importlib.import_module(module), func)(self, **kwargs)
+            except Exception as err:
+                log.write(traceback.format_exc())
+                line = (str(err).strip().splitlines() or [""])[0]
+                raise UnitError(f"{target}: {type(err).__name__}: {line} (traceback in {log_path})") from err
 
     def _log_path(self, target: str, kwargs: dict) -> Path:
         """logs/<module.function.args>.log: each setup of a part gets its own."""

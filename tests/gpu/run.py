@@ -41,8 +41,8 @@ REQUIRED = {"pydantic": "pydantic", "click": "click", "tqdm": "tqdm", "yaml": "p
             "safetensors": "safetensors", "tokenizers": "tokenizers", "torch": "torch", "transformers": "transformers",
             "peft": "peft", "accelerate": "accelerate"}
 HEAVY = ("torch", "transformers", "peft", "accelerate")
-OPTIONAL = {"bitsandbytes": "the QLoRA setups", "trl": "the SFTTrainer setups", "flash_attn": "flash attention "
-            "(SDPA is used without it)", "pytest": "the CUDA-marked tests"}
+OPTIONAL = {"bitsandbytes": "the QLoRA setups are skipped", "trl": "the SFTTrainer setups are skipped",
+            "flash_attn": "attention runs on SDPA", "pytest": "the CUDA-marked tests are skipped"}
 PARTS = ("sanity", "train", "infer", "confidence", "resume")  # as the issue numbers them: JSON and table order
 ORDER = ("sanity", "resume", "train", "infer", "confidence")  # run order: the cheap correctness checks first
 ESTIMATE = {"train": "write_model", "infer": "infer", "confidence": "confidence", "resume": "resume"}
@@ -87,7 +87,7 @@ def parse_args(argv):
     p.add_argument("--work", help="scratch folder for models and runs (kept, and its models reused by the next run; "
                    "default: a temporary folder, removed at the end)")
     p.add_argument("--budget-s", type=float, help="skip parts and setups that would end after this many seconds "
-                   "(default 450 on CUDA, 110 for the smoke)")
+                   "(default 450 on CUDA, 600 for the smoke)")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="each measured unit in its own process (default on CUDA: clean memory figures)")
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
                "isolated_units": isolate, "parts": {}}
     for module, what in OPTIONAL.items():
         if not results["optional_packages"][module]:
-            print(f"note: {module} not importable: {what} skipped", flush=True)
+            print(f"note: {module} not importable: {what}", flush=True)
     if ctx.fixtures.fallback:
         print(f"note: fixtures {ctx.fixtures.where}", flush=True)
     try:
