@@ -310,62 +310,6 @@ def test_identical_rows_in_flight_are_requested_once(server, tmp_path):
     assert all("HTTP 418" in r["error"] for r in out if r["premise"] == failing)
 
 
-def test_lean_transport_reads_every_reply_framing(monkeypatch):
-    """Content-Length on a kept-alive connection, chunked, and a body ended by the close, through AsyncOpenAI's own
-    POST; a proxy in the environment or https leaves the transport to httpx."""
-    import asyncio
-
-    import httpx2
-    import openai
-
-    from app.tasks.nli_cot.datagen.http import LeanTransport, usable
-
-    body = b'{"ok": true}'
-    replies = [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
-               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n" + body[:5] + b"\r\n"
-               + b"%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\n\r\n",
-               b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body]
-    connections = []
-
-    async def handle(reader, writer):
-        connections.append(writer)
-        try:
-            while replies:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lengths = [h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
-                length = int(lengths[0])
-                await reader.readexactly(length)
-                reply = replies.pop(0)
-                writer.write(reply)
-                await writer.drain()
-                if reply.startswith(b"HTTP/1.0"):
-                    break
-        except asyncio.IncompleteReadError:
-            pass
-        writer.close()
-
-    async def go():
-        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-        base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1"
-        transport = LeanTransport(max_idle=4)
-        client = openai.AsyncOpenAI(api_key="k", base_url=base, max_retries=0,
-                                    http_client=openai.DefaultAsyncHttpxClient(transport=transport))
-        got = [await client.post("/chat/completions", cast_to=httpx2.Response, body={"n": i}) for i in range(3)]
-        idle = sum(len(p) for p in transport.idle.values())
-        await client.close()
-        srv.close()
-        return got, idle
-
-    got, idle = asyncio.run(go())
-    assert [r.content for r in got] == [body] * 3 and [r.status_code for r in got] == [200] * 3
-    assert len(connections) == 1 and idle == 0  # one connection kept alive, then closed by the HTTP/1.0 reply
-    assert usable("http://127.0.0.1:8000/v1") and not usable("https://api.mistral.ai/v1")
-    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    assert not usable("http://10.1.2.3:8000/v1")
-
-
 def test_structured_output_auto_falls_back_to_prompt_only(server, tmp_path, capsys):
     server.refuse_response_format = True
     src = write_csv(tmp_path / "in.csv", rows(6))

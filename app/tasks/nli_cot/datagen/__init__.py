@@ -4,7 +4,6 @@
   prompts.py   the versioned prompts (Markdown instructions, XML-tagged inputs, JSON only) and reply parsers
   client.py    AsyncOpenAI with bounded concurrency, RPM/TPM limits, retries (backoff, jitter, Retry-After),
                identical requests in flight sent once
-  http.py      the lean keep-alive HTTP/1.1 transport the client uses for a plain-http (local) endpoint
   cache.py     the append-only cache of raw responses, keyed by hash(model, messages, parameters, prompt version)
   pipeline.py  generate, reflect, combine, judge: one output row per input row, written atomically
   stats.py     accuracy, reflection success, thought lengths in tokens, accuracy by length band, histogram, cost

@@ -1,9 +1,8 @@
 """The API client: AsyncOpenAI against any OpenAI-compatible base_url, with the cache in front of it.
 
 - bounded concurrency: at most `concurrency` requests in flight (rows are worked on by twice as many workers, so
-  that parsing and caching one reply overlaps the next request); one client and one connection pool for the run,
-  sized to the concurrency, and for a plain-http endpoint the lean transport of http.py (a local server answers
-  faster than httpcore can ask it)
+  that parsing and caching one reply overlaps the next request); one client and one httpx connection pool for the
+  run, sized to the concurrency
 - identical requests in flight are sent once: a row whose cache key is being asked already awaits that answer
 - requests-per-minute (evenly spaced starts) and tokens-per-minute (60 s sliding window) limits: a request reserves
   its estimate (prompt characters / 4 + max_tokens) before it is sent, and the reply's reported usage replaces the
@@ -383,15 +382,10 @@ class ChatClient:
 
 
 def http_client(cfg):
-    """One connection pool for the run, sized to the concurrency: the lean transport for a plain-http endpoint
-    (cfg.http_transport='auto'), httpx's own otherwise."""
+    """One connection pool for the run, sized to the concurrency (httpx's own default keeps fewer alive)."""
     import httpx2
     import openai
 
-    from app.tasks.nli_cot.datagen.http import LeanTransport, usable
-
-    if cfg.http_transport == "auto" and usable(cfg.base_url):
-        return openai.DefaultAsyncHttpxClient(transport=LeanTransport(max_idle=cfg.concurrency))
     return openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=cfg.concurrency,
                                                                max_keepalive_connections=cfg.concurrency))
 

@@ -44,9 +44,6 @@ class DatagenConfig(Section):
     backoff_max: float = Field(60.0, gt=0, description="cap of a retry delay in seconds (Retry-After too)")
     request_timeout: float = Field(120.0, gt=0, description="seconds to wait for one reply")
     connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for a connection")
-    http_transport: Literal["auto", "httpx"] = Field(
-        "auto", description="auto: a plain-http base_url (a local server) through the lean keep-alive transport, "
-        "anything else through httpx; httpx: always httpx")
     structured_output: Literal["auto", "on", "off"] = Field(
         "auto", description="send a response_format JSON schema: on, off (JSON asked for in the prompt only), or "
         "auto (on until the server refuses it, then off)")
