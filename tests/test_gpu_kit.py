@@ -47,7 +47,8 @@ def test_cpu_smoke_runs_every_part_and_writes_json_and_table(tmp_path):
     confidence = res["parts"]["confidence"]["figures"]
     assert set(confidence) == {"vocab_32k", "vocab_152k"}
     resume = res["parts"]["resume"]["figures"]
-    assert resume["weights_rel_l2"] <= 1e-5 and resume["resumed"]
+    assert resume["resumed"] and resume["resumed_vs_reference"]["weights_rel_l2"] <= 1e-5
+    assert resume["repeat_vs_reference"]["weights_rel_l2"] <= 1e-5
 
     table = (out / "table.txt").read_text()
     assert table.splitlines()[0].endswith("PASS") and "engine_lora_ckpt" in table and "vocab_152k" in table

@@ -2,14 +2,17 @@
 
 As tests/test_resume.py does on CPU: `python -m app train configs/default.py --key=value ...` (the NLI recipe, bf16
 LoRA on CUDA, dropout on so the RNG state matters) is started, SIGKILLed once its first step checkpoint exists, and
-started again with the same command; an uninterrupted run of the same config is the reference (run in this process
-while the first one trains). Compared: the final adapter weights (relative L2 distance, and max abs difference as a
-figure) and every step's logged loss and learning rate.
+started again with the same command. An uninterrupted run of the same config is the reference (in this process), and
+a second uninterrupted run (beside the first, in its own process) measures the noise floor: how far two runs that
+should be equal land apart on this machine. Compared with the reference: the final adapter weights (relative L2
+distance; max abs difference as a figure) and every step's logged loss and learning rate.
 
-Tolerances: CUDA kernels are not bitwise deterministic (atomics in attention backward, split-K matmuls), and bf16
-rounds those differences up, so on CUDA the weights must agree to 1e-2 relative L2 and the losses to 1e-2 relative;
-on CPU (fp32, deterministic) the same run agrees to 1e-5. The learning rate schedule must match exactly (a second
-warmup would show there).
+Tolerance. CUDA kernels are not bitwise deterministic (atomics in attention backward, split-K matmuls) and bf16
+rounds those differences up, so exact equality cannot be asked for there; a fixed loose tolerance would not do
+either: a resume that loses the RNG state (other dropout masks from the checkpoint on) lands only 9e-3 (relative L2)
+from the reference (measured with the smoke's model over 30 steps). So the resumed run must be within max(4 x noise floor, 1e-4) of the reference,
+and never beyond 1e-2 (bf16); on CPU (deterministic, the same thread count in every run) within 1e-5. Losses: the
+same rule with the floor of the losses. Learning rates must match exactly (a second warmup would show there).
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ from pathlib import Path
 
 from kit import ROOT, RECIPE, Context, UnitError, check, config_args, ensure_model, recipe_overrides, use_repo_imports
 
+BF16_LIMIT = 1e-2
 
-def tolerance(ctx: Context) -> float:
-    return 1e-2 if ctx.profile.cuda else 1e-5
+
+def limit(ctx: Context, floor: float) -> float:
+    """How far the resumed run may land from the reference, given the distance between two uninterrupted runs."""
+    if not ctx.profile.cuda:
+        return 1e-5
+    return min(BF16_LIMIT, max(4 * floor, 1e-4))
 
 
 def run(ctx: Context) -> dict:
@@ -35,22 +43,28 @@ def run(ctx: Context) -> dict:
         res = ctx.unit("part_resume:resume_unit", model_dir=model_dir)
     except UnitError as err:
         return {"figures": {}, "checks": [check("resume runs", False, str(err))], "notes": []}
-    tol = tolerance(ctx)
     checks = [
         check("killed after a checkpoint", res["killed_at_checkpoint"] is not None and not res["killed_run_finished"],
               f"SIGKILL with step {res['killed_at_checkpoint']} on disk" if res["killed_at_checkpoint"] else
               "the run ended before a checkpoint appeared"),
         check("re-run resumed", res["resumed"] and res["resumed_rc"] == 0,
               f"exit {res['resumed_rc']}, {'resumed from a checkpoint' if res['resumed'] else 'did not resume'}"),
+        check("repeat run finished", res["repeat_rc"] == 0, f"exit {res['repeat_rc']}"),
     ]
-    if "weights_rel_l2" in res:
+    resumed, floor = res.get("resumed_vs_reference"), res.get("repeat_vs_reference")
+    if resumed and floor:
+        w_lim, l_lim = limit(ctx, floor["weights_rel_l2"]), limit(ctx, floor["loss_rel_max"])
+        res["limits"] = {"weights_rel_l2": w_lim, "loss_rel_max": l_lim}
         checks += [
-            check("weights equal after resume", res["weights_rel_l2"] <= tol,
-                  f"relative L2 {res['weights_rel_l2']:.2e}, max abs {res['weights_max_abs']:.2e} (limit {tol:g})"),
-            check("losses equal after resume", res["loss_rel_max"] <= tol and res["steps_logged"] == res["steps"],
-                  f"{res['steps_logged']}/{res['steps']} steps logged, max relative loss difference "
-                  f"{res['loss_rel_max']:.2e}"),
-            check("learning rates equal after resume", res["lr_equal"], "every step's lr as the reference's"),
+            check("weights equal after resume", resumed["weights_rel_l2"] <= w_lim,
+                  f"relative L2 {resumed['weights_rel_l2']:.2e} (max abs {resumed['weights_max_abs']:.2e}); two "
+                  f"uninterrupted runs {floor['weights_rel_l2']:.2e}; limit {w_lim:.1e}"),
+            check("losses equal after resume",
+                  resumed["loss_rel_max"] <= l_lim and resumed["steps_logged"] == res["steps"],
+                  f"{resumed['steps_logged']}/{res['steps']} steps logged, max relative difference "
+                  f"{resumed['loss_rel_max']:.2e}; two uninterrupted runs {floor['loss_rel_max']:.2e}; "
+                  f"limit {l_lim:.1e}"),
+            check("learning rates equal after resume", resumed["lr_equal"], "every step's lr as the reference's"),
         ]
     return {"figures": res, "checks": checks, "notes": []}
 
@@ -100,34 +114,43 @@ def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step_name: str, res
 def resume_unit(ctx: Context, model_dir: str) -> dict:
     use_repo_imports()
     os.environ.update(CUBLAS)  # before this process's first matmul: the reference trains here
+    import torch
+
     from app.config import load_config
     from app.engine import checkpoint as ckpt
     from app.engine.loop import train
     from train_throughput import fresh_accelerate_state
 
     base = ctx.work_path / "resume"
-    base.mkdir(parents=True, exist_ok=True)
-    ref_out, out = base / "reference", base / "killed"
-    for old in (ref_out, out):  # a kept --work folder holds an earlier run's
+    ref_out, out, repeat_out = base / "reference", base / "killed", base / "repeat"
+    for old in (ref_out, out, repeat_out):  # a kept --work folder holds an earlier run's
         shutil.rmtree(old, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
     logs = Path(ctx.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     p = ctx.profile
-    first = ckpt.step_name(p.resume_save_every)
 
     res: dict = {"killed_at_checkpoint": None, "steps": p.resume_steps, "save_every": p.resume_save_every}
     proc = start(ctx, command(ctx, model_dir, out), logs / "resume_killed.log")
-    killer = threading.Thread(target=kill_after_checkpoint, args=(proc, out, first, res, p.unit_timeout_s))
+    repeat = start(ctx, command(ctx, model_dir, repeat_out), logs / "resume_repeat.log")
+    killer = threading.Thread(target=kill_after_checkpoint,
+                              args=(proc, out, ckpt.step_name(p.resume_save_every), res, p.unit_timeout_s))
     killer.start()
+    threads = torch.get_num_threads()
+    if not p.cuda:  # CPU kernels reduce in an order that depends on the thread count: the runs' one, as theirs
+        torch.set_num_threads(int(run_env(ctx)["OMP_NUM_THREADS"]))
     try:
         fresh_accelerate_state()
         t0 = time.perf_counter()
         ref_rc = train(load_config(RECIPE, config_args(run_values(ctx, model_dir, ref_out))))
         res["reference_s"] = round(time.perf_counter() - t0, 2)
+        res["repeat_rc"] = repeat.wait(timeout=p.unit_timeout_s)
     except BaseException:
-        proc.kill()  # the reference broke: the run beside it is of no use
+        proc.kill()  # the reference broke: the runs beside it are of no use
+        repeat.kill()
         raise
     finally:
+        torch.set_num_threads(threads)
         killer.join()
     if ref_rc != 0:
         raise RuntimeError(f"the reference run exited {ref_rc}")
@@ -141,7 +164,9 @@ def resume_unit(ctx: Context, model_dir: str) -> dict:
     res.update(resumed_rc=rerun.returncode, rerun_s=round(time.perf_counter() - t0, 2),
                resumed="resumed from" in log.read_text(errors="replace"))
     if rerun.returncode == 0 and res["killed_at_checkpoint"]:
-        res.update(compare(ref_out, out))
+        res["resumed_vs_reference"] = compare(ref_out, out)
+    if res["repeat_rc"] == 0:
+        res["repeat_vs_reference"] = compare(ref_out, repeat_out)
     return res
 
 

@@ -62,10 +62,16 @@ def resume_rows(f: dict) -> list[tuple[str, str]]:
     if not f:
         return []
     text = f"killed at {f['killed_at_checkpoint']}, resumed from step {f['resumed_from_step']}"
-    if "weights_rel_l2" in f:
-        text += (f"; weights rel L2 {f['weights_rel_l2']:.1e} (max abs {f['weights_max_abs']:.1e}), "
-                 f"losses rel {f['loss_rel_max']:.1e}")
-    return [("kill + re-run", text)]
+    rows = [("kill + re-run", text)]
+    for key, label in (("resumed_vs_reference", "resumed vs uninterrupted"),
+                       ("repeat_vs_reference", "two uninterrupted runs")):
+        if key in f:
+            d = f[key]
+            rows.append((label, f"weights rel L2 {d['weights_rel_l2']:.1e} (max abs {d['weights_max_abs']:.1e}), "
+                                f"losses rel {d['loss_rel_max']:.1e}"))
+    if "limits" in f:
+        rows.append(("limits", f"weights {f['limits']['weights_rel_l2']:.1e}, losses {f['limits']['loss_rel_max']:.1e}"))
+    return rows
 
 
 FORMATS = {"sanity": sanity_rows, "train": train_rows, "infer": infer_rows, "confidence": confidence_rows,
