@@ -10,11 +10,16 @@ else is CSV with a header line (names must be unique). Every problem is a `UserE
 the file and, where there is one, the line: a missing, unreadable or non-regular file, undecodable bytes,
 an empty file, broken JSON, JSON nested too deeply, a non-object record, a duplicated CSV column, a row with
 the wrong number of fields.
+
+`read_rows` returns `Rows`: a list that also carries a fingerprint of what it was read from (the file's bytes and
+this reader's code), so that the token cache can name the data without hashing every row again.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -31,7 +36,37 @@ class Row:
     values: dict
 
 
+class Rows(list):
+    """The rows of one source as read, and `fingerprint`: a digest of the source (its bytes, or a Hub revision)
+    and of the reader code. A slice or any other new list is a plain list, without one, so
+    only the list as read (and checked in place by its task) is named by it."""
+
+    def __init__(self, rows, fingerprint: str | None = None):
+        super().__init__(rows)
+        self.fingerprint = fingerprint
+
+
+@functools.cache
+def reader_identity() -> str:
+    """The code that turns a file into rows (this module and app.sources): a change to it may change the rows."""
+    from app import sources
+
+    h = hashlib.sha256()
+    for module in (__file__, sources.__file__):
+        h.update(Path(module).read_bytes())
+    return h.hexdigest()
+
+
+def source_fingerprint(kind: str, digest: str) -> str:
+    return hashlib.sha256(f"{kind}\0{digest}\0{reader_identity()}".encode()).hexdigest()
+
+
 def read_text(path: Path) -> str:
+    return decode_text(path, read_bytes(path))
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of a regular file; a missing, non-regular or unreadable one is a one-line error."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
@@ -43,6 +78,10 @@ def read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    return raw
+
+
+def decode_text(path: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8-sig")  # course files start with a UTF-8 BOM
     except UnicodeDecodeError as err:
@@ -61,11 +100,13 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     if sources.handles(path):
         return sources.read_rows(path, required)
     path = Path(path)
-    text = read_text(path)
+    raw = read_bytes(path)
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        text = decode_text(path, raw)
         rows = _read_json_array(path, text) if text.lstrip().startswith("[") else _read_jsonl(path, text)
     else:
-        rows = _read_csv(path, text)
+        decode_text(path, raw)  # undecodable bytes and an empty file are reported here, naming the line
+        rows = _read_csv(path, raw)
     if not rows:
         raise UserError(f"{path}: no data rows")
     missing = [c for c in required if c not in rows[0].values]
@@ -73,7 +114,7 @@ def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
         have = ", ".join(rows[0].values) or "none"
         line = 1 if path.suffix.lower() not in (".jsonl", ".ndjson") else rows[0].line  # the CSV header
         raise UserError(f"{path}:{line}: missing column(s) {', '.join(missing)} (columns found: {have})")
-    return rows
+    return Rows(rows, source_fingerprint("file", hashlib.sha256(raw).hexdigest()))
 
 
 def csv_field(value) -> str:
@@ -90,8 +131,10 @@ def csv_text(header: list[str], rows) -> str:
     return "".join(",".join(csv_field(v) for v in row) + "\n" for row in [header, *rows])
 
 
-def _read_csv(path: Path, text: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv(path: Path, raw: bytes) -> list[Row]:
+    # decoded a block at a time: a StringIO of the whole text would hold it at 4 bytes a character (400 MB for a
+    # 100 MB file) on top of the rows; newline="" keeps line ends as they are, as the csv module wants
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as err:

@@ -14,7 +14,9 @@ Hub datasets are fetched with `huggingface_hub.snapshot_download` into the Huggi
 `hf:org/nli::validation` names a split with the default config. Without a split: `train`, or the only split there is.
 Offline with nothing cached is one line naming the id and the prefetch command (`python -m app download data ID`).
 
-`describe(source)` gives what a run records in `data_sources.json`: kind, path or id, revision, fingerprint.
+`describe(source)` gives what a run records in `data_sources.json`: kind, path or id, revision, fingerprint. The rows
+carry that fingerprint too (app.data.Rows, with the datasets and pyarrow versions that typed the values): the token
+cache names them by it.
 """
 
 from __future__ import annotations
@@ -191,9 +193,9 @@ def fingerprint_path(path: Path) -> str:
 
 
 def read_rows(source, required: tuple[str, ...] = ()):
-    """Rows (app.data.Row, line = record number) of a Parquet file, save_to_disk directory or Hub id; the
-    `required` columns must exist."""
-    from app.data import Row
+    """Rows (app.data.Rows of Row, line = record number, with the source's fingerprint) of a Parquet file,
+    save_to_disk directory or Hub id; the `required` columns must exist."""
+    from app.data import Row, Rows, source_fingerprint
 
     name = str(source)
     dataset, info = load_hub(name) if is_hub_id(name) else load_local(Path(source))
@@ -204,7 +206,16 @@ def read_rows(source, required: tuple[str, ...] = ()):
         raise UserError(f"{name}: missing column(s) {', '.join(missing)} (columns found: {', '.join(columns) or 'none'})")
     if len(dataset) == 0:
         raise UserError(f"{name}: no data rows")
-    return [Row(i + 1, values) for i, values in enumerate(dataset.to_list())]
+    # the values' Python types come from datasets and pyarrow: their versions are part of what the rows are
+    versions = f"{info['fingerprint']} datasets {import_datasets().__version__} pyarrow {_pyarrow_version()}"
+    return Rows([Row(i + 1, values) for i, values in enumerate(dataset.to_list())],
+                source_fingerprint(info["kind"], versions))
+
+
+def _pyarrow_version() -> str:
+    import pyarrow
+
+    return pyarrow.__version__
 
 
 def describe(source) -> dict:

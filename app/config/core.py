@@ -44,6 +44,10 @@ class DataSection(Section):
     token_cache_dir: NonEmpty | None = Field(
         None, description="where tokenized data is cached (shared by runs); None = out_dir/token_cache"
     )
+    num_proc: int = Field(
+        1, ge=1, description="processes that tokenize the data (contiguous chunks; the same features as 1); each "
+        "training process starts its own"
+    )
 
 
 class ModelSection(Section):
