@@ -24,7 +24,9 @@ SETUPS = ("tokens", "tokens_pair", "full")
 
 def run(ctx: Context) -> dict:
     figures, checks, notes = {}, [], []
-    tol = 2e-2 if ctx.profile.cuda else 1e-4  # bf16 autocast on CUDA; fp32 on CPU
+    # bf16 autocast on CUDA: rounding moves the summed loss by ~1e-4 relative, while gathering the wrong row moves it
+    # by ~4e-2 (one random logit's spread over 8 rows); fp32 on CPU
+    tol = 2e-3 if ctx.profile.cuda else 1e-4
     for vocab in ctx.profile.conf_vocabs:
         key = f"vocab_{vocab // 1000}k"
         if ctx.over_budget("confidence"):

@@ -60,9 +60,26 @@ def run(ctx: Context) -> dict:
         checks.append(check(f"{name} trains", finite and res["steps"] > 0,
                             f"{len(res['losses'])} losses, first {res['losses'][0]:.4f}, last {res['losses'][-1]:.4f}"))
     figures["ratios"] = ratios(figures)
+    checks += same_first_loss(ctx, figures)
     for name, why in skipped.items():
         notes.append(f"{name} skipped: {why}")
     return {"figures": figures, "checks": checks, "notes": notes, "skipped": skipped}
+
+
+def same_first_loss(ctx: Context, figures: dict) -> list[dict]:
+    """Activation checkpointing must not change what is computed: the first step (LoRA B is still zero, so dropout
+    does not matter yet; the same batches) gives the same loss with it on and off. With it off the engine also
+    shares the prompt prefix, so this compares that path with the plain one too."""
+    tol = 1e-2 if ctx.profile.cuda else 1e-5
+    out = []
+    for prefix in ("engine_lora", "engine_qlora"):
+        on, off = figures.get(f"{prefix}_ckpt"), figures.get(f"{prefix}_nockpt")
+        if on and off:
+            a, b = on["losses"][0], off["losses"][0]
+            rel = abs(a - b) / max(abs(b), 1e-12)
+            out.append(check(f"{prefix}: same first loss with checkpointing on and off", rel <= tol,
+                             f"{a:.5f} vs {b:.5f}, relative {rel:.1e} (limit {tol:g})"))
+    return out
 
 
 def ratios(figures: dict) -> dict:
