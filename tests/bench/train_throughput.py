@@ -129,9 +129,24 @@ def rate(stamps: list[tuple[float, float]], tokens: list[int], padded: list[int]
 
 
 # --- this engine --------------------------------------------------------------------------------------------
+def plan_tokens(cfg, features, steps: int) -> tuple[list[int], list[int]]:
+    """Non-pad and padded tokens of each optimizer step, from the engine's own batch plan (one process)."""
+    from app.engine.batching import BatchPlan
+
+    lengths = tuple(len(f.input_ids) for f in features)
+    plan = BatchPlan(lengths, cfg.micro_batch_size, 1, cfg.batch_size // cfg.micro_batch_size, cfg.seed,
+                     cfg.group_by_length)
+    tokens, padded = [], []
+    for s in range(steps):
+        epoch, k = plan.position(s)
+        slots = plan.epoch_order(epoch)[k]
+        tokens.append(sum(lengths[i] for mb in slots for i in mb))
+        padded.append(sum(len(mb) * max(lengths[i] for i in mb) for mb in slots))
+    return tokens, padded
+
+
 def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features, extra: tuple[str, ...] = ()) -> dict:
     import app.engine.loop as engine
-    from app.engine.batching import BatchPlan
 
     out_dir = Path(tempfile.mkdtemp(prefix="engine-", dir=tmp))
     cfg = engine_config(model_dir, out_dir, steps, extra)
@@ -142,16 +157,7 @@ def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features, extr
     if rc != 0:
         raise RuntimeError(f"engine exited {rc}")
 
-    # the batches it trained, from the same plan it uses
-    lengths = tuple(len(f.input_ids) for f in features)
-    accumulation = cfg.batch_size // cfg.micro_batch_size
-    plan = BatchPlan(lengths, cfg.micro_batch_size, 1, accumulation, cfg.seed, cfg.group_by_length)
-    tokens, padded = [], []
-    for s in range(steps):
-        epoch, k = plan.position(s)
-        slots = plan.epoch_order(epoch)[k]
-        tokens.append(sum(lengths[i] for mb in slots for i in mb))
-        padded.append(sum(len(mb) * max(lengths[i] for i in mb) for mb in slots))
+    tokens, padded = plan_tokens(cfg, features, steps)  # the batches it trained, from the same plan it uses
     res = rate(stamps, tokens, padded, skip)
     # the engine's own figure, for comparison: tokens_per_s of every log window after the first
     logged = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]

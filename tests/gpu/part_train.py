@@ -142,22 +142,6 @@ def summarise(stamps, tokens, padded, skip: int, memory: dict, total_s: float) -
     return res
 
 
-def plan_tokens(cfg, features, steps: int) -> tuple[list[int], list[int]]:
-    """Non-pad and padded tokens of each optimizer step, from the engine's own batch plan."""
-    from app.engine.batching import BatchPlan
-
-    lengths = tuple(len(f.input_ids) for f in features)
-    plan = BatchPlan(lengths, cfg.micro_batch_size, 1, cfg.batch_size // cfg.micro_batch_size, cfg.seed,
-                     cfg.group_by_length)
-    tokens, padded = [], []
-    for s in range(steps):
-        epoch, k = plan.position(s)
-        slots = plan.epoch_order(epoch)[k]
-        tokens.append(sum(lengths[i] for mb in slots for i in mb))
-        padded.append(sum(len(mb) * max(lengths[i] for i in mb) for mb in slots))
-    return tokens, padded
-
-
 def setup_config(ctx: Context, model_dir: str, name: str, quantization, ckpt: bool):
     from kit import recipe_config
 
@@ -195,6 +179,8 @@ def engine_setup(ctx: Context, model_dir: str, quantization, ckpt: bool) -> dict
         total = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"engine exited {rc}")
+    from train_throughput import plan_tokens
+
     tokens, padded = plan_tokens(cfg, features, cfg.max_steps)
     res = summarise(stamps, tokens, padded, skip, memory, total)
     metrics = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
