@@ -8,8 +8,8 @@ sharded too; only trainable ones get gradients and optimizer state.
 
 Checkpoints do not change format with sharding: at save time the full weights are gathered to rank 0's CPU memory
 (one tensor at a time, the GPUs hold no more than their shards) and rank 0 writes them with the task's own save code:
-one consolidated safetensors file, as a single-process run writes it. The optimizer state is gathered to rank 0 and saved
-in full, keyed by parameter name: a checkpoint resumes on any number of processes, with or without sharding.
+one consolidated safetensors file, as a single-process run writes it. The optimizer state is gathered to rank 0 and
+saved in full, keyed by parameter name: a checkpoint resumes on any number of processes, with or without sharding.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def is_sharded(module: nn.Module) -> bool:
 
 def default_blocks(objective: nn.Module) -> list[nn.Module]:
     """The transformer blocks of the Hugging Face model inside a loss module (through a peft wrapper): the modules
-    whose class the model lists in `_no_split_modules` (e.g. MistralDecoderLayer), the unit sharding engines split on."""
+    whose class the model lists in `_no_split_modules` (e.g. MistralDecoderLayer), the unit sharding engines split
+    on."""
     from transformers import PreTrainedModel
 
     names = {n for m in objective.modules() if isinstance(m, PreTrainedModel) for n in m._no_split_modules or ()}

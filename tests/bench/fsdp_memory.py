@@ -11,10 +11,11 @@ differs.
 
 Memory: the parent samples every worker's resident set (VmRSS in /proc/PID/status) every 10 ms while the workers
 train (with MALLOC_MMAP_THRESHOLD_=131072 on both, so that glibc returns a freed tensor to the system at once and the
-resident set follows live memory, as a GPU's allocator statistics would), and stops counting a run when its final checkpoint starts (the .tmp-final directory appears): the figure is
-the training state (parameters + gradients + optimizer state + activations), not the save. The same two-process
-command on the embedded tiny model (under 1 MB of parameters) gives the baseline every process carries (Python,
-torch, transformers, gloo, data); `state = peak - baseline` per process, and the ratio FSDP/DDP is taken on that.
+resident set follows live memory, as a GPU's allocator statistics would), and stops counting a run when its final
+checkpoint starts (the .tmp-final directory appears): the figure is the training state (parameters + gradients +
+optimizer state + activations), not the save. The same two-process command on the embedded tiny model (under 1 MB
+of parameters) gives the baseline every process carries (Python, torch, transformers, gloo, data);
+`state = peak - baseline` per process, and the ratio FSDP/DDP is taken on that.
 Ideal: 0.5 (each process holds half of everything); DDP also keeps gradient buckets (one more copy of the
 gradients).
 
