@@ -559,3 +559,20 @@ def test_stats_bad_tokenizer_and_combine_of_a_first_pass(server, tmp_path, capsy
     assert code == 0, err
     train = read_table(tmp_path / "train.csv")
     assert [int(r["row"]) for r in train] == [1, 2, 4, 5] and {r["source"] for r in train} == {"direct"}
+
+
+def test_request_keys_are_the_hash_of_the_sorted_compact_request_json():
+    """The on-disk cache format: a key is sha256 of the key-sorted, compact JSON of the request; the
+    one-serialization path for several parameter sets gives exactly those bytes."""
+    import hashlib
+
+    from app.tasks.nli_cot.datagen.cache import request_key, request_keys
+
+    messages = [{"role": "system", "content": "Réponds en JSON"}, {"role": "user", "content": "<premise>a\nb</premise>"}]
+    variants = [{"temperature": 0.0, "max_tokens": 256}, {"temperature": 0.0, "max_tokens": 256,
+                                                            "response_format": {"name": "nli", "schema": {"z": 1}}}]
+    want = [hashlib.sha256(json.dumps({"model": "m", "messages": messages, "params": p, "prompt_version": "v1"},
+                                      sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+            for p in variants]
+    assert request_keys("m", messages, variants, "v1") == want
+    assert [request_key("m", messages, p, "v1") for p in variants] == want

@@ -20,9 +20,8 @@ FORMAT = "app.cot.cache/1"
 
 
 def request_key(model: str, messages: list[dict], params: dict, prompt_version: str) -> str:
-    blob = json.dumps({"model": model, "messages": messages, "params": params, "prompt_version": prompt_version},
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    """sha256 of the compact, key-sorted JSON of {"messages", "model", "params", "prompt_version"}."""
+    return request_keys(model, messages, [params], prompt_version)[0]
 
 
 def _dumps(value) -> str:
@@ -31,7 +30,7 @@ def _dumps(value) -> str:
 
 def request_keys(model: str, messages: list[dict], variants: list[dict], prompt_version: str) -> list[str]:
     """request_key for each of several parameter sets of one request, the messages serialized and hashed once:
-    the same bytes as request_key's sorted dump ("messages" < "model" < "params" < "prompt_version")."""
+    the bytes of the key-sorted dump ("messages" < "model" < "params" < "prompt_version"), built in that order."""
     head = hashlib.sha256(('{"messages":' + _dumps(messages) + ',"model":' + _dumps(model)).encode("utf-8"))
     tail = ',"prompt_version":' + _dumps(prompt_version) + "}"
     keys = []
