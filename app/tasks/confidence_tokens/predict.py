@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.atomic import write_atomic, write_json_atomic
-from app.data import csv_text, read_rows
+from app.data import csv_text
 from app.errors import UserError
-from app.tasks.confidence_tokens.qa import QA, domain_tokens, raw_qa
+from app.tasks.confidence_tokens.qa import QA, domain_tokens, read_raw_qa
 
 DEFAULT_OUTPUT = "predictions.csv"
 DIGITS = 6  # confidence as written: what `infer` and the demo page both show
@@ -68,19 +68,12 @@ class CsvOutputs:
 
 def read_questions(path: Path, cfg) -> Questions:
     pairs = domain_tokens(cfg)
-    default = next(iter(pairs))
-    rows = read_rows(path, ("question",))
-    qas = []
-    for row in rows:
-        dataset = row.values.get("dataset") or default
-        if dataset not in pairs:
-            raise UserError(f"{path}:{row.line}: dataset {dataset!r} has no tokens in this checkpoint's "
-                            f"confidence_tokens (known: {', '.join(pairs)})")
-        qas.append(raw_qa(row.values, dataset, path, row.line, need_answer=False))
+    parsed = read_raw_qa(path, None, pairs, fallback=next(iter(pairs)), need_answer=False, required=("question",))
+    rows = [row for row, _, _ in parsed]
     ids = None
     if "id" in rows[0].values:
         ids = ["" if row.values.get("id") is None else str(row.values["id"]) for row in rows]
-    return Questions(path, qas, ids)
+    return Questions(path, [qa for _, _, qa in parsed], ids)
 
 
 def record(i: int, judged) -> dict:

@@ -120,17 +120,19 @@ def choice_text(question: str, options: dict[str, str]) -> str:
     return "\n".join(lines) + "\nAnswer with the letter of the correct option."
 
 
-def read_raw_qa(path, dataset: str | None, pairs: dict, limit: int | None = None) -> list[tuple[Row, str, object]]:
-    """(row, dataset, parsed QA) for each raw row of a file; the dataset is `dataset`, else the row's column, and
-    must have tokens in `pairs`. UserError naming file and line for anything unusable."""
-    rows = read_rows(path, () if dataset else ("dataset",))
+def read_raw_qa(path, dataset: str | None, pairs: dict, limit: int | None = None, *, fallback: str | None = None,
+                need_answer: bool = True, required: tuple[str, ...] = ()) -> list[tuple[Row, str, object]]:
+    """(row, dataset, parsed QA) for each raw row of a file; the dataset is `dataset`, else the row's column, else
+    `fallback`, and must have tokens in `pairs`; `need_answer` and the `required` columns as raw_qa and read_rows
+    take them. UserError naming file and line for anything unusable."""
+    rows = read_rows(path, required + (() if dataset or fallback else ("dataset",)))
     out = []
     for row in rows[:limit]:
-        name = dataset or row.values.get("dataset")
+        name = dataset or row.values.get("dataset") or fallback
         if name not in pairs:
             raise UserError(f"{path}:{row.line}: dataset {name!r} has no tokens in confidence_tokens "
                             f"(known: {', '.join(pairs)})")
-        out.append((row, name, raw_qa(row.values, name, path, row.line)))
+        out.append((row, name, raw_qa(row.values, name, path, row.line, need_answer)))
     return out
 
 
