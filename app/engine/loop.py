@@ -58,6 +58,27 @@ def make_accelerator(cfg: Config, ddp_options: dict | None = None):
     return Accelerator(mixed_precision=mp, cpu=not cuda, kwargs_handlers=handlers)
 
 
+def uses_fsdp(cfg: Config, world: int) -> bool:
+    """Whether this run shards with FSDP2 (parallelism='fsdp' on more than one process)."""
+    if cfg.parallelism != "fsdp":
+        return False
+    if cfg.quantization is not None:
+        raise UserError(f"parallelism='fsdp' does not shard quantized weights (quantization={cfg.quantization!r}): "
+                        "use parallelism='ddp' for QLoRA, or quantization=None")
+    if world == 1:
+        log.warning("parallelism='fsdp' on one process: nothing to shard over, training unsharded")
+        return False
+    return True
+
+
+def gradient_sync(accelerator, model, sync: bool, sharded: bool):
+    """The context of one micro batch's backward: gradients synchronised only on the last of an optimizer step."""
+    if sharded:
+        fsdp.gradient_sync(model, sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
 def accumulation_steps(cfg: Config, world: int) -> int:
     """Micro batches per optimizer step on each process: batch_size / (micro_batch_size x processes), exactly."""
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -161,8 +182,8 @@ class StopFlag:
 # --- checkpoints ------------------------------------------------------------------------------------------
 def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg,
                     sharded: bool = False) -> Path:
-    """Every process calls this. Sharded: the optimizer state is gathered to rank 0 and the full weights to every
-    process while rank 0 writes them, so the checkpoint is the same as a single process writes."""
+    """Every process calls this. Sharded: the optimizer state and the full weights are gathered to rank 0 while it
+    writes them, so the checkpoint is the same as a single process writes."""
     out = cfg.out_path
     tmp, final = ckpt.temp_dir(out, name), ckpt.checkpoints_dir(out) / name
     if accelerator.is_main_process:
@@ -195,27 +216,6 @@ def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimi
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
-def uses_fsdp(cfg: Config, world: int) -> bool:
-    """Whether this run shards with FSDP2 (parallelism='fsdp' on more than one process)."""
-    if cfg.parallelism != "fsdp":
-        return False
-    if cfg.quantization is not None:
-        raise UserError(f"parallelism='fsdp' does not shard quantized weights (quantization={cfg.quantization!r}): "
-                        "use parallelism='ddp' for QLoRA, or quantization=None")
-    if world == 1:
-        log.warning("parallelism='fsdp' on one process: nothing to shard over, training unsharded")
-        return False
-    return True
-
-
-def gradient_sync(accelerator, model, sync: bool, sharded: bool):
-    """The context of one micro batch's backward: gradients synchronised only on the last of an optimizer step."""
-    if sharded:
-        fsdp.gradient_sync(model, sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
-
-
 @contextlib.contextmanager
 def eval_out_dir(cfg: Config, is_main: bool):
     """Where an evaluation writes its files: the run directory on rank 0, a scratch directory removed afterwards on
