@@ -97,3 +97,22 @@ def read_metrics(out_dir: Path) -> dict[int, dict]:
         entry = json.loads(line)
         merged.setdefault(entry.pop("step"), {}).update(entry)
     return merged
+
+
+def losses(out_dir: Path) -> list[float]:
+    """The logged training loss of every step, in step order."""
+    return [v["loss"] for _, v in sorted(read_metrics(out_dir).items()) if "loss" in v]
+
+
+def capture_model(monkeypatch) -> dict:
+    """{"model": the model the engine trains}, captured when the NLI task builds its objective."""
+    from app.tasks.nli_cot.task import NliCot
+
+    captured, original = {}, NliCot.objective
+
+    def spy(self, model, cfg=None):
+        captured["model"] = model
+        return original(self, model, cfg)
+
+    monkeypatch.setattr(NliCot, "objective", spy)
+    return captured

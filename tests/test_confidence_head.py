@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import ALL_LINEAR, ROOT, read_metrics
+from conftest import ALL_LINEAR, ROOT, losses, read_metrics
 
 from app.config import load_config
 from app.data import Row
@@ -74,10 +74,6 @@ def lora_run(tiny_model_dir, tmp_path_factory) -> dict:
     return trained(ch_config(tiny_model_dir, out, finetuning="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0,
                              target_modules=ALL_LINEAR, learning_rate=2e-3, max_steps=32, eval_every=32,
                              batch_size=16, micro_batch_size=16))
-
-
-def losses(out: Path) -> list[float]:
-    return [v["loss"] for _, v in sorted(read_metrics(out).items()) if "loss" in v]
 
 
 def dev_rows(n: int = 24) -> list[Row]:

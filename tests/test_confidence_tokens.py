@@ -23,7 +23,7 @@ from app.tasks.confidence_tokens.qa import all_tokens, domain_tokens, parse_choi
 from app.tasks.confidence_tokens.sample import synthetic_raw, synthetic_tagged
 from app.tasks.confidence_tokens.task import ConfidenceTokens
 from app.engine.loop import train
-from conftest import ALL_LINEAR, ROOT, read_metrics
+from conftest import ALL_LINEAR, ROOT, losses, read_metrics
 
 TINY_CONFIG = ROOT / "configs" / "confidence_tokens_tiny.py"
 SAMPLE = ROOT / "data" / "sample" / "confidence"
@@ -39,10 +39,6 @@ def ct_args(model_dir: Path, out_dir: Path, **overrides) -> list[str]:
 
 def ct_config(model_dir: Path, out_dir: Path, **overrides):
     return load_config(TINY_CONFIG, ct_args(model_dir, out_dir, **overrides))
-
-
-def losses(out_dir) -> list[float]:
-    return [v["loss"] for _, v in sorted(read_metrics(out_dir).items()) if "loss" in v]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -6,13 +6,12 @@ Marked `cuda`: skipped without a GPU (every CPU run, CI included); tests/gpu/che
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import capture_model, losses, tiny_config
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,28 +22,10 @@ CUDA = torch.device("cuda")
 BF16 = dict(dtype="bfloat16", mixed_precision="bf16")
 
 
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
-def spy_model(monkeypatch) -> dict:
-    """The model the engine trains (captured when the task builds its objective)."""
-    from app.tasks.nli_cot.task import NliCot
-
-    captured, original = {}, NliCot.objective
-
-    def spy(self, model, cfg):
-        captured["model"] = model
-        return original(self, model, cfg)
-
-    monkeypatch.setattr(NliCot, "objective", spy)
-    return captured
-
-
 def test_bf16_lora_trains_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
     from app.engine.loop import train
 
-    captured = spy_model(monkeypatch)
+    captured = capture_model(monkeypatch)
     out = tmp_path / "run"
     cfg = tiny_config(tiny_model_dir, out, finetuning="lora", learning_rate=1e-2, max_steps=6, batch_size=8,
                       micro_batch_size=4, **BF16)
@@ -64,7 +45,7 @@ def test_qlora_4bit_trains_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
 
     from app.engine.loop import train
 
-    captured = spy_model(monkeypatch)
+    captured = capture_model(monkeypatch)
     out = tmp_path / "qlora"
     cfg = tiny_config(tiny_model_dir, out, finetuning="lora", quantization="4bit", bnb_4bit_compute_dtype="bfloat16",
                       max_steps=4, batch_size=4, micro_batch_size=4, **BF16)

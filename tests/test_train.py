@@ -11,27 +11,11 @@ from safetensors.torch import load_file
 from app.engine import checkpoint as ckpt
 from app.tasks.nli_cot.task import NliCot
 from app.engine.loop import train
-from conftest import ALL_LINEAR, read_metrics, tiny_config
-
-
-def losses(out_dir):
-    return [v["loss"] for _, v in sorted(read_metrics(out_dir).items()) if "loss" in v]
+from conftest import ALL_LINEAR, capture_model, losses, read_metrics, tiny_config
 
 
 def falls(values, ratio=0.7, k=3):
     return sum(values[-k:]) / k < ratio * sum(values[:k]) / k
-
-
-def capture_model(monkeypatch) -> dict:
-    captured = {}
-    original = NliCot.objective
-
-    def spy(self, model, cfg=None):
-        captured["model"] = model
-        return original(self, model, cfg)
-
-    monkeypatch.setattr(NliCot, "objective", spy)
-    return captured
 
 
 def test_full_finetuning_loss_falls_and_weights_change(tiny_model_dir, tmp_path, monkeypatch):
