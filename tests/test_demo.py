@@ -246,12 +246,16 @@ def browser(tmp_path_factory):
     b.close()
 
 
-def test_browser_submits_a_pair_and_reads_the_label(server, browser):
-    browser.call("Page.navigate", url=server + "/")
+def submit_form(browser, url: str, values: dict[str, str]) -> None:
+    """Open the page, type the values into the fields of those ids and press the submit button."""
+    browser.call("Page.navigate", url=url + "/")
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
-    browser.js(f"document.getElementById('premise').value = {json.dumps(PAIR[0])};"
-               f"document.getElementById('hypothesis').value = {json.dumps(PAIR[1])};"
-               "document.getElementById('submit').click(); true")
+    browser.js("".join(f"document.getElementById({json.dumps(k)}).value = {json.dumps(v)};" for k, v in values.items())
+               + "document.getElementById('submit').click(); true")
+
+
+def test_browser_submits_a_pair_and_reads_the_label(server, browser):
+    submit_form(browser, server, {"premise": PAIR[0], "hypothesis": PAIR[1]})
     label = browser.wait_for("document.getElementById('label') && document.getElementById('label').textContent")
     assert label in ("0", "1")
     assert browser.js("document.getElementById('premise').value") == PAIR[0]
@@ -261,11 +265,7 @@ def test_browser_submits_a_pair_and_reads_the_label(server, browser):
 
 
 def test_browser_shows_a_message_for_a_blank_field(server, browser):
-    browser.call("Page.navigate", url=server + "/")
-    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
-    browser.js("document.getElementById('premise').value = 'The lamp is in the kitchen.';"
-               "document.getElementById('hypothesis').value = '   ';"
-               "document.getElementById('submit').click(); true")
+    submit_form(browser, server, {"premise": "The lamp is in the kitchen.", "hypothesis": "   "})
     error = browser.wait_for("document.getElementById('error') && document.getElementById('error').textContent")
     assert "hypothesis is empty" in error
     browser.screenshot(ARTIFACTS / "demo_error.png")
@@ -383,11 +383,7 @@ def test_confidence_head_page_scores_equal_infer(ch_server, ch_checkpoint, tmp_p
 
 
 def test_browser_reads_answer_and_confidence(ct_server, browser):
-    browser.call("Page.navigate", url=ct_server + "/")
-    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
-    browser.js(f"document.getElementById('passage').value = {json.dumps(QUESTION[0])};"
-               f"document.getElementById('question').value = {json.dumps(QUESTION[1])};"
-               "document.getElementById('submit').click(); true")
+    submit_form(browser, ct_server, {"passage": QUESTION[0], "question": QUESTION[1]})
     label = browser.wait_for("document.getElementById('label') && document.getElementById('label').textContent")
     assert label
     value = float(browser.js("document.getElementById('confidence').dataset.value"))
