@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import UserError
+from app.packages import missing
 
-INSTALL_HINT = "pip install 'finetune-runner[data]' (the `datasets` package)"
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _HUB = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[^:]+))?(?P<rest>(?::[^:]*){0,2})$")
 
@@ -73,7 +73,7 @@ def import_datasets():
     try:
         import datasets
     except ImportError:
-        raise UserError(f"reading Parquet, save_to_disk directories and Hub datasets needs `datasets`: {INSTALL_HINT}") from None
+        raise missing("datasets", "reading Parquet, save_to_disk directories and Hub datasets") from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     return datasets

@@ -7,7 +7,7 @@ import math
 import torch
 
 from app.config import Config
-from app.errors import UserError
+from app.packages import missing
 
 
 def make_optimizer(cfg: Config, groups: list[dict]):
@@ -23,7 +23,7 @@ def make_optimizer(cfg: Config, groups: list[dict]):
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise UserError(f"optimizer={cfg.optimizer!r} needs bitsandbytes: pip install 'finetune-runner[quant]'") from None
+        raise missing("bitsandbytes", f"optimizer={cfg.optimizer!r}") from None
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
     return cls(groups, **kwargs)

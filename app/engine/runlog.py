@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.atomic import write_atomic
 from app.config import Config
-from app.errors import UserError
+from app.packages import missing
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RunLog:
             try:
                 import wandb
             except ImportError:
-                raise UserError("wandb=True needs the wandb package: pip install wandb") from None
+                raise missing("wandb", "wandb=True", "--wandb=False (metrics.jsonl and TensorBoard are always written)") from None
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(cfg.out_path), config=cfg.model_dump(),
                                     resume="allow", id=cfg.out_path.resolve().name)
 

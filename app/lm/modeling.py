@@ -13,6 +13,7 @@ import torch
 
 from app.config import Config
 from app.errors import UserError
+from app.packages import missing
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def resolve_attn_implementation(cfg: Config, device: torch.device) -> str:
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserError("attn_implementation='flash_attention_2' needs flash-attn: pip install flash-attn (GPU only)")
+        raise missing("flash-attn", "attn_implementation='flash_attention_2'", "leave attn_implementation='auto' (sdpa)")
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -65,7 +66,7 @@ def _quantization_config(cfg: Config, compute_dtype: torch.dtype):
     if cfg.quantization is None:
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"quantization={cfg.quantization!r} needs bitsandbytes: pip install 'finetune-runner[quant]'")
+        raise missing("bitsandbytes", f"quantization={cfg.quantization!r}")
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":

@@ -43,6 +43,7 @@ from pathlib import Path
 from app.atomic import write_atomic, write_json_atomic
 from app.data import csv_text, parse_binary_label, read_rows
 from app.errors import UserError
+from app.packages import missing
 from app.metrics.classification import classification_metrics, format_table
 from app.tasks.nli_cot.prompts import build_prompt
 
@@ -180,7 +181,8 @@ def predictions_csv(records: list[dict], ids: list[str] | None) -> str:
     return csv_text(head, rows)
 
 
-_NO_VLLM = "backend='vllm' needs vLLM, which is not installed: pip install vllm (needs a GPU), or use --backend=hf"
+def _no_vllm() -> UserError:
+    return missing("vllm", "backend='vllm' (a GPU)", "use --backend=hf")
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 512)
 
 
@@ -190,7 +192,7 @@ def vllm_predictions(cfg, checkpoint: Path, tokenizer, values: list[dict], skip)
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
     except ImportError:
-        raise UserError(_NO_VLLM) from None
+        raise _no_vllm() from None
     from app.tasks.nli_cot.extract import extract_label
     from app.lm.modeling import is_adapter_dir
     from app.tasks.nli_cot.task import Prediction
@@ -278,7 +280,7 @@ class NliPredictor:
     def __init__(self, task, cfg):
         self.task = task
         if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise UserError(_NO_VLLM)
+            raise _no_vllm()
 
     def fingerprint_parts(self, cfg) -> dict:
         return {}
