@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # A path or name that must not be empty: an unset shell variable (`--out_dir=$RUN`) is an error, not the cwd.
 NonEmpty = Annotated[str, Field(min_length=1, pattern=r"\S")]
@@ -130,6 +130,16 @@ class OptimSection(Section):
         "draws one mask for those tokens); off: every row computes it",
     )
     seed: int = Field(1234, description="seed for weights init, data order and dropout")
+
+    @field_validator("fsdp_cpu_offload")
+    @classmethod
+    def _offload_needs_fsdp(cls, offload: bool, info: ValidationInfo) -> bool:
+        # parallelism is declared first, so it is validated by now (absent only when it is itself invalid)
+        parallelism = info.data.get("parallelism", "fsdp")
+        if offload and parallelism != "fsdp":
+            raise ValueError(f"needs parallelism='fsdp' (parallelism={parallelism!r} keeps no sharded state to "
+                             "offload); set parallelism='fsdp' or drop fsdp_cpu_offload")
+        return offload
 
 
 class EvalSection(Section):
