@@ -7,6 +7,10 @@ items of the whole global batch without talking to the others.
 Length grouping: each epoch's shuffled order is cut into windows of `GROUP_WINDOW` global batches, each
 window sorted by length and cut into micro-batches, and the global batches are shuffled again so long
 and short batches alternate over the epoch (the same idea as the usual length-grouped sampler).
+
+Windows (`window` > 0): every time an example is drawn, the step trains on `window` of its tokens from an offset drawn
+uniformly over the example, seeded by (seed, epoch, step) (language-model training on random crops of a long text).
+The offsets are part of the plan, so a resumed run cuts the same windows.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class BatchPlan:
     accumulation: int
     seed: int
     group_by_length: bool = True
+    window: int = 0  # > 0: examples are cut to windows of this many tokens at seeded random offsets
 
     @property
     def global_batch(self) -> int:
@@ -54,6 +59,16 @@ class BatchPlan:
         """(epoch, step within epoch) of a global step."""
         return divmod(step, self.steps_per_epoch)
 
+    def window_starts(self, epoch: int, step_in_epoch: int, slots: list[list[int]]) -> list[list[int]]:
+        """[micro-batch slot] -> where each example's window starts at this step (0 for one that fits the window)."""
+        rng = np.random.default_rng([self.seed, epoch, step_in_epoch, 1])  # a stream apart from epoch_order's
+        spans = np.maximum(np.asarray(self.lengths)[np.asarray(slots)] - self.window, 0) + 1
+        return rng.integers(0, spans).tolist()
+
+    def rank_slots(self, rank: int) -> list[int]:
+        """The micro-batch slots of one process, in accumulation order."""
+        return [a * self.world_size + rank for a in range(self.accumulation)]
+
     def micro_batches(self, epoch_steps: list[list[list[int]]], step_in_epoch: int, rank: int) -> list[list[int]]:
         slots = epoch_steps[step_in_epoch]
-        return [slots[a * self.world_size + rank] for a in range(self.accumulation)]
+        return [slots[s] for s in self.rank_slots(rank)]

@@ -139,12 +139,13 @@ def write_training_curves(out_dir: Path) -> None:
         log.warning("training curves not written: %s: %s", type(err).__name__, err)
 
 
-def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
-    """Tokenize; count, report and handle examples over max_seq_length as the config says."""
+def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str, limit: int | None = None) -> list[Feature]:
+    """Tokenize; count, report and handle examples over `limit` (max_seq_length) as the config says."""
+    limit = cfg.max_seq_length if limit is None else limit
     features, over = [], 0
     for row in rows:
         f = task.encode(row, tokenizer, cfg)
-        if len(f.input_ids) > cfg.max_seq_length:
+        if len(f.input_ids) > limit:
             over += 1
             if cfg.overlength == "error":
                 raise UserError(f"{path}:{row.line}: {len(f.input_ids)} tokens > max_seq_length={cfg.max_seq_length} "
@@ -160,6 +161,35 @@ def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feat
         log.warning("%s: %d of %d examples longer than max_seq_length=%d (%s)", path, over, len(rows),
                     cfg.max_seq_length, cfg.overlength)
     return features
+
+
+def encode_window_sources(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
+    """The examples a windowed plan cuts its windows from, kept whole whatever their length (the windows are what
+    must fit max_seq_length)."""
+    return encode_all(task, rows, tokenizer, cfg, path, limit=sys.maxsize)
+
+
+def train_window(task: Task, cfg: Config) -> int:
+    """The task's training window (0: whole examples); one longer than max_seq_length is refused."""
+    window = task.train_window(cfg) or 0
+    if window > cfg.max_seq_length:
+        raise UserError(f"the training window of {window} tokens is longer than max_seq_length={cfg.max_seq_length}")
+    return window
+
+
+def cut_window(f: Feature, start: int, length: int) -> Feature:
+    """`length` tokens of an example from `start` (input ids and labels; extra as it is)."""
+    return Feature(f.input_ids[start : start + length], f.labels[start : start + length], f.line, f.extra)
+
+
+def step_examples(task: Task, plan: BatchPlan, features, loss_items, epoch: int, step_in_epoch: int, slots):
+    """[micro-batch slot] -> [(feature, loss counts)] of one optimizer step: the plan's examples or, with a windowed
+    plan, their windows at this step's offsets (counted here: a window holds part of its example's loss items)."""
+    if not plan.window:
+        return [[(features[i], loss_items[i]) for i in slot] for slot in slots]
+    starts = plan.window_starts(epoch, step_in_epoch, slots)
+    cut = [[cut_window(features[i], s, plan.window) for i, s in zip(slot, ss)] for slot, ss in zip(slots, starts)]
+    return [[(f, loss_counts(task, f)) for f in slot] for slot in cut]
 
 
 class StopFlag:
@@ -386,10 +416,12 @@ def _train(cfg: Config) -> int:
     accelerator.wait_for_everyone()
     from app.engine.token_cache import encode_cached
 
-    features = encode_cached(task, train_rows, tokenizer, cfg, cfg.train_file, "train", encode_all)
+    window = train_window(task, cfg)
+    features = encode_cached(task, train_rows, tokenizer, cfg, cfg.train_file, "train",
+                             encode_window_sources if window else encode_all)
     dev_features = encode_cached(task, dev_rows, tokenizer, cfg, cfg.dev_file, "dev", encode_all) if dev_rows else []
     plan = BatchPlan(tuple(len(f.input_ids) for f in features), cfg.micro_batch_size, world, accumulation,
-                     cfg.seed, cfg.group_by_length)
+                     cfg.seed, cfg.group_by_length, window)
     if plan.steps_per_epoch == 0:
         raise UserError(f"{cfg.train_file}: {len(features)} usable examples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
@@ -438,15 +470,15 @@ def _train(cfg: Config) -> int:
         if epoch != epoch_of_plan:
             epoch_steps, epoch_of_plan = plan.epoch_order(epoch), epoch
         # every process knows the whole global batch, so the loss normaliser needs no communication
-        slots = epoch_steps[step_in_epoch]
-        global_items = {n: sum(loss_items[i][n] for slot in slots for i in slot) for n in loss_names}
-        window_tokens += sum(plan.lengths[i] for slot in slots for i in slot)
+        examples = step_examples(task, plan, features, loss_items, epoch, step_in_epoch, epoch_steps[step_in_epoch])
+        global_items = {n: sum(items.get(n, 0) for slot in examples for _, items in slot) for n in loss_names}
+        window_tokens += sum(len(f.input_ids) for slot in examples for f, _ in slot)
 
         # ---- one optimizer step ----
         step_loss = torch.zeros(len(loss_names), device=device)
-        micro_batches = plan.micro_batches(epoch_steps, step_in_epoch, rank)
-        for k, indices in enumerate(micro_batches):
-            batch = to_device(task.collate([features[i] for i in indices], tokenizer.pad_token_id), device)
+        micro_batches = [examples[s] for s in plan.rank_slots(rank)]
+        for k, micro in enumerate(micro_batches):
+            batch = to_device(task.collate([f for f, _ in micro], tokenizer.pad_token_id), device)
             sync = k == len(micro_batches) - 1
             with gradient_sync(accelerator, ddp_objective, sync, sharded), accelerator.autocast():
                 sums = named_losses(ddp_objective(**batch))

@@ -9,6 +9,7 @@ Every method receives the context it needs (the config always), so a task keeps 
     load_rows(cfg, split)          read_rows(train_file / dev_file)     several files, mixing, raw validation rows
     encode(row, tokenizer, cfg)    (required)                           always: row -> Feature
     truncate(feature, limit)       cut prompt tokens after BOS          a smarter cut
+    train_window(cfg)              None: whole examples                 train on windows of N tokens at random offsets
     loss_items(feature)            target tokens                        other units; {"name": count} for several losses
     collate(features, pad_id)      right-padded ids, mask, labels       extra tensors (a plain int passes through)
     added_tokens(cfg)              none                                 special tokens to add (their rows train)
@@ -190,6 +191,11 @@ class Task:
             return None
         keep = [0, *range(1 + excess, len(f.input_ids))]
         return Feature([f.input_ids[i] for i in keep], [f.labels[i] for i in keep], f.line, f.extra)
+
+    def train_window(self, cfg: Config) -> int | None:
+        """Train on windows of this many tokens of each training example, cut at offsets the data plan draws anew
+        each time the example is drawn (app.engine.batching), or None for whole examples. Default: None."""
+        return None
 
     def loss_items(self, feature: Feature) -> int | dict[str, int]:
         """How many loss terms this example contributes (target tokens, marked positions, ...), or one count per

@@ -13,7 +13,8 @@ sdist (about 1.15 MB):
 
 The text is ASCII (the build checks it), so the byte-level tokenizer gives one token per character and a chunk of
 `context_length + 2` characters is exactly `context_length + 2` tokens. Train/dev split: the last
-`corpus_dev_fraction` of the characters is held out (contiguous, never seen in training).
+`corpus_dev_fraction` of the characters is held out (contiguous, never seen in training). The dev text is cut into
+fixed non-overlapping chunks (`chunks`); training reads windows at random offsets from `window_sources`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def split_text(text: str, dev_fraction: float) -> tuple[str, str]:
 def chunks(text: str, length: int) -> list[str]:
     """Non-overlapping windows of exactly `length` characters (a shorter tail is dropped)."""
     return [text[i : i + length] for i in range(0, len(text) - length + 1, length)]
+
+
+def window_sources(text: str, length: int) -> list[str]:
+    """What training windows of `length` characters are cut from: at every multiple of `length`, the text from there
+    on, `2 * length - 1` characters (fewer at the end, never fewer than `length`). A window at a uniform offset in a
+    source starts anywhere in that source's stride alike, so an epoch of windows covers every start position of the
+    text once in expectation, at a fresh alignment each epoch (nanoGPT samples uniform offsets; this stratifies them)."""
+    return [text[i : i + 2 * length - 1] for i in range(0, len(text) - length + 1, length)]
 
 
 def sha256(path: str | Path) -> str:

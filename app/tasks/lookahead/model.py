@@ -12,12 +12,18 @@ with zero confidence it always equals a MiniGPT whose LayerNorm weight is 1 + bi
 normed hidden state and predicts, per position, the loss the model will have one step further on (its gradient
 reaches the trunk as in the seed's definition, unless `detach_confidence` is set: then it trains the head only).
 
+Initialisation (GPT-2's, as nanoGPT): weights N(0, 0.02), biases zero, and the two projections that write into the
+residual stream (attention `proj`, MLP `out`) N(0, 0.02 / sqrt(2 * n_layer)), so the residual's variance does not
+grow with depth. `decay_groups` gives weight decay to matrices only (embeddings and Linear weights), not to biases and
+LayerNorms.
+
 `extend` runs only appended tokens on top of cached keys/values of a sequence the model already ran, each appended
 token at its own position and with its own attention mask over the cache: the cheap pass 2 of the lookahead step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -103,6 +109,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(s) for _ in range(s.n_layer))
         self.ln_f = nn.LayerNorm(s.d_model)
         self.apply(self._init)
+        for b in self.blocks:
+            for residual in (b.proj, b.out):
+                nn.init.normal_(residual.weight, std=residual_init_std(s.n_layer))
         self.confidence_predictor = None
         self.detach_confidence = False  # set by the task (confidence_trunk_grad=False); holds no weights
         if s.confidence:
@@ -159,6 +168,19 @@ class GPT(nn.Module):
         for block, kv in zip(self.blocks, cache):
             x, _ = block(x, c, kv, mask)
         return self._head(x)
+
+
+def residual_init_std(n_layer: int) -> float:
+    """Initial std of the projections into the residual stream: 2 * n_layer of them add up along the depth."""
+    return 0.02 / math.sqrt(2 * n_layer)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: the matrices (parameters of 2 or more dimensions) with `weight_decay`, the rest (biases,
+    LayerNorm weights) without; trainable parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def plain_mlp_width(n_layer: int, d_model: int, mlp_ratio: int) -> int:

@@ -1,8 +1,10 @@
 """Task `lookahead`: a from-scratch MiniGPT or ConfidenceAwareGPT on a character-level corpus, one engine run each.
 
-Rows are non-overlapping chunks of `context_length + 2` characters of the corpus (app.tasks.lookahead.corpus; the
-last `corpus_dev_fraction` is the dev text). The tokenizer is byte-level, built in-repo (256 byte tokens and
-`<pad>`), so a chunk is `context_length + 2` tokens.
+Training sequences are windows of `context_length + 2` characters of the corpus at random offsets: the train rows are
+`corpus.window_sources` and `train_window` has the engine's data plan cut each drawn row at an offset seeded by
+(seed, epoch, step), so a resumed run reads the same windows. Dev rows are fixed non-overlapping chunks of the last
+`corpus_dev_fraction` of the text. The tokenizer is byte-level, built in-repo (256 byte tokens and `<pad>`), so a
+window is `context_length + 2` tokens. Weight decay applies to matrices only (`model.decay_groups`).
 
 Losses (app.tasks.lookahead.step):
   plain                     {"lm"}: cross-entropy at all L positions
@@ -32,7 +34,7 @@ from app.config import Config
 from app.data import Row
 from app.errors import UserError
 from app.tasks.lookahead import corpus, step
-from app.tasks.lookahead.model import GPT, shapes
+from app.tasks.lookahead.model import GPT, decay_groups, shapes
 from app.tasks.protocol import EvalContext, Feature, Task
 
 WEIGHTS_FILE = "model.safetensors"
@@ -197,6 +199,9 @@ class Lookahead(Task):
         if objective.model.shape.confidence and path.is_file():
             objective.prev_conf = load_file(str(path))["prev_conf"].to(objective.prev_conf.device)
 
+    def param_groups(self, objective: nn.Module, cfg: Config) -> list[dict]:
+        return decay_groups(objective, cfg.weight_decay)
+
     def loss_weights(self, cfg: Config) -> dict[str, float]:
         return {"confidence": cfg.confidence_alpha}
 
@@ -207,15 +212,18 @@ class Lookahead(Task):
             raise UserError(f"max_seq_length={cfg.max_seq_length} < context_length + 2 = {need}")
         text = corpus.read_corpus(cfg.corpus_file, cfg.corpus_chars)
         train, dev = corpus.split_text(text, cfg.corpus_dev_fraction)
-        pieces = corpus.chunks(train if split == "train" else dev, need)
+        pieces = corpus.window_sources(train, need) if split == "train" else corpus.chunks(dev, need)
         if split == "train" and not pieces:
             raise UserError(f"{cfg.corpus_file}: no training chunk of {need} characters")
         return [Row(i + 1, {"text": t}) for i, t in enumerate(pieces)]
 
+    def train_window(self, cfg: Config) -> int:
+        return cfg.context_length + 2
+
     def encode(self, row: Row, tokenizer, cfg: Config) -> Feature:
         ids = tokenizer(row.values["text"], add_special_tokens=False).input_ids
-        if len(ids) != cfg.context_length + 2:
-            raise UserError(f"{cfg.corpus_file}: chunk {row.line}: {len(ids)} tokens, expected "
+        if len(ids) < cfg.context_length + 2:
+            raise UserError(f"{cfg.corpus_file}: chunk {row.line}: {len(ids)} tokens, expected at least "
                             f"{cfg.context_length + 2}")
         L = cfg.context_length
         if cfg.lookahead_model == "plain":
