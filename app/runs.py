@@ -251,6 +251,13 @@ def check_output(path: Path, input_path: Path) -> None:
         raise UserError(f"--output {path}: {existing} is not writable")
 
 
+def refuse_side_file_on_input(side: Path, what: str, output: Path, input_path: Path) -> None:
+    """Fail before any work when a side file of `output` (its stats, metrics or partial file) is the input."""
+    if side.resolve() == input_path.resolve():
+        raise UserError(f"{side}: is the input file, and the {what} file of output {output} would overwrite it; "
+                        "choose another output path")
+
+
 class JsonlOutputs:
     """Outputs of a predictor that writes JSON lines: OUT.jsonl, OUT.metrics.json and OUT.jsonl.partial.jsonl."""
 
@@ -296,6 +303,9 @@ def run_predictor(input_path, checkpoint: str | None, output, overrides=(), fres
     inputs = predictor.read_input(input_path, cfg)  # bad input fails before any model loads
     paths = predictor.output_paths(Path(output) if output else Path(predictor.default_output))
     check_output(paths.main, input_path)
+    for what, side in vars(paths).items():
+        if isinstance(side, Path) and side != paths.main:
+            refuse_side_file_on_input(side, what, paths.main, input_path)
     verify(ckpt)
     print(f"checkpoint: {ckpt} ({why})", file=sys.stderr)
 

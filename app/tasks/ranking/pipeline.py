@@ -45,11 +45,13 @@ def read_jsonl(path: Path, required: tuple[str, ...], step: str) -> list[dict]:
     from app.data import read_rows
 
     rows = read_rows(path)
+    hint = {"candidates": "ranking prepare", "rewards": "ranking candidates"}[step]
+    if not rows:
+        raise UserError(f"{path}: no rows (write this file with python -m app {hint})")
     out = []
     for r in rows:
         missing = [k for k in required if k not in r.values]
         if missing:
-            hint = {"candidates": "ranking prepare", "rewards": "ranking candidates"}[step]
             raise UserError(f"{path}:{r.line}: missing {', '.join(missing)} (write this file with python -m app {hint})")
         out.append(r.values)
     ids = {}
@@ -69,7 +71,7 @@ def _check_candidates(path: Path, rows: list[dict]) -> None:
 
 
 def run_step(step: str, input_file, output, config_file: str, overrides=(), fresh: bool = False) -> int:
-    from app.runs import check_output
+    from app.runs import check_output, refuse_side_file_on_input
 
     cfg = load_settings(config_file, overrides)
     input_path, output = Path(input_file), Path(output)
@@ -77,10 +79,11 @@ def run_step(step: str, input_file, output, config_file: str, overrides=(), fres
 
     data = read_text(input_path).encode("utf-8")  # missing, empty, undecodable: one line, before anything else
     check_output(output, input_path)
+    stats_file = stats_path(output)
+    refuse_side_file_on_input(stats_file, "stats", output, input_path)
     settings = {k: getattr(cfg, k) for k in SETTINGS[step]}
     fp = hashlib.sha256(hashlib.sha256(data).digest() + json.dumps([step, settings], sort_keys=True,
                                                                     default=str).encode()).hexdigest()
-    stats_file = stats_path(output)
     if not fresh and output.is_file() and stats_file.is_file():
         try:
             old = json.loads(stats_file.read_text(encoding="utf-8"))
@@ -96,6 +99,10 @@ def run_step(step: str, input_file, output, config_file: str, overrides=(), fres
         from app.tasks.ranking.finqa import prepare_records
 
         rows, stats = prepare_records(input_path, cfg.rank_context, cfg.rank_bad_records)
+        if not rows:
+            why = (f"all {stats['skipped']} records are bad (rank_bad_records='skip')" if stats["skipped"]
+                   else "no FinQA records")
+            raise UserError(f"{input_path}: {why}; nothing to prepare")
         print(f"gold programs: {stats['gold_executed']}/{stats['gold_programs']} execute to exe_ans")
         if stats["skipped"]:
             print(f"skipped {stats['skipped']} bad records (rank_bad_records='skip')")
