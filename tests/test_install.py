@@ -116,25 +116,33 @@ class Hide(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Hide())
 _find_spec = importlib.util.find_spec
 importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in HIDDEN else _find_spec(name, package)
-runpy.run_module("app", run_name="__main__", alter_sys=True)
+if sys.argv[1].endswith(".py"):  # a script (a benchmark), else `python -m app ARGS`
+    sys.argv.pop(0)
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    runpy.run_module("app", run_name="__main__", alter_sys=True)
 """
 
 
 def run_without(modules: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` (or `python SCRIPT.py ARGS`) with `modules` missing from the environment."""
     return subprocess.run([sys.executable, "-c", HIDE, ",".join(modules), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def expected_hint(dist: str) -> str:
+    """An extra's package: the extra (a tool extra from the checkout); a default dependency: its pinned requirement."""
     extras = extra_dists()
     if dist in extras:
         return f"pip install 'finetune-runner[{extras[dist]}]'"
-    req = default_pins()[dist]
-    return f"pip install '{req}'"
+    tools = {requirement_name(r): e for e in TOOL_EXTRAS for r in PYPROJECT["optional-dependencies"][e]}
+    if dist in tools:
+        return f"pip install -e '.[{tools[dist]}]'"
+    return f"pip install '{default_pins()[dist]}'"
 
 
-def assert_one_line_install_error(proc: subprocess.CompletedProcess, needed_for: str, dist: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
+def assert_one_line_install_error(proc: subprocess.CompletedProcess, needed_for: str, dist: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: ") and needed_for in last and expected_hint(dist) in last, last
@@ -203,3 +211,9 @@ def test_the_main_command_leaves_training_curves(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no training curves" not in proc.stderr
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_bench_without_trl_is_one_line(tmp_path):
+    """The benchmark's SFTTrainer reference needs the bench extra; without it the script says so (exit 1, a script)."""
+    proc = run_without(["trl"], str(ROOT / "tests/bench/train_throughput.py"), "--setups", "engine,trl", cwd=tmp_path)
+    assert_one_line_install_error(proc, "the trl setups", "trl", code=1)

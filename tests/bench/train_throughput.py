@@ -64,6 +64,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from app.packages import missing  # noqa: E402
+
 TRAIN_FILE = ROOT / "data" / "sample" / "train.csv"
 
 
@@ -368,7 +370,13 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import datasets
     import transformers
-    import trl
+
+    try:
+        import trl
+    except ImportError:
+        if any(s.startswith("trl") for s in args.setups.split(",")):
+            sys.exit(f"error: {missing('trl', 'the trl setups (the SFTTrainer reference)', '--setups engine,bare')}")
+        trl = None
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -389,7 +397,7 @@ def main(argv=None) -> int:
         del hf_model
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}), transformers "
-              f"{transformers.__version__}, trl {trl.__version__}")
+              f"{transformers.__version__}, trl {trl.__version__ if trl else 'not installed'}")
         print(f"model: Mistral architecture, hidden {args.hidden}, {args.layers} layers, vocab {vocab} (tokenizer "
               f"{len(tok)}), {n_params / 1e6:.2f}M parameters, fp32, sdpa; LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} "
               f"dropout={cfg.lora_dropout} on {cfg.target_modules}")
