@@ -251,6 +251,18 @@ def check_output(path: Path, input_path: Path) -> None:
         raise UserError(f"--output {path}: {existing} is not writable")
 
 
+def check_new_folder(folder: Path, label: str) -> None:
+    """Fail before any work when `folder` cannot be created or written into: it, or a folder above it, is a file,
+    or the nearest existing one is not writable. `label` names it as the user gave it (e.g. `--output out`)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing == folder and not folder.is_dir():
+        raise UserError(f"{label}: is a file, not a directory")
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{label}: cannot create it, {existing} is a file")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise UserError(f"{label}: {existing} is not writable")
+
+
 def refuse_side_file_on_input(side: Path, what: str, output: Path, input_path: Path) -> None:
     """Fail before any work when a side file of `output` (its stats, metrics or partial file) is the input."""
     if side.resolve() == input_path.resolve():

@@ -28,10 +28,11 @@ def plot(results_file):
 
     from app.tasks.lookahead.experiment import load_results, summary_table, write_plots
 
-    results = load_results(results_file)
+    results = load_results(results_file)  # checked whole first: a bad file leaves no plot behind
+    table = summary_table(results)
     stem = Path(results_file).name.removesuffix("_results.json").removesuffix(".json")
     paths = write_plots(results, Path(results_file).parent / stem)
-    click.echo(summary_table(results))
+    click.echo(table)
     for p in paths:
         click.echo(f"plot: {p}")
     return 0

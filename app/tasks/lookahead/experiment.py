@@ -17,10 +17,19 @@ confidence inputs shuffled across the batch), and the experiment writes
     <experiment_results_dir>/<timestamp>_time.png         wall time and steps to a common perplexity
 and prints the summary table (mean +/- std over seeds per metric, and the paired difference confidence - plain).
 `python -m app plot RESULTS.json` redraws the plots and the table from the JSON.
+
+Re-running a finished experiment evaluates nothing and writes nothing new: the results JSON holds a fingerprint of
+the resolved config and of every run's final checkpoint, and when the results folder already has results with the
+same fingerprint the command prints their table and paths ("up to date"), redraws only plots that are missing, and
+exits 0. A changed setting or a retrained run gives a new fingerprint, hence new results beside the old ones.
+
+Checks that can fail do so before any training: the config, the model shape (d_model a multiple of n_head), and
+that the run and results folders can be created.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -44,6 +53,7 @@ def run_configs(config_file, overrides) -> list:
     base = load_config(config_file, overrides)
     if base.task != "lookahead":
         raise UserError(f"{config_file}: task={base.task!r}; the experiment needs task='lookahead'")
+    check_model_shape(base)
     root = base.out_dir.rstrip("/")
     runs = []
     for seed in base.experiment_seeds:
@@ -51,6 +61,13 @@ def run_configs(config_file, overrides) -> list:
             extra = [f"--seed={seed}", f"--lookahead_model={model}", f"--out_dir={root}/{model}_seed{seed}"]
             runs.append(load_config(config_file, [*overrides, *extra]))
     return [base, runs]
+
+
+def check_model_shape(cfg) -> None:
+    """The shape checks the models make when built, as a one-line error before any training."""
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"n_head={cfg.n_head}: d_model={cfg.d_model} is not a multiple of it (each attention head "
+                        "gets d_model / n_head dimensions)")
 
 
 def _finished(cfg) -> bool:
@@ -70,9 +87,13 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
     stopped run's exit code when a run stopped early (0 for stop_after_steps, 130/143 for SIGINT/SIGTERM; re-run to
     continue)."""
     from app.engine.loop import train
+    from app.runs import check_new_folder
 
     overrides = list(overrides)
     base, runs = run_configs(config_file, overrides)
+    out_dir = Path(results_dir or base.experiment_results_dir)
+    check_new_folder(out_dir, f"--results-dir {out_dir}" if results_dir else f"experiment_results_dir={str(out_dir)!r}")
+    check_new_folder(Path(base.out_dir), f"out_dir={base.out_dir!r}")
     print(parameter_table(base))
     for cfg in runs:
         if _finished(cfg):
@@ -84,14 +105,56 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
         if rc != 0 or not _finished(cfg):
             print(f"experiment stopped during {cfg.out_dir} (exit {rc}); re-run the same command to continue")
             return rc
-    results = collect(base, runs, config_file, overrides)
-    out_dir = Path(results_dir or base.experiment_results_dir)
+    fingerprint = results_fingerprint(base, runs)
+    existing = finished_results(out_dir, fingerprint)
+    if existing is not None:
+        return report_existing(existing)
+    results = {**collect(base, runs, config_file, overrides), "fingerprint": fingerprint}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"{stamp}_results.json"
     write_json_atomic(path, results)
     plots = write_plots(results, out_dir / stamp)
     print(summary_table(results))
     print(f"results: {path}")
+    for p in plots:
+        print(f"plot: {p}")
+    return path
+
+
+def _final_digest(cfg) -> str:
+    """sha256 of a finished run's final checkpoint, through its manifest (which holds every file's sha256)."""
+    final = Path(cfg.out_dir) / "checkpoints" / "final"
+    listing = final / "manifest.json"
+    return hashlib.sha256((listing if listing.is_file() else final / "trainer_state.json").read_bytes()).hexdigest()
+
+
+def results_fingerprint(base, runs) -> str:
+    """What the results depend on: the resolved config and every run's final checkpoint."""
+    parts = {"config": base.model_dump(mode="json"), "finals": {str(cfg.out_dir): _final_digest(cfg) for cfg in runs}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def finished_results(out_dir: Path, fingerprint: str) -> Path | None:
+    """The newest results JSON in `out_dir` written for the same config and final checkpoints, if any."""
+    for path in sorted(out_dir.glob("*_results.json"), reverse=True):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+                return path
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue  # not results of this program: never matched, never touched
+    return None
+
+
+def report_existing(path: Path) -> Path:
+    """Print the table and paths of finished results; draw only the plots that are missing."""
+    results = load_results(path)
+    prefix = path.with_name(path.name.removesuffix("_results.json"))
+    plots = plot_paths(prefix)
+    if not all(p.is_file() for p in plots):
+        plots = write_plots(results, prefix, only_missing=True) or [p for p in plots if p.is_file()]
+    print(summary_table(results))
+    print(f"results: {path} (up to date: every run finished and unchanged since; delete the results file to "
+          "evaluate again)")
     for p in plots:
         print(f"plot: {p}")
     return path
@@ -238,14 +301,114 @@ def summary_table(results: dict) -> str:
 
 
 def load_results(path) -> dict:
+    """A results JSON, checked to have everything the table and the plots read (UserError naming the key)."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read the results ({err})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"{path}: cannot read the results ({' '.join(str(err).split())})") from None
     if not isinstance(results, dict) or "runs" not in results or "summary" not in results:
         raise UserError(f"{path}: not a lookahead experiment results file (no 'runs' / 'summary')")
+    ResultsShape(path).check(results)
     return results
+
+
+class ResultsShape:
+    """The shape of a results JSON that summary_table and the plots rely on; the first difference is a one-line
+    UserError naming the file and the key (e.g. `runs.plain.7.history.train`)."""
+
+    KINDS = {"an object": dict, "a list": list}
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, expected: str, value) -> UserError:
+        found = json.dumps(value)
+        found = found if len(found) <= 40 else found[:37] + "..."
+        return UserError(f"{self.path}: {where}: expected {expected}, found {found} (not a lookahead experiment "
+                         "results file, or a damaged one)")
+
+    def get(self, container: dict, key: str, where: str, expected: str):
+        """container[key] of the expected kind ("an object", "a list", "a number", "a number or null")."""
+        if key not in container:
+            raise UserError(f"{self.path}: {where}: missing (not a lookahead experiment results file, or a damaged one)")
+        value = container[key]
+        if expected in self.KINDS:
+            ok = isinstance(value, self.KINDS[expected])
+        else:
+            ok = (value is None and expected.endswith("or null")) or (isinstance(value, (int, float))
+                                                                     and not isinstance(value, bool))
+        if not ok:
+            raise self.fail(where, expected, value)
+        return value
+
+    def series(self, value, where: str) -> None:
+        """[[step, value], ...]"""
+        for i, point in enumerate(value):
+            if not (isinstance(point, list) and len(point) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in point)):
+                raise self.fail(f"{where}[{i}]", "a [step, value] pair of numbers", point)
+
+    def numbers(self, value, where: str) -> None:
+        for i, x in enumerate(value):
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                raise self.fail(f"{where}[{i}]", "a number", x)
+
+    def check(self, results: dict) -> None:
+        runs = self.get(results, "runs", "runs", "an object")
+        if not runs:
+            raise UserError(f"{self.path}: runs: empty (no run to show)")
+        for model, by_seed in runs.items():
+            if not isinstance(by_seed, dict):
+                raise self.fail(f"runs.{model}", "an object (seed -> run)", by_seed)
+            for seed, record in by_seed.items():
+                self.run(record, f"runs.{model}.{seed}")
+        if "target_perplexity" in results:
+            self.get(results, "target_perplexity", "target_perplexity", "a number or null")
+        summary = self.get(results, "summary", "summary", "an object")
+        for part in ("models", "difference"):
+            table = self.get(summary, part, f"summary.{part}", "an object")
+            for name, metrics in table.items():
+                if part == "models":
+                    if not isinstance(metrics, dict):
+                        raise self.fail(f"summary.models.{name}", "an object (metric -> mean, std, n)", metrics)
+                    for metric, stats in metrics.items():
+                        self.stats(stats, f"summary.models.{name}.{metric}")
+                else:
+                    self.stats(metrics, f"summary.difference.{name}")
+
+    def run(self, record, where: str) -> None:
+        if not isinstance(record, dict):
+            raise self.fail(where, "an object (one run)", record)
+        history = self.get(record, "history", f"{where}.history", "an object")
+        for part in ("train", "eval"):
+            for name, points in self.get(history, part, f"{where}.history.{part}", "an object").items():
+                if not isinstance(points, list):
+                    raise self.fail(f"{where}.history.{part}.{name}", "a list of [step, value] pairs", points)
+                self.series(points, f"{where}.history.{part}.{name}")
+        final = self.get(record, "final", f"{where}.final", "an object")
+        pairs = final.get("pairs")
+        if pairs is not None:
+            if not isinstance(pairs, dict):
+                raise self.fail(f"{where}.final.pairs", "an object", pairs)
+            for key in ("predicted", "actual"):
+                if key in pairs:
+                    self.numbers(self.get(pairs, key, f"{where}.final.pairs.{key}", "a list"),
+                                 f"{where}.final.pairs.{key}")
+            if len(pairs.get("predicted", [])) != len(pairs.get("actual", [])):
+                raise UserError(f"{self.path}: {where}.final.pairs: predicted and actual differ in length")
+        for key in ("wall_time_s", "steps_to_target"):
+            self.get(record, key, f"{where}.{key}", "a number or null")
+
+    def stats(self, stats, where: str) -> None:
+        if not isinstance(stats, dict):
+            raise self.fail(where, "an object with mean, std, n", stats)
+        mean = self.get(stats, "mean", f"{where}.mean", "a number or null")
+        self.get(stats, "std", f"{where}.std", "a number or null" if mean is None else "a number")
+        if not isinstance(stats.get("n"), int) or isinstance(stats.get("n"), bool):
+            raise self.fail(f"{where}.n", "an integer", stats.get("n"))
 
 
 # --- plots ---------------------------------------------------------------------------------------------------------
@@ -265,19 +428,40 @@ def _band(ax, series: list[list], color, label):
     ax.fill_between(steps, [min(col) for col in zip(*vals)], [max(col) for col in zip(*vals)], color=color, alpha=0.2)
 
 
-def write_plots(results: dict, prefix: Path) -> list[Path]:
-    """The three PNGs next to the results (`<prefix>_loss_curves.png`, ...); [] without matplotlib."""
+PLOT_KINDS = ("loss_curves", "calibration", "time")
+
+
+def plot_paths(prefix: Path) -> list[Path]:
+    """Where the plots of results `<prefix>_results.json` go, in PLOT_KINDS order."""
+    return [Path(f"{prefix}_{kind}.png") for kind in PLOT_KINDS]
+
+
+def write_plots(results: dict, prefix: Path, only_missing: bool = False) -> list[Path]:
+    """The three PNGs next to the results (`<prefix>_loss_curves.png`, ...), all drawn before any is written;
+    [] without matplotlib. `only_missing`: keep the ones already there."""
+    from app.atomic import write_atomic
+
+    pngs = render_plots(results)
+    if pngs is None:
+        return []
+    paths = plot_paths(Path(prefix))
+    for path, png in zip(paths, pngs):
+        if not (only_missing and path.is_file()):
+            write_atomic(path, png)
+    return paths
+
+
+def render_plots(results: dict) -> list[bytes] | None:
+    """The PNG bytes of the plots, in PLOT_KINDS order; None without matplotlib."""
     try:
         from app.metrics.plots import _matplotlib, _png
         Figure, Canvas = _matplotlib()
     except ImportError:
         log.warning("plots skipped: matplotlib is not installed")
-        return []
-    from app.atomic import write_atomic
+        return None
 
-    prefix = Path(prefix)
     runs = results["runs"]
-    paths = []
+    pngs = []
 
     fig = Figure(figsize=(11, 4.2), dpi=100)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -295,7 +479,7 @@ def write_plots(results: dict, prefix: Path) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(write_atomic(f"{prefix}_loss_curves.png", _png(fig, Canvas)))
+    pngs.append(_png(fig, Canvas))
 
     fig = Figure(figsize=(5.5, 5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -328,7 +512,7 @@ def write_plots(results: dict, prefix: Path) -> list[Path]:
     ax.set(xlabel="predicted future loss", ylabel="actual future loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(write_atomic(f"{prefix}_calibration.png", _png(fig, Canvas)))
+    pngs.append(_png(fig, Canvas))
 
     fig = Figure(figsize=(9, 4), dpi=100)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -346,5 +530,5 @@ def write_plots(results: dict, prefix: Path) -> list[Path]:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    paths.append(write_atomic(f"{prefix}_time.png", _png(fig, Canvas)))
-    return paths
+    pngs.append(_png(fig, Canvas))
+    return pngs
