@@ -6,6 +6,8 @@ jobs use, then run the jobs with HF_HUB_OFFLINE=1. Models are fetched without `*
 program loads safetensors only); data as the dataset repository's snapshot, or with `--split` only the files whose
 names hold the split. Each fetch prints where it went (the snapshot directory) and how much it holds. Private and
 gated repositories need HF_TOKEN.
+
+A name that is neither a local directory nor a valid Hub repository id is a one-line error before any network access.
 """
 
 from __future__ import annotations
@@ -37,15 +39,46 @@ def _report(what: str, local: Path) -> dict:
     return {"what": what, "path": str(local), "bytes": size, "revision": local.name}
 
 
+def check_repo_id(repo: str, shown: str, neither: str = "not") -> None:
+    """Refuse, without a request, what the Hub would refuse as a repository id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise UserError(f"{shown}: {neither} a Hub repository id (OWNER/NAME: letters, digits, '-', '_', '.', no '--' or "
+                        "'..', at most 96 characters)") from None
+
+
+def check_model_name(name: str) -> None:
+    """A local model directory or a valid Hub model id (OWNER/NAME); anything else is refused without a request."""
+    if not name.strip():
+        raise UserError("download model: the model name is empty (give OWNER/NAME or a local model directory)")
+    if Path(name).is_dir():
+        return
+    if Path(name).exists():
+        raise UserError(f"{name}: is a file; give a Hub model name (OWNER/NAME) or a local model directory")
+    check_repo_id(name, name, neither="neither a local directory nor")
+
+
 def download_model(name: str, revision: str | None = None) -> dict:
+    check_model_name(name)
     if Path(name).is_dir():
         print(f"{name}: a local directory, nothing to fetch")
         return {"what": name, "path": str(Path(name).resolve()), "bytes": size_of(Path(name)), "revision": None}
     return _report(name, snapshot(name, "model", revision, ignore_patterns=MODEL_IGNORE))
 
 
-def download_data(source: str, split: str | None = None, revision: str | None = None) -> dict:
+def hub_data_id(source: str) -> HubId:
+    """OWNER/NAME or hf:OWNER/NAME[@REV][:CONFIG][:SPLIT], checked without a request."""
     hub = parse_hub_id(source if is_hub_id(source) else f"hf:{source}")
+    check_repo_id(hub.repo, f"hf:{hub.repo}")
+    return hub
+
+
+def download_data(source: str, split: str | None = None, revision: str | None = None) -> dict:
+    hub = hub_data_id(source)
     revision = revision or hub.revision
     patterns = None if split is None else [f"*{split}*", f"*{split}*/**", *DATA_ALWAYS]
     local = snapshot(hub.repo, "dataset", revision, allow_patterns=patterns)
@@ -82,6 +115,10 @@ def download_for(config_file: str, overrides=()) -> list[dict]:
     models, data = hub_names(cfg)
     if getattr(cfg, "create_tiny_model", False) and cfg.model_name in models:
         models.remove(cfg.model_name)  # written locally by the run
+    for name in models:  # every name checked before the first fetch
+        check_model_name(name)
+    for source in data:
+        hub_data_id(source)
     if not models and not data:
         print(f"{config_file}: names nothing on the Hub (local model and data)")
     out = [download_model(m) for m in models]
