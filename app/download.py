@@ -47,8 +47,8 @@ def check_repo_id(repo: str, shown: str, neither: str = "not") -> None:
     try:
         validate_repo_id(repo)
     except HFValidationError:
-        raise UserError(f"{shown}: {neither} a Hub repository id (OWNER/NAME: letters, digits, '-', '_', '.', no '--' or "
-                        "'..', at most 96 characters)") from None
+        raise UserError(f"{shown}: {neither} a Hub repository id (OWNER/NAME: letters, digits, '-', '_', '.', "
+                        "no '--' or '..', at most 96 characters)") from None
 
 
 def check_model_name(name: str) -> None:

@@ -320,6 +320,7 @@ class ResultsShape:
     UserError naming the file and the key (e.g. `runs.plain.7.history.train`)."""
 
     KINDS = {"an object": dict, "a list": list}
+    NOT_RESULTS = " (not a lookahead experiment results file, or a damaged one)"
 
     def __init__(self, path: Path):
         self.path = path
@@ -327,13 +328,12 @@ class ResultsShape:
     def fail(self, where: str, expected: str, value) -> UserError:
         found = json.dumps(value)
         found = found if len(found) <= 40 else found[:37] + "..."
-        return UserError(f"{self.path}: {where}: expected {expected}, found {found} (not a lookahead experiment "
-                         "results file, or a damaged one)")
+        return UserError(f"{self.path}: {where}: expected {expected}, found {found}{self.NOT_RESULTS}")
 
     def get(self, container: dict, key: str, where: str, expected: str):
         """container[key] of the expected kind ("an object", "a list", "a number", "a number or null")."""
         if key not in container:
-            raise UserError(f"{self.path}: {where}: missing (not a lookahead experiment results file, or a damaged one)")
+            raise UserError(f"{self.path}: {where}: missing{self.NOT_RESULTS}")
         value = container[key]
         if expected in self.KINDS:
             ok = isinstance(value, self.KINDS[expected])
