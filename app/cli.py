@@ -117,6 +117,13 @@ def config_command(config_file, list_fields, task, overrides):
 @click.argument("directory", type=click.Path(file_okay=False))
 def tiny_model(directory):
     """Write the embedded tiny model and tokenizer (random weights, no download) to DIRECTORY."""
+    from pathlib import Path
+
+    from app.runs import check_new_folder
+
+    check_new_folder(Path(directory), directory)
+    if Path(directory).exists():
+        raise UserError(f"{directory}: already exists; give a new directory")
     from app.lm.tiny import write_tiny_model
 
     click.echo(f"wrote tiny model and tokenizer to {write_tiny_model(directory)}")
@@ -155,9 +162,13 @@ def score(pred, gold, json_out, n_bins, calib_beta):
 @click.argument("directory", type=click.Path(file_okay=False))
 def sample_data(task, directory):
     """Write a task's bundled sample data set to DIRECTORY (deterministic)."""
+    from pathlib import Path
+
+    from app.runs import check_new_folder
     from app.tasks import check_task_name, write_sample
 
     check_task_name(task)
+    check_new_folder(Path(directory), directory)
     for path in write_sample(task, directory):
         click.echo(f"wrote {path}")
     return 0
