@@ -210,9 +210,10 @@ docker_has_gpu() {
     command -v nvidia-container-runtime-hook >/dev/null 2>&1
 }
 
-# Who the container runs as (FINETUNE_DOCKER_USER): `auto` (default) is your own uid:gid, so files written to
-# the mounts belong to you, except from a root shell, where it is the image's own non-root user (not root);
-# `image`: the image's user; `host`: your uid:gid, even root; `UID[:GID]`: that user.
+# Who the container runs as (FINETUNE_DOCKER_USER): `auto` (default) and `host` are your own uid:gid, so files
+# written to the mounts belong to you, root's to root from a root shell; `image`: the image's user; `UID[:GID]`:
+# that user. The launcher never changes the owner of a host folder: a user other than yours needs folders it
+# may already write to.
 image_user() {  # the image's USER as uid[:gid]; 1000:1000 (the Dockerfiles' default) when it cannot be read
     local user
     if user="$(docker image inspect --format '{{.Config.User}}' "$image" 2>/dev/null)"; then
@@ -226,49 +227,10 @@ image_user() {  # the image's USER as uid[:gid]; 1000:1000 (the Dockerfiles' def
 docker_user() {
     local spec="${FINETUNE_DOCKER_USER:-auto}"
     case "$spec" in
-        auto) if [[ $(id -u) == 0 ]]; then image_user; else echo "$(id -u):$(id -g)"; fi ;;
+        auto|host) echo "$(id -u):$(id -g)" ;;
         image) image_user ;;
-        host) echo "$(id -u):$(id -g)" ;;
         *) echo "$spec" ;;   # UID[:GID], checked with the other arguments
     esac
-}
-
-# From a root shell with a non-root container user, the folders the run writes to must be writable by that user:
-# the Hugging Face cache, and for training checkpoints/ in the working directory (the configs' out_dir) and an
-# --out_dir override, for inference the folder of --output. They are created and given to that user (chown -R);
-# the checkout and the working directory themselves are never changed.
-writable_dirs() {  # prints one folder per line
-    local repo cwd value i
-    repo="$(abs_path "$REPO")"
-    cwd="$(abs_path "$PWD")"
-    own() {  # DIR: printed, unless it is the checkout, the working directory or a folder above them
-        if is_under "$repo" "$1" || is_under "$cwd" "$1"; then
-            note "warning: the container runs as the image's user ($container_user), which may not be allowed to write to $1; give it a folder of its own (e.g. --output predictions/predictions.csv) or set FINETUNE_DOCKER_USER=host"
-        else
-            echo "$1"
-        fi
-    }
-    own "$(abs_path "$(hf_cache_host)")"
-    if [[ $COMMAND == train ]]; then
-        own "$cwd/checkpoints"
-        for ((i = 0; i < ${#rest[@]}; i++)); do
-            case "${rest[i]}" in
-                --out_dir=*)
-                    value="${rest[i]#*=}"
-                    value="${value#[\'\"]}"; value="${value%[\'\"]}"
-                    if [[ -n $value && $value != None ]]; then own "$(abs_path "$value")"; fi ;;
-            esac
-        done
-    else
-        value="predictions.csv"
-        for ((i = 0; i < ${#rest[@]}; i++)); do
-            case "${rest[i]}" in
-                --output) ((i + 1 < ${#rest[@]})) && value="${rest[i + 1]}" ;;
-                --output=*) value="${rest[i]#*=}" ;;
-            esac
-        done
-        own "$(dirname "$(abs_path "$value")")"
-    fi
 }
 
 build_command() {
@@ -301,7 +263,10 @@ build_command() {
         collect_mounts
         cmd=(docker run --rm --init)
         if [[ -t 0 && -t 1 && $dry_run == 0 ]]; then cmd+=(--interactive --tty); fi
-        cmd+=("${gpu_flags[@]}" --shm-size "${FINETUNE_SHM_SIZE:-16g}" --ulimit memlock=-1 --ulimit stack=67108864)
+        cmd+=("${gpu_flags[@]}" --shm-size "${FINETUNE_SHM_SIZE:-16g}")
+        # the limits NCCL and pinned memory want, on GPU runs only: where the host cannot raise a limit,
+        # asking for it stops the container from starting ("error setting rlimit")
+        if ((${#gpu_flags[@]})); then cmd+=(--ulimit memlock=-1 --ulimit stack=67108864); fi
         container_user="$(docker_user)"
         cmd+=(--user "$container_user" --env HOME=/tmp)
         if [[ -f $REPO/.env ]]; then cmd+=(--env-file "$REPO/.env"); fi
@@ -357,21 +322,10 @@ if [[ $mode == local && ! -x $REPO/.venv/bin/python ]]; then
            "$(printf %q "$REPO/.venv/bin/pip") install torch==${torch_pin:-2.13.0}"
            "$(printf %q "$REPO/.venv/bin/pip") install -e $(printf %q "$REPO")")
 fi
-docker_setup() {  # root caller, non-root container user: make the folders the run writes to writable by it
-    if [[ $(id -u) == 0 && ${container_user%%:*} =~ ^[0-9]+$ && ${container_user%%:*} != 0 ]]; then
-        local dir
-        while IFS= read -r dir; do
-            [[ -n $dir ]] && setup+=("mkdir -p $(printf %q "$dir") && chown -R $container_user $(printf %q "$dir")")
-        done < <(writable_dirs)
-    fi
-    return 0
-}
-
 quoted() { local out; printf -v out '%q ' "$@"; echo "${out% }"; }
 
 if ((dry_run)); then
     note "mode: $mode ($reason)"
-    if [[ $mode == docker ]]; then docker_setup; fi
     if [[ $mode == docker ]] && ! docker image inspect "$image" >/dev/null 2>&1; then
         note "warning: image $image is not built yet"
     fi
@@ -390,11 +344,6 @@ docker)
         die "image $image is not built; build it with: docker build -f $dockerfile -t $image $(printf %q "$REPO")"
     fi
     mkdir -p "$(hf_cache_host)"
-    docker_setup
-    for line in "${setup[@]}"; do
-        echo "+ $line" >&2
-        eval "$line" || die "making the mounts writable for the container user $container_user failed at: $line (or set FINETUNE_DOCKER_USER=host)"
-    done
     ;;
 apptainer)
     [[ -e $image ]] || die "Apptainer image $image not found; build it with: $(container_cli) build $(printf %q "$image") docker-daemon://$(default_image docker) (on a machine with Docker, after docker build; see docker/README.md)"

@@ -7,9 +7,12 @@
 #
 # The locks target the Python and platform of the base images: CPython 3.12, x86_64, glibc >= 2.35
 # (the pytorch/pytorch:2.13.0 images are Ubuntu 24.04, glibc 2.39; 2.35 keeps 22.04 bases working).
-# Wheels only: nothing is compiled while an image builds. They are resolved together with the base
-# image's torch (docker/constraints.txt); what the base image already provides (torch, triton,
-# nvidia-*, cuda-* from torch's own dependency tree) is resolved but not written out.
+# Wheels only: nothing is compiled while an image builds. Every transitive requirement is pinned with a
+# hash, resolved together with the base image's torch (docker/constraints.txt), except what the base
+# image already provides at exactly the resolved version: torch, and the triton, nvidia-* and cuda-*
+# members of torch's own dependency tree. A lock that needs another version of one of those (vLLM's
+# cuda-python wants cuda-bindings ~=13.4.4 where torch alone brings 13.5.0) pins it, so that
+# `pip install --no-deps --require-hashes` over the base gives an environment where `pip check` passes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,21 +31,26 @@ common=("$UV" pip compile --quiet --python-version "$PYTHON_VERSION" --python-pl
         --index-url "$INDEX_URL" --only-binary :all: --constraint "$CONSTRAINTS")
 [[ "${UPGRADE:-0}" == 1 ]] && common+=(--upgrade)
 
-# torch's own dependency closure on the target platform; its CUDA/Triton members come from the base image.
+# torch's own dependency closure on the target platform, as NAME==VERSION; its CUDA/Triton members come
+# from the base image.
 mapfile -t from_base < <(
     echo torch | "${common[@]}" --no-header --no-annotate - |
-        sed -nE 's/^(triton|nvidia-[a-z0-9._-]+|cuda-[a-z0-9._-]+)==.*/\1/p'
+        sed -nE 's/^((triton|nvidia-[a-z0-9._-]+|cuda-[a-z0-9._-]+)==[^[:space:]]+).*/\1/p'
 )
-skip=(--no-emit-package torch)
-for name in "${from_base[@]}"; do skip+=(--no-emit-package "$name"); done
 
 lock() {  # OUTPUT INPUT... [--extra NAME ...]
-    local out=$1
+    local out=$1 pin resolved
     shift
+    # first the plain resolution, to see which of the base's packages this lock needs at another version
+    resolved="$("${common[@]}" --no-header --no-annotate "$@")"
+    local skip=(--no-emit-package torch)
+    for pin in "${from_base[@]}"; do
+        if grep -qxF "$pin" <<<"$resolved"; then skip+=(--no-emit-package "${pin%%==*}"); fi
+    done
     "${common[@]}" --generate-hashes --custom-compile-command "docker/lock.sh" "${skip[@]}" -o "$out" "$@"
     echo "wrote $out ($(grep -cE '^[a-z0-9]' "$out") packages)"
 }
 
-lock docker/requirements-train.lock pyproject.toml docker/requirements-train.in --extra quant --extra wandb --extra plots
-lock docker/requirements-infer.lock pyproject.toml --extra quant
-lock docker/requirements-vllm.lock pyproject.toml --extra quant --extra vllm
+lock docker/requirements-train.lock pyproject.toml docker/requirements-train.in --extra wandb
+lock docker/requirements-infer.lock pyproject.toml
+lock docker/requirements-vllm.lock pyproject.toml --extra vllm

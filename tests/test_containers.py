@@ -160,7 +160,8 @@ def test_training_base_matches_the_flash_attn_wheel_and_the_locks():
     assert f"{py_major}.{py_minor}" == IMAGE_PYTHON
     assert re.fullmatch(r"[0-9a-f]{64}", args["FLASH_ATTN_SHA256"])
     runs = " ".join(rest for word, rest in instructions("Dockerfile.train") if word == "RUN")
-    assert f"--python {IMAGE_PYTHON} --cuda {cuda_major}.{cuda_minor}" in runs
+    assert args["TORCH_CUDA"] == f"{cuda_major}.{cuda_minor}"
+    assert re.search(rf'--python {IMAGE_PYTHON}\s+--cuda "\$\{{TORCH_CUDA\}}"', runs)
     assert "--require-hashes" in runs and "FLASH_ATTN_SHA256" in runs
     assert f'PYTHON_VERSION="${{PYTHON_VERSION:-{IMAGE_PYTHON}}}"' in (REPO / "docker/lock.sh").read_text()
 
@@ -168,14 +169,59 @@ def test_training_base_matches_the_flash_attn_wheel_and_the_locks():
 def test_inference_image_is_a_runtime_base_with_vllm_behind_a_build_arg():
     args = arg_defaults("Dockerfile.infer")
     assert args["WITH_VLLM"] == "0"
-    for name in ("BASE_IMAGE", "VLLM_BASE_IMAGE"):
-        m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn9-runtime", args[name])
-        assert m and m.group(1) == torch_pin(), args[name]
+    for name, cuda in (("BASE_IMAGE", "12.6"), ("VLLM_BASE_IMAGE", "13.0")):
+        m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda([\d.]+)-cudnn9-runtime", args[name])
+        assert m and m.group(1) == torch_pin() and m.group(2) == cuda, args[name]
     text = (REPO / "Dockerfile.infer").read_text()
     assert "devel" not in " ".join(rest for word, rest in instructions("Dockerfile.infer") if word in ("FROM", "ARG"))
+    # the vLLM variant expects the CUDA 13.0 build and names its base when given another
+    runs = " ".join(rest for word, rest in instructions("Dockerfile.infer") if word == "RUN")
+    assert 'cuda="${TORCH_CUDA:-13.0}"' in runs and "--build-arg BASE_IMAGE=${VLLM_BASE_IMAGE}" in runs
+    serve = compose()["x-serve-image"]["build"]["args"]
+    assert default_of(serve["BASE_IMAGE"]) == args["VLLM_BASE_IMAGE"] and str(serve["WITH_VLLM"]) == "1"
     vllm_install = re.search(r'if \[ "\$\{WITH_VLLM\}" = 1 \]; then(.*?)else(.*?)fi', text, re.S)
     assert vllm_install and "requirements-vllm.lock" in vllm_install.group(1)
     assert "requirements-vllm.lock" not in vllm_install.group(2) and "gcc" not in vllm_install.group(2)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_every_stage_is_reachable_without_a_variable_stage_name(dockerfile: str):
+    """podman 4.x (buildah) decides which stages a build uses before it expands build arguments: a FROM that
+    names a stage through a variable (FROM base-vllm-${WITH_VLLM}) is then "image not known". One FROM per
+    Dockerfile, on an image named by an ARG."""
+    froms = [rest for word, rest in instructions(dockerfile) if word == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], froms
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_run_steps_do_not_depend_on_shell(dockerfile: str, tmp_path: Path):
+    """podman builds in its default OCI format drop SHELL (and with it bash and pipefail), so every RUN step is
+    POSIX sh that parses under dash, with no pipe whose first command's failure could pass unseen."""
+    steps = instructions(dockerfile)
+    assert "SHELL" not in [word for word, _ in steps]
+    sh = shutil.which("dash") or shutil.which("sh")
+    for i, (word, rest) in enumerate(steps):
+        if word != "RUN":
+            continue
+        assert not re.search(r"(?<![|])[|](?![|])", rest), f"{dockerfile}: a pipe in RUN {rest[:80]}"
+        script = tmp_path / f"run{i}.sh"
+        script.write_text(rest)
+        parsed = subprocess.run([sh, "-n", str(script)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{dockerfile}: RUN {rest[:80]}: {parsed.stderr}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_cpu_build_arguments(dockerfile: str):
+    """The CPU image: torch at the pinned version from TORCH_INDEX_URL onto a base without one, checked as a CPU
+    build (TORCH_CUDA=none); flash-attn only where its URL is set."""
+    args = arg_defaults(dockerfile)
+    assert args["TORCH_INDEX_URL"] == ""
+    runs = " ".join(rest for word, rest in instructions(dockerfile) if word == "RUN")
+    assert 'pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r /tmp/build/constraints.txt' in runs
+    assert [line for line in (REPO / "docker/constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")] == [f"torch=={torch_pin()}"]
+    if dockerfile == "Dockerfile.train":
+        assert 'if [ -n "${FLASH_ATTN_URL}" ]; then python -c "import flash_attn"; fi' in runs
 
 
 def dockerignore_included(path: str) -> bool:
@@ -238,6 +284,11 @@ def test_base_check_script(tmp_path: Path):
     assert bad.returncode == 1
     assert "Python" in bad.stderr and "torch 1.0.0" not in bad.stderr and "expected 1.0.0" in bad.stderr
     assert "expected 99.9" in bad.stderr
+    constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    cuda = subprocess.run([sys.executable, script, "--constraints", str(constraints), "--python", here,
+                           "--no-cxx11-abi-check", "--cuda", torch.version.cuda or "none"],
+                          capture_output=True, text=True, timeout=120)
+    assert cuda.returncode == 0, cuda.stderr  # "none": a CPU build, as the CPU image asks
 
 
 # --- compose ----------------------------------------------------------------------------------------------
@@ -290,9 +341,11 @@ def test_compose_serve_and_demo_services_are_opt_in_healthchecked_and_local():
     assert services["serve-cpu"]["entrypoint"] == ["transformers", "serve"]
     assert services["demo"]["profiles"] == ["demo"] and services["demo-cpu"]["profiles"] == ["cpu"]
     assert "deploy" in services["demo"] and "deploy" not in services["demo-cpu"]
+    for name in ("serve", "demo"):  # the cpu ones run the CPU image (test_cpu_profile_runs_the_cpu_image)
+        build = services[name]["build"]
+        assert build["dockerfile"] == "Dockerfile.infer" and str(build["args"]["WITH_VLLM"]) == "1"
     for name in ("serve", "serve-cpu", "demo", "demo-cpu"):
         s = services[name]
-        assert s["build"]["dockerfile"] == "Dockerfile.infer" and str(s["build"]["args"]["WITH_VLLM"]) == "1"
         assert any(v.startswith("checkpoints:/checkpoints") for v in s["volumes"])
         assert all(p.startswith("127.0.0.1:") for p in s["ports"])
         test = s["healthcheck"]["test"]
@@ -302,6 +355,32 @@ def test_compose_serve_and_demo_services_are_opt_in_healthchecked_and_local():
     demo = services["demo"]
     assert demo["command"][0] == "demo" and "--port" in demo["command"] and "/health" in demo["healthcheck"]["test"][-1]
     assert demo["command"][demo["command"].index("--port") + 1] == port(demo)
+
+
+def test_limits_that_a_host_may_refuse_are_on_gpu_services_only():
+    """A ulimit the host cannot raise stops the container ("error setting rlimit type 8"): the CPU services ask
+    for none, the GPU ones (NCCL, pinned memory) keep memlock and stack."""
+    services = compose()["services"]
+    for name, service in services.items():
+        if "deploy" in service:
+            assert service["ulimits"] == {"memlock": -1, "stack": 67108864}, name
+        else:
+            assert "ulimits" not in service, name
+
+
+def test_cpu_profile_runs_the_cpu_image():
+    services = compose()["services"]
+    cpu = [name for name, s in services.items() if s.get("profiles") == ["cpu"]]
+    assert set(cpu) == {"train-cpu", "tensorboard-cpu", "infer-cpu", "serve-cpu", "demo-cpu"}
+    for name in cpu:
+        s = services[name]
+        assert default_of(s["image"]) == f"finetune-runner-train:{VERSION}-cpu", name
+        assert s["build"]["dockerfile"] == "Dockerfile.train" and "deploy" not in s
+        args = {k: default_of(str(v)) for k, v in s["build"]["args"].items()}
+        assert args == {"BASE_IMAGE": "python:3.12-slim-bookworm", "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu",
+                        "TORCH_CUDA": "none", "FLASH_ATTN_URL": ""}
+    for name in ("infer-cpu", "demo-cpu"):  # they read the checkpoint train-cpu writes
+        assert services[name]["depends_on"] == {"train-cpu": {"condition": "service_completed_successfully"}}
 
 
 def test_env_example_documents_every_compose_variable_and_holds_no_secret():
@@ -431,6 +510,53 @@ def test_vllm_lock_resolves_for_the_image_platform(pip_for_checks: str):
     package's page instead: a compatible wheel, Python 3.12 allowed, a locked hash that matches it."""
     problems = index_check("requirements-vllm.lock")
     assert not problems, "\n".join(problems)
+
+
+def pip_resolve(pip: str, requirements: list[Path], target: Path, *extra: str) -> subprocess.CompletedProcess:
+    """pip's full resolution (dependencies included) for the image's Python and platform, nothing installed."""
+    command = [pip, "install", "--dry-run", "--ignore-installed", "--only-binary=:all:", "--python-version",
+               IMAGE_PYTHON, "--implementation", "cp", "--target", str(target), "--progress-bar", "off", *extra]
+    for platform in [*PLATFORMS, "any"]:
+        command += ["--platform", platform]
+    for path in requirements:
+        command += ["-r", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def base_torch(pip_for_checks: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What the base image provides: torch at the pin and its dependency tree from the index, as
+    {name: "name==version --hash=sha256:..."} lines (PyPI's torch 2.13.0, the CUDA 13.0 build)."""
+    work = tmp_path_factory.mktemp("base-torch")
+    (work / "torch.txt").write_text(f"torch=={torch_pin()}\n")
+    result = pip_resolve(pip_for_checks, [work / "torch.txt"], work / "target", "--report", str(work / "report.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pins = {}
+    for item in json.loads((work / "report.json").read_text())["install"]:
+        name = item["metadata"]["name"].lower().replace("_", "-")
+        sha = item["download_info"]["archive_info"]["hashes"]["sha256"]
+        pins[name] = f"{name}=={item['metadata']['version']} --hash=sha256:{sha}"
+    return pins
+
+
+def resolve_over_the_base(lock: Path, base: dict[str, str], pip: str, work: Path) -> subprocess.CompletedProcess:
+    """The image's install, resolved: the lock over the base's packages (the lock's own pins win, as with
+    `pip install --no-deps` in the Dockerfile), every dependency pinned with a hash (--require-hashes)."""
+    names = {m.group(1) for m in re.finditer(r"^([a-z0-9][a-z0-9._-]*)==", lock.read_text(), re.M)}
+    (work / "base.txt").write_text("".join(line + "\n" for name, line in base.items() if name not in names))
+    return pip_resolve(pip, [lock, work / "base.txt"], work / "target", "--require-hashes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", LOCKS)
+def test_lock_resolves_with_its_dependencies_over_the_base_torch(lock: str, base_torch: dict[str, str],
+                                                                 pip_for_checks: str, tmp_path: Path):
+    """Every dependency of every locked package is either locked (with a hash) or in the base at a version that
+    satisfies it: a dependency left out as "comes with the base" at the wrong version (vLLM's cuda-python needs
+    cuda-bindings ~=13.4.4, torch brings 13.5.0) fails here instead of at the image's `pip check`."""
+    result = resolve_over_the_base(REPO / "docker" / lock, base_torch, pip_for_checks, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Would install" in result.stdout
 
 
 def test_index_check_agrees_with_pip_on_the_inference_lock(pip_for_checks: str):

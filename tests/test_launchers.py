@@ -205,54 +205,59 @@ def test_auto_picks_docker_and_runs_the_printed_command(docker_box: Machine):
     assert printed[-4:] == [TRAIN_IMAGE, "train", "configs/tiny.py", "--lora_r=64"]
 
 
-def test_docker_from_a_root_shell_runs_as_the_image_user_with_writable_mounts(docker_box: Machine, tmp_path: Path):
+def owners(*folders: Path) -> dict[str, tuple[int, int]]:
+    return {str(f): (f.stat().st_uid, f.stat().st_gid) for f in folders}
+
+
+def test_docker_from_a_root_shell_never_changes_the_owner_of_a_host_folder(docker_box: Machine, tmp_path: Path):
+    """Root's container runs as root, so nothing on the host needs handing over: no chown, in a dry run or a real
+    one, of the checkout, the checkpoints, an --out_dir, an --output folder or the Hugging Face cache."""
     m = docker_box
     m.fake_id(0, 0)
-    m.stub("chown")
-    cwd = str(m.repo.resolve())
+    m.stub("chown")  # any call is a failure below
     out_dir = tmp_path / "runs" / "exp1"
+    results = tmp_path / "results"
+    hf = Path(m.env["HF_HOME"])
+    for folder in (out_dir, results, hf, m.repo / "checkpoints"):
+        folder.mkdir(parents=True)
+    before = owners(out_dir, results, hf, m.repo / "checkpoints", m.repo)
+
     dry = m.run("run_training.sh", "configs/tiny.py", f"--out_dir='{out_dir}'", "--dry-run")
     printed = dry_run_command(dry)
-    assert flag_values(printed, "--user") == ["1000:1000"]  # the image's USER, not 0:0
+    assert flag_values(printed, "--user") == ["0:0"]
+    assert len(dry.stdout.strip().splitlines()) == 1  # the command alone: no set-up step
     assert f"{out_dir.parent}:{out_dir.parent}:rw" in flag_values(printed, "--volume")
-    hf = m.env["HF_HOME"]
-    assert dry.stdout.strip().splitlines()[:-1] == [
-        f"mkdir -p {hf} && chown -R 1000:1000 {hf}",
-        f"mkdir -p {cwd}/checkpoints && chown -R 1000:1000 {cwd}/checkpoints",
-        f"mkdir -p {out_dir} && chown -R 1000:1000 {out_dir}",
-    ]
-    assert not m.calls("chown")  # a dry run changes nothing
-
     real = m.run("run_training.sh", "configs/tiny.py", f"--out_dir='{out_dir}'")
     assert real.returncode == 0, real.stderr
-    assert [c["argv"] for c in m.calls("chown")] == [["-R", "1000:1000", hf], ["-R", "1000:1000", f"{cwd}/checkpoints"],
-                                                      ["-R", "1000:1000", str(out_dir)]]
-    assert out_dir.is_dir() and (m.repo / "checkpoints").is_dir()
     assert ["docker", *m.last_call("docker", "run")] == printed
+    real = m.run("run_inference.sh", "data/sample/test.csv", f"--output={results}/pred.csv")
+    assert real.returncode == 0, real.stderr
+    assert flag_values(m.last_call("docker", "run"), "--user") == ["0:0"]
 
-    # another USER in the image; inference writes next to --output (a folder of its own) ...
-    results = tmp_path / "results"
-    dry = m.run("run_inference.sh", "data/sample/test.csv", f"--output={results}/pred.csv", "--dry-run",
+    assert not m.calls("chown")
+    assert "chown" not in (REPO / "docker/launch.sh").read_text()
+    assert owners(out_dir, results, hf, m.repo / "checkpoints", m.repo) == before
+
+    # asked for explicitly: the image's user, or a given uid:gid, still without touching a folder
+    dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="image",
                 STUB_DOCKER_IMAGE_USER="2000:3000")
-    assert flag_values(dry_run_command(dry), "--user") == ["2000:3000"]
-    assert dry.stdout.strip().splitlines()[-2] == f"mkdir -p {results} && chown -R 2000:3000 {results}"
-    # ... but the working directory itself is never handed over: a warning says what to do instead
-    dry = m.run("run_inference.sh", "data/sample/test.csv", "--dry-run")
-    assert len(dry.stdout.strip().splitlines()) == 2  # the cache only, then the command
-    assert "FINETUNE_DOCKER_USER=host" in dry.stderr and f"may not be allowed to write to {cwd}" in dry.stderr
-
-    # an --out_dir that is the working directory is not handed over either
-    dry = m.run("run_training.sh", "configs/tiny.py", "--out_dir=.", "--dry-run")
-    assert f"chown -R 1000:1000 {cwd}\n" not in dry.stdout and f"may not be allowed to write to {cwd}" in dry.stderr
-
-    # asked for explicitly: root (as before), or a given uid:gid
-    dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="host")
-    assert flag_values(dry_run_command(dry), "--user") == ["0:0"] and len(dry.stdout.strip().splitlines()) == 1
+    assert flag_values(dry_run_command(dry), "--user") == ["2000:3000"] and len(dry.stdout.strip().splitlines()) == 1
     dry = m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="4000:4000")
-    assert flag_values(dry_run_command(dry), "--user") == ["4000:4000"]
-    assert "chown -R 4000:4000" in dry.stdout
+    assert flag_values(dry_run_command(dry), "--user") == ["4000:4000"] and len(dry.stdout.strip().splitlines()) == 1
+    assert not m.calls("chown")
     error = one_line_error(m.run("run_training.sh", "configs/tiny.py", "--dry-run", FINETUNE_DOCKER_USER="nobody"))
     assert "FINETUNE_DOCKER_USER='nobody'" in error
+
+
+def test_docker_limits_only_on_gpu_runs(docker_box: Machine):
+    """memlock/stack limits are for NCCL and pinned memory; a host that cannot raise them must still run CPU jobs."""
+    gpu = dry_run_command(docker_box.run("run_training.sh", "configs/tiny.py", "--dry-run"))
+    assert flag_values(gpu, "--ulimit") == ["memlock=-1", "stack=67108864"]
+    docker_box.env.pop("STUB_DOCKER_RUNTIMES")  # the same engine without the NVIDIA runtime
+    cpu = dry_run_command(docker_box.run("run_training.sh", "configs/tiny.py", "--dry-run"))
+    assert "--gpus" not in cpu and "--ulimit" not in cpu
+    cpu = dry_run_command(docker_box.run("run_inference.sh", "data/sample/test.csv", "--dry-run"))
+    assert "--ulimit" not in cpu
 
 
 def test_docker_as_a_user_keeps_the_callers_ids_unless_asked(docker_box: Machine):
