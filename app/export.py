@@ -20,6 +20,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from app.atomic import give_new_modes
 from app.errors import UserError
 
 # files of a checkpoint that are training state, never exported
@@ -103,14 +104,18 @@ def _base_dtype(cfg):
 
 def export(checkpoint: str, output: str, merge: bool = False, overrides=(), echo=print) -> dict:
     """Export `checkpoint` to `output`; returns {"merged", "output", "commands", "notes"}."""
-    from app.runs import checkpoint_config, ensure_base_model, resolve_checkpoint, verify
+    from app.runs import check_new_folder, checkpoint_config, ensure_base_model, resolve_checkpoint, verify
 
     ckpt, why = resolve_checkpoint(checkpoint)
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_new_folder(out, f"--output {out}")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out}: exists and is not an empty directory; choose a new one")
     if out.resolve() == ckpt.resolve():
         raise UserError(f"--output {out} is the checkpoint itself; choose a new directory")
+    if ckpt.resolve() in out.resolve().parents:
+        raise UserError(f"--output {out}: inside the checkpoint {ckpt}, which it would change; choose a directory "
+                        "outside it")
     verify(ckpt)
     cfg = checkpoint_config(ckpt, overrides)
     adapter = (ckpt / "adapter_config.json").is_file()
@@ -141,6 +146,7 @@ def export(checkpoint: str, output: str, merge: bool = False, overrides=(), echo
         if out.exists():
             out.rmdir()
         out.parent.mkdir(parents=True, exist_ok=True)
+        give_new_modes(tmp)  # copies keep the checkpoint's modes; safetensors writes 0600
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,14 +26,14 @@ import os
 import random
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from app.atomic import write_json_atomic
+from app.atomic import give_new_modes, write_json_atomic
 from app.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,19 @@ def read_manifest(directory: Path) -> dict[str, dict] | None:
     try:
         files = read_json(path)["files"]
         if all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
+            outside = next((rel for rel in files if not _inside(rel)), None)
+            if outside is not None:  # never read (or hash) a file the checkpoint does not hold
+                raise UserError(f"{path}: entry {outside!r} is outside the checkpoint (corrupt or tampered manifest)")
             return files
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         pass
     raise UserError(f"{path}: unreadable checkpoint manifest (corrupt checkpoint)")
+
+
+def _inside(rel: str) -> bool:
+    """A manifest entry names a file under the checkpoint: a relative path without '..'."""
+    parts = PurePosixPath(rel).parts
+    return bool(parts) and not PurePosixPath(rel).is_absolute() and ".." not in parts
 
 
 # --- verification -------------------------------------------------------------------------------------------
@@ -349,6 +358,7 @@ def latest(out_dir: str | Path) -> Path | None:
 def publish(tmp: Path, final: Path) -> None:
     """Write the manifest of a fully written temp checkpoint and rename it into place, replacing an older one of the
     same name."""
+    give_new_modes(tmp)  # safetensors' save_file makes its files 0600 whatever the umask
     for f in _files(tmp):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.atomic import give_new_modes
 from app.tasks.protocol import Feature
 
 log = logging.getLogger("app.engine.token_cache")
@@ -255,6 +256,7 @@ def save(directory: Path, arrays: dict, extras: list, meta: dict) -> None:
         body = {**meta, "examples": len(extras), "tokens": len(arrays["input_ids"]),
                 "extra": extras if any(extras) else None}
         (tmp / "meta.json").write_text(json.dumps(body), encoding="utf-8")
+        give_new_modes(tmp)  # safetensors' save_file makes its files 0600 whatever the umask
         if directory.exists():
             shutil.rmtree(tmp)
         else:

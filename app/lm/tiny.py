@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from app.atomic import give_new_modes
 from app.errors import UserError
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -71,10 +72,10 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     model = build_model(vocab_size=len(tokenizer), seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared like any other
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        give_new_modes(tmp)  # mkdtemp and safetensors make them private; a model is shared like any file
         if out_dir.exists():
             raise UserError(f"{out_dir}: already exists")
         os.replace(tmp, out_dir)
