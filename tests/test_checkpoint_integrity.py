@@ -297,7 +297,7 @@ def test_verify_command_one_line_per_checkpoint(lora_run, tmp_path):
     assert result.output.splitlines() == [
         f"{root / 'final'}: ok",
         f"{root / 'step_0000002'}: ok (no manifest.json: written before manifests, checksums not checked)",
-        results[2][1],
+        f"error: {results[2][1]}",
     ]
     assert results[2][1].startswith(f"{root / 'step_0000004' / 'optimizer.safetensors'}: size ")
 

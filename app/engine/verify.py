@@ -2,8 +2,9 @@
 
 Every checkpoint of a run directory (RUN/checkpoints/*, temp and replaced ones skipped), or one checkpoint
 directory, goes through `checkpoint.verify_checkpoint` (manifest sizes and sha256, safetensors headers, JSON,
-tokenizer, no pickle-only weights) and must hold a readable trainer_state.json. One line per checkpoint: `ok` or
-the problem (naming the file); exit code 0 when all pass, 2 otherwise.
+tokenizer, no pickle-only weights; manifest entries only inside the checkpoint) and must hold a readable
+trainer_state.json. One line per checkpoint: `ok` on stdout, or `error: ` and the problem (naming the file) on
+stderr; exit code 0 when all pass, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def verify_command(ctx: click.Context, path: Path) -> None:
 
     Files are compared with the checkpoint's manifest.json (sizes and sha256); checkpoints written before
     manifests existed get the cheap checks (JSON files, safetensors headers, tokenizer files). Prints one line
-    per checkpoint, `ok` or what is wrong; exit code 0 when all pass, 2 otherwise.
+    per checkpoint, `ok` or `error: ` and what is wrong; exit code 0 when all pass, 2 otherwise.
     """
     from app.engine import checkpoint as ckpt
 
@@ -55,7 +56,7 @@ def verify_command(ctx: click.Context, path: Path) -> None:
         ctx.exit(2)
     for directory, problem in results:
         if problem is not None:
-            click.echo(problem)
+            click.echo(f"error: {problem}", err=True)
         elif (directory / ckpt.MANIFEST).is_file():
             click.echo(f"{directory}: ok")
         else:
