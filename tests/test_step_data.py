@@ -1,5 +1,5 @@
-"""Step data: the generic schema, PRM800K on real records, REVEAL and eQASC mappings, bad data, weighted mixing,
-the synthetic set, and the numpy metrics against scipy / scikit-learn."""
+"""Step data: the generic schema, PRM800K on real records, REVEAL, eQASC and PRMBench mappings, bad data, weighted
+mixing, the synthetic set, and the numpy metrics against scipy / scikit-learn."""
 
 from __future__ import annotations
 
@@ -260,6 +260,96 @@ def test_eqasc_mapping(tmp_path):
     assert rows[1].values["labels"] == [None, None, 0.0]  # "no"; the unlabelled third chain is skipped
     assert rows[2].values["labels"] == [None, None, 0.0] and rows[2].values["id"] == "q2/0"  # "fact1": negative
     assert rows[0].line == 2 and rows[2].line > rows[0].line  # the line each question object starts on
+
+
+# --- PRMBench -----------------------------------------------------------------------------------------------------
+PENCILS = "Three pencils and an eraser cost $1.24; five pencils and an eraser cost $1.82. What does a pencil cost?"
+PENCIL_STEPS = ["1. Let p be a pencil's price and e the eraser's: 3p+e=1.24 and 5p+e=1.82.",
+                "2. Subtracting gives 2p=0.58.", "3. So p=0.29: a pencil costs 29 cents."]
+
+
+def prmbench_records() -> list[dict]:
+    """Three records as PRMBench releases them: two modify the same solution (a circular and a redundant one), the
+    third has no modified_question and no error step."""
+    circular = {"idx": "circular_0", "classification": "circular", "question": PENCILS, "original_question": PENCILS,
+                "modified_question": PENCILS, "original_process": PENCIL_STEPS,
+                "modified_process": [PENCIL_STEPS[0], "2. Assume a pencil costs 29 cents.",
+                                     "3. Then 3(0.29)+e=1.24 gives e=0.37.", "4. And 5(0.29)+0.37=1.82: it checks."],
+                "modified_steps": [2, 3, 4], "error_steps": [2, 3], "reason": "assumes the answer"}
+    redundant = {**circular, "idx": "redundency_0", "classification": "redundency",
+                 "modified_process": [*PENCIL_STEPS[:2], "3. Note that 0.58 is 58 cents.", PENCIL_STEPS[2]],
+                 "modified_steps": [3], "error_steps": [3], "reason": "a step that adds nothing"}
+    squares = {"idx": "confidence_1", "classification": "confidence", "question": "What is 3 squared?",
+               "original_question": "What is 3 squared?", "original_process": ["1. 3*3=9."],
+               "modified_process": ["1. 3*3=9, certainly."], "modified_steps": [1], "error_steps": [],
+               "reason": "none"}
+    return [circular, redundant, squares]
+
+
+def test_prmbench_original_and_modified_processes_with_their_labels(tmp_path):
+    rows = read_step_file(write_jsonl(tmp_path / "prmbench.jsonl", prmbench_records()))
+    got = [(r.line, r.values["id"], r.values["problem"], r.values["steps"], r.values["labels"]) for r in rows]
+    circular, redundant, squares = prmbench_records()
+    assert got == [
+        (1, "circular_0/original", PENCILS, PENCIL_STEPS, [1.0, 1.0, 1.0]),
+        (1, "circular_0/modified", PENCILS, circular["modified_process"], [1.0, 0.0, 0.0, 1.0]),  # 1-based 2, 3
+        (2, "redundency_0/modified", PENCILS, redundant["modified_process"], [1.0, 1.0, 0.0, 1.0]),  # shared original once
+        (3, "confidence_1/original", "What is 3 squared?", ["1. 3*3=9."], [1.0]),
+        (3, "confidence_1/modified", "What is 3 squared?", ["1. 3*3=9, certainly."], [1.0]),
+    ]
+    assert {r.values["format"] for r in rows} == {"prmbench"}
+
+
+def test_prmbench_through_steps_convert(tmp_path, capsys):
+    from app.cli import main
+
+    src = write_jsonl(tmp_path / "prmbench.jsonl", prmbench_records())
+    assert main(["steps", "convert", str(src), str(tmp_path / "auto.jsonl")]) == 0
+    assert capsys.readouterr().out == f"wrote 5 examples to {tmp_path / 'auto.jsonl'}\n"
+    assert main(["steps", "convert", str(src), str(tmp_path / "named.jsonl"), "--format", "prmbench"]) == 0
+    assert (tmp_path / "named.jsonl").read_bytes() == (tmp_path / "auto.jsonl").read_bytes()
+    lines = [json.loads(x) for x in (tmp_path / "auto.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [x["labels"] for x in lines] == [[1.0] * 3, [1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0], [1.0]]
+    assert [x["steps"][0] for x in lines] == [PENCIL_STEPS[0]] * 3 + ["1. 3*3=9.", "1. 3*3=9, certainly."]
+    assert all(set(x) == {"problem", "steps", "labels"} for x in lines)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"error_steps": [0]}, "error_steps has 0, not a step number of modified_process (1 to 4; PRMBench numbers "
+                           "steps from 1)"),
+    ({"error_steps": [5]}, "error_steps has 5, not a step number of modified_process (1 to 4"),
+    ({"error_steps": [True]}, "error_steps has True"),
+    ({"error_steps": "2, 3"}, "error_steps must be a list of step numbers, found '2, 3'"),
+    ({"modified_process": []}, "modified_process must be a non-empty list of steps, found []"),
+    ({"original_process": ["1. fine", 7]}, "original_process[1] must be non-empty text, found 7"),
+    ({"modified_process": ["1. a", "2. <CONFIDENCE>", "3. b", "4. c"]}, "steps[1] contains the step marker"),
+    ({"question": None, "original_question": None, "modified_question": None},
+     "no question text (expected original_question or question)"),
+    ({"error_steps": None}, "missing key 'error_steps' (PRMBench records need original_process, modified_process, "
+                            "error_steps)"),
+])
+def test_prmbench_bad_record_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
+    from app.cli import main
+
+    records = prmbench_records()
+    bad = {k: v for k, v in {**records[0], **change}.items() if k != "error_steps" or v is not None}
+    src = write_jsonl(tmp_path / "prmbench.jsonl", [records[2], bad])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["steps", "convert", str(src), str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}:2: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_prmbench_file_named_in_step_formats_trains(tmp_path):
+    from app.config import load_config
+    from app.tasks import get_task
+
+    src = write_jsonl(tmp_path / "prm.jsonl", prmbench_records())
+    cfg = load_config(ROOT / "configs/confidence_head_tiny.py", [
+        f"--step_train_files={{'{src}': 1.0}}", f"--step_formats={{'{src}': 'prmbench'}}", f"--out_dir={tmp_path / 'r'}"])
+    rows = get_task("confidence_head").load_rows(cfg, "train")
+    assert [r.values["labels"] for r in rows] == [[1.0] * 3, [1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0], [1.0]]
 
 
 def test_unknown_format_is_reported(tmp_path):

@@ -21,14 +21,15 @@ def score_steps(input_file, checkpoint, output, fresh, overrides):
 
 @click.group(context_settings=HELP)
 def steps():
-    """Step-by-step data: convert PRM800K / REVEAL / eQASC files to the generic step JSONL, write the sample set."""
+    """Step-by-step data: convert PRM800K / REVEAL / eQASC / PRMBench files to the generic step JSONL, write the
+    sample set."""
 
 
 @steps.command(context_settings=HELP)
 @click.argument("input_file", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT.jsonl")
-@click.option("--format", "fmt", type=click.Choice(["auto", "generic", "prm800k", "reveal", "eqasc"]), default="auto",
-              show_default=True, help="format of INPUT (auto: detected from its first record)")
+@click.option("--format", "fmt", type=click.Choice(["auto", "generic", "prm800k", "reveal", "eqasc", "prmbench"]),
+              default="auto", show_default=True, help="format of INPUT (auto: detected from its first record)")
 def convert(input_file, output, fmt):
     """Write any supported step file as generic step JSONL ({"problem", "steps", "labels"} per line)."""
     from app.tasks.confidence_head import step_data

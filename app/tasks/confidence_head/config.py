@@ -23,7 +23,7 @@ class ConfidenceHeadConfig(Section):
         {}, description="training files -> sampling weight (weighted mix); empty = train_file alone"
     )
     step_dev_files: list[str] = Field([], description="dev files, concatenated; empty = dev_file")
-    step_formats: dict[str, Literal["auto", "generic", "prm800k", "reveal", "eqasc"]] = Field(
+    step_formats: dict[str, Literal["auto", "generic", "prm800k", "reveal", "eqasc", "prmbench"]] = Field(
         {}, description="file -> data format; unlisted files are detected from their first record"
     )
     step_mix_size: int | None = Field(

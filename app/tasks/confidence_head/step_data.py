@@ -45,6 +45,19 @@ eqasc     eQASC (Jhamtani & Clark 2020), the released JSON array of QASC questio
           "unsure", "?", "fact12", "bad-answer", "fact1", "fact2" (the mapping of the eQASC reference reader:
           only "yes" is positive). Chains on wrong choices and chains without a turk label are skipped.
 
+prmbench  PRMBench (Song et al. 2025; built on PRM800K), its JSONL release: one record per modified solution, with
+          `original_question`, `original_process` (the steps of a correct solution), `modified_question`,
+          `modified_process` (the same solution with errors put in), `error_steps` (1-based numbers of the steps of
+          `modified_process` that are wrong), `modified_steps`, `classification`, `reason`, `idx`, `question`.
+          Each record gives two examples:
+          - the original: problem = `original_question` (else `question`), steps = `original_process`, every label
+            1.0; an original that several records share (one per kind of error put in) is written once;
+          - the modified: problem = `modified_question` (else the original's), steps = `modified_process`, label
+            0.0 for the steps in `error_steps` and 1.0 for every other one, as PRMBench's own evaluation counts
+            them (a modified step not in `error_steps` is right; for the redundancy and circular classes an error
+            step is a redundant or circular one). Ids `<idx>/original` and `<idx>/modified`.
+          The steps keep their text as released ("1. ...", "2. ...").
+
 `python -m app.tasks.confidence_head.step_data synthetic DIR` writes the bundled synthetic set (data/sample/steps/);
 `python -m app.tasks.confidence_head.step_data convert IN OUT [--format=F]` (and `python -m app steps convert`, through
 `convert(in_path, out_path, fmt)`) writes any supported file as generic JSONL, atomically.
@@ -62,7 +75,7 @@ from pathlib import Path
 from app.data import Row, read_rows
 from app.errors import UserError
 
-FORMATS = ("generic", "prm800k", "reveal", "eqasc")
+FORMATS = ("generic", "prm800k", "reveal", "eqasc", "prmbench")
 DEFAULT_MARKER = "<CONFIDENCE>"
 
 
@@ -111,6 +124,8 @@ def read_records(path: str | Path) -> list[Row]:
 def detect_format(path, first: dict) -> str:
     if "problem" in first and "steps" in first:
         return "generic"
+    if "original_process" in first and "modified_process" in first:
+        return "prmbench"
     if isinstance(first.get("question"), dict) and isinstance(first.get("label"), dict) and "steps" in first["label"]:
         return "prm800k"
     if "step_idx" in first and "step" in first:
@@ -118,7 +133,7 @@ def detect_format(path, first: dict) -> str:
     if isinstance(first.get("question"), dict) and "choices" in first["question"]:
         return "eqasc"
     raise UserError(f"{path}: cannot tell the format of the first record (keys: {', '.join(list(first)[:8])}); "
-                    f"expected generic {{problem, steps, labels}}, PRM800K, REVEAL or eQASC (set step_formats)")
+                    f"expected generic {{problem, steps, labels}}, PRM800K, REVEAL, eQASC or PRMBench (set step_formats)")
 
 
 def read_step_file(path: str | Path, fmt: str = "auto", marker: str = DEFAULT_MARKER,
@@ -321,7 +336,67 @@ def _eqasc(path, records: list[Row], marker: str, require_labels: bool) -> list[
     return rows
 
 
-READERS: dict[str, Callable] = {"generic": _generic, "prm800k": _prm800k, "reveal": _reveal, "eqasc": _eqasc}
+# --- PRMBench -------------------------------------------------------------------------------------------------
+PRMBENCH_KEYS = ("original_process", "modified_process", "error_steps")
+
+
+def _prmbench_process(v: dict, key: str, where: str) -> list[str]:
+    steps = v[key]
+    if not isinstance(steps, list) or not steps:
+        raise UserError(f"{where}: {key} must be a non-empty list of steps, found {_short(steps)}")
+    for k, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            raise UserError(f"{where}: {key}[{k}] must be non-empty text, found {_short(step)}")
+    return steps
+
+
+def prmbench_labels(error_steps, n: int, where: str) -> list[float]:
+    """1.0 per step of a modified process of `n` steps, 0.0 at the 1-based step numbers of `error_steps`."""
+    if not isinstance(error_steps, list):
+        raise UserError(f"{where}: error_steps must be a list of step numbers, found {_short(error_steps)}")
+    for e in error_steps:
+        if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= n:
+            raise UserError(f"{where}: error_steps has {_short(e)}, not a step number of modified_process "
+                            f"(1 to {n}; PRMBench numbers steps from 1)")
+    wrong = set(error_steps)
+    return [0.0 if k + 1 in wrong else 1.0 for k in range(n)]
+
+
+def _prmbench_question(v: dict, keys: tuple[str, ...], where: str):
+    found = next((v[k] for k in keys if isinstance(v.get(k), str)), None)
+    if found is None:
+        raise UserError(f"{where}: no question text (expected {' or '.join(keys)})")
+    return found
+
+
+def _prmbench(path, records: list[Row], marker: str, require_labels: bool) -> list[Row]:
+    rows, originals = [], set()
+    for rec in records:
+        v, where = rec.values, f"{path}:{rec.line}"
+        for key in PRMBENCH_KEYS:
+            if key not in v:
+                raise UserError(f"{where}: missing key {key!r} (PRMBench records need {', '.join(PRMBENCH_KEYS)})")
+        original = _prmbench_process(v, "original_process", where)
+        modified = _prmbench_process(v, "modified_process", where)
+        labels = prmbench_labels(v["error_steps"], len(modified), where)
+        question = _prmbench_question(v, ("original_question", "question"), where)
+        modified_question = _prmbench_question(v, ("modified_question", "original_question", "question"), where)
+        name = None if v.get("idx") is None else str(v["idx"])
+        examples = []
+        if (question, tuple(original)) not in originals:
+            originals.add((question, tuple(original)))
+            examples.append(("original", question, original, [1.0] * len(original)))
+        examples.append(("modified", modified_question, modified, labels))
+        for kind, problem, steps, step_labels in examples:
+            values = check_example(path, rec.line, problem, steps, step_labels, marker, require_labels)
+            if name is not None:
+                values["id"] = f"{name}/{kind}"
+            rows.append(Row(rec.line, values))
+    return rows
+
+
+READERS: dict[str, Callable] = {"generic": _generic, "prm800k": _prm800k, "reveal": _reveal, "eqasc": _eqasc,
+                                "prmbench": _prmbench}
 
 
 # --- weighted mixing ------------------------------------------------------------------------------------------
@@ -411,7 +486,7 @@ def convert(in_path: str | Path, out_path: str | Path, fmt: str = "auto") -> int
 
 # --- command line ---------------------------------------------------------------------------------------------
 USAGE = ("usage: python -m app.tasks.confidence_head.step_data synthetic DIR | "
-         "convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc]")
+         "convert INPUT OUTPUT.jsonl [--format=auto|generic|prm800k|reveal|eqasc|prmbench]")
 
 
 def main(argv: list[str]) -> int:
