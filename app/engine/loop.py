@@ -413,6 +413,9 @@ def _train(cfg: Config) -> int:
         from app.sources import run_sources  # beside run_config.json: path or Hub id + revision + fingerprint
 
         ckpt.write_json(cfg.out_path / "data_sources.json", run_sources(cfg))
+    from app.report.runinfo import RunRecord  # run_info.json + warnings.log, read by `python -m app report`
+
+    record = RunRecord.start(cfg, world, sharded) if is_main else None
     accelerator.wait_for_everyone()
     from app.engine.token_cache import encode_cached
 
@@ -425,6 +428,8 @@ def _train(cfg: Config) -> int:
     if plan.steps_per_epoch == 0:
         raise UserError(f"{cfg.train_file}: {len(features)} usable examples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
+    if record is not None:
+        record.data(features, dev_features, plan, len(train_rows), len(dev_rows))
     loss_items = [loss_counts(task, f) for f in features]  # per example, counted once: the step loop only adds them up
     loss_weights = task.loss_weights(cfg)
     loss_names = list(dict.fromkeys(n for counts in loss_items for n in counts))
@@ -554,6 +559,7 @@ def _train(cfg: Config) -> int:
     run_log.close()
     if is_main:
         write_training_curves(cfg.out_path)
+        record.finish(state.step, total_steps, stop.signum)
     accelerator.wait_for_everyone()
     if is_main and state.step == total_steps:
         summary = {"step": state.step, "out_dir": str(cfg.out_dir), **last_metrics}
@@ -573,5 +579,8 @@ def train(cfg: Config) -> int:
     try:
         return _train(cfg)
     finally:
+        from app.report.runinfo import close_run_record
+
+        close_run_record()
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])
