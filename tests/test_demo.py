@@ -2,7 +2,9 @@
 
 NLI (the session's tiny checkpoint), confidence_tokens and confidence_head (2-step tiny checkpoints trained here): a
 pair gives the label and reasoning, and for the confidence tasks the confidence, equal to what `python -m app infer`
-writes for the same row; a file upload returns the `infer` predictions file; bad input is a message in the page.
+writes for the same row; a file upload returns the `infer` predictions file; a bad request is a 4xx with a message in
+the page, the server answering the next request, and every response carries the security headers; a port in use is
+one line before anything else.
 The browser tests drive Debian's `chromium` through the Chrome DevTools protocol over a pipe
 (`--remote-debugging-pipe`: standard library only): they type the fields, click Predict, read the result and save
 screenshots to test-artifacts/ (or $TEST_ARTIFACTS). Skipped, saying why, without a browser.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_app
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
 PAIR = ("The lamp is in the kitchen.", "The lamp is indoors.")
@@ -82,13 +86,34 @@ def server(checkpoint, tmp_path_factory):
     yield from demo_server(checkpoint, tmp_path_factory.mktemp("demolog"))
 
 
-def post(url: str, data: bytes, content_type: str) -> tuple[int, str, bytes]:
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+def fetch(url: str, method: str = "GET", data: bytes | None = None, content_type: str | None = None):
+    """(status, headers, body) of one request; an error status is an answer like any other."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.headers.get("Content-Type", ""), err.read()
+        return err.code, err.headers, err.read()
+
+
+def post(url: str, data: bytes, content_type: str) -> tuple[int, str, bytes]:
+    status, headers, body = fetch(url, "POST", data, content_type)
+    return status, headers.get("Content-Type", ""), body
+
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
+def assert_security_headers(headers) -> None:
+    """The headers every response carries; the policy allows no script, no framing, no other origin."""
+    for name, value in SECURITY_HEADERS.items():
+        assert headers.get(name) == value, (name, headers.get(name))
+    csp = {d.split()[0]: d.split()[1:] for d in headers.get("Content-Security-Policy", "").split(";") if d.strip()}
+    assert csp["default-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
+    assert csp["form-action"] == ["'self'"] and csp["base-uri"] == ["'none'"]
+    assert "script-src" not in csp  # no script at all (default-src 'none')
+    assert len(csp["style-src"]) == 1 and csp["style-src"][0].startswith("'sha256-")  # the page's own style only
 
 
 def form(base: str, premise: str, hypothesis: str):
@@ -96,11 +121,18 @@ def form(base: str, premise: str, hypothesis: str):
     return post(base + "/predict", body, "application/x-www-form-urlencoded")
 
 
+BOUNDARY = "----demo-test-boundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+FORM = "application/x-www-form-urlencoded"
+
+
+def multipart_body(content: bytes, filename: str = "pairs.csv", field: str = "file") -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def multipart(base: str, content: bytes, filename: str = "pairs.csv"):
-    boundary = "----demo-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    return post(base + "/batch", body, f"multipart/form-data; boundary={boundary}")
+    return post(base + "/batch", multipart_body(content, filename), MULTIPART)
 
 
 def assert_no_traceback(text: str) -> None:
@@ -108,47 +140,115 @@ def assert_no_traceback(text: str) -> None:
 
 
 def test_pair_gives_label_and_reasoning(server):
-    status, _, body = form(server, *PAIR)
+    status, headers, body = fetch(server + "/predict", "POST", urllib.parse.urlencode(
+        {"premise": PAIR[0], "hypothesis": PAIR[1]}).encode(), FORM)
     page = body.decode()
     assert status == 200, page
     assert 'id="label">0<' in page or 'id="label">1<' in page
     assert 'id="reasoning"' in page and PAIR[0] in page
-
-
-@pytest.mark.parametrize("premise,hypothesis,message", [
-    ("", "something", "premise is empty"),
-    ("something", "   ", "hypothesis is empty"),
-    ("x" * 1_000_000, "something", "premise is too long"),
-])
-def test_bad_pairs_are_a_message_in_the_page(server, premise, hypothesis, message):
-    status, ctype, body = form(server, premise, hypothesis)
-    page = body.decode()
-    assert status in (400, 413) and "text/html" in ctype
-    assert 'id="error"' in page and message in page
-    assert_no_traceback(page)
+    assert_security_headers(headers)
 
 
 def test_csv_batch_returns_predictions(server):
     rows = "id,premise,hypothesis\na,The cup is in the garden.,The cup is indoors.\nb,The pen is in the office.,The pen is indoors.\n"
-    status, ctype, body = multipart(server, rows.encode())
-    assert status == 200 and "text/csv" in ctype, body[:500]
+    status, headers, body = fetch(server + "/batch", "POST", multipart_body(rows.encode()), MULTIPART)
+    assert status == 200 and "text/csv" in headers["Content-Type"], body[:500]
     out = list(csv.DictReader(io.StringIO(body.decode())))
     assert [r["id"] for r in out] == ["a", "b"]
     assert all(r["predicted_label"] in ("0", "1") for r in out)
+    assert_security_headers(headers)  # nosniff: the CSV is never rendered as a page
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"question,answer\nfoo,bar\n", "premise"),
-    (b"   ", "empty"),
-])
-def test_bad_csv_is_a_message_in_the_page(server, content, message):
-    status, ctype, body = multipart(server, content)
-    page = body.decode()
-    assert status == 400 and "text/html" in ctype
-    assert 'id="error"' in page and message in page
-    error = page.split('id="error"', 1)[1].split("</div>", 1)[0]
-    assert "input.csv" not in error and "demo-batch-" not in error, error  # no temporary path in the message
+@pytest.mark.parametrize("path", ["/", "/health"])
+def test_every_page_carries_the_security_headers(server, path):
+    status, headers, _ = fetch(server + path)
+    assert status == 200
+    assert_security_headers(headers)
+
+
+def form_body(**fields: str) -> bytes:
+    return urllib.parse.urlencode(fields).encode()
+
+
+PAIRS_HEADER = b"premise,hypothesis\n"
+# one row per bad request: method, path, body, content type, the 4xx it gets, what the page's message says
+BAD_REQUESTS = [
+    pytest.param("GET", "/nope", None, None, 404, "404: Not Found", id="unknown-path"),
+    pytest.param("DELETE", "/predict", None, None, 405, "405: Method Not Allowed", id="delete-predict"),
+    pytest.param("PUT", "/", b"x", "text/plain", 405, "405: Method Not Allowed", id="put-page"),
+    pytest.param("POST", "/health", b"{}", "application/json", 405, "405: Method Not Allowed", id="post-health"),
+    pytest.param("GET", "/batch", None, None, 405, "405: Method Not Allowed", id="get-batch"),
+    pytest.param("POST", "/predict", form_body(premise="", hypothesis="The lamp is indoors."), FORM, 400,
+                 "premise is empty", id="empty-premise"),
+    pytest.param("POST", "/predict", form_body(premise="The lamp is in the kitchen.", hypothesis="   "), FORM, 400,
+                 "hypothesis is empty", id="blank-hypothesis"),
+    pytest.param("POST", "/predict", form_body(hypothesis="The lamp is indoors."), FORM, 400, "premise is empty",
+                 id="missing-premise"),
+    pytest.param("GET", "/predict?premise=A+lamp.", None, None, 400, "hypothesis is empty", id="query-no-hypothesis"),
+    pytest.param("POST", "/predict", form_body(premise="x" * 1_000_000, hypothesis="h"), FORM, 400,
+                 "premise is too long (1,000,000 characters; at most 20,000)", id="field-too-long"),
+    pytest.param("POST", "/predict", b"premise=" + b"x" * 5_000_001, FORM, 413, "the request is too large",
+                 id="form-over-5MB"),
+    pytest.param("POST", "/predict", b"premise=\xff\xfe&hypothesis=h", FORM, 400, "the form is not UTF-8 text",
+                 id="form-not-utf8"),
+    pytest.param("POST", "/batch", form_body(premise="a", hypothesis="b"), FORM, 400,
+                 "upload a file with the form (multipart/form-data)", id="batch-not-multipart"),
+    pytest.param("POST", "/batch", multipart_body(b"premise,hypothesis\na,b\n", field="other"), MULTIPART, 400,
+                 "no file uploaded", id="batch-no-file-field"),
+    pytest.param("POST", "/batch", multipart_body(b"   "), MULTIPART, 400, "the uploaded file is empty",
+                 id="batch-empty-file"),
+    pytest.param("POST", "/batch", multipart_body(b"question,answer\nfoo,bar\n"), MULTIPART, 400,
+                 "missing column(s) premise", id="batch-missing-columns"),
+    pytest.param("POST", "/batch", multipart_body(PAIRS_HEADER + b"A cat sleeps.,An animal sleeps.\n" * 2001),
+                 MULTIPART, 400, "2001 rows; the demo predicts at most 2000", id="batch-too-many-rows"),
+    pytest.param("POST", "/batch", multipart_body(PAIRS_HEADER + b"a,b\n" * 1_300_000), MULTIPART, 413,
+                 "the request is too large", id="batch-over-5MB"),
+]
+
+
+def error_message(page: str) -> str:
+    assert 'id="error"' in page, page[:500]
+    return html.unescape(page.split('id="error"', 1)[1].split(">", 1)[1].split("</div>", 1)[0])
+
+
+@pytest.mark.parametrize("method,path,body,content_type,status,message", BAD_REQUESTS)
+def test_bad_request_is_a_4xx_with_a_message_and_the_server_serves_on(server, method, path, body, content_type,
+                                                                      status, message):
+    got, headers, answer = fetch(server + path, method, body, content_type)
+    page = answer.decode("utf-8")
+    assert got == status, page[:500]
+    assert "text/html" in headers["Content-Type"]
+    error = error_message(page)
+    assert message in error, error
+    assert not re.search(r"upload\.(csv|jsonl?)|demo-(batch|form)-", error), error  # no temporary path in it
     assert_no_traceback(page)
+    assert_security_headers(headers)
+    ok, headers, answer = fetch(server + "/health")  # the next request is answered as ever
+    assert ok == 200 and json.loads(answer)["status"] == "ok"
+    assert_security_headers(headers)
+
+
+def busy_port():
+    """A port another server listens on, for the test's duration."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    pytest.param(("--port", "{busy}"), "demo: port {busy} on 127.0.0.1 is in use", id="port-in-use"),
+    pytest.param(("--port", "70000"), "demo: --port 70000: a port is 1-65535", id="port-out-of-range"),
+    pytest.param(("--host", "192.0.2.1", "--port", "{busy}"), "demo: port {busy} on 192.0.2.1 cannot be had",
+                 id="host-not-here"),
+])
+def test_a_port_that_cannot_be_had_is_one_line_before_anything(checkpoint, tmp_path, args, message):
+    with busy_port()[0] as holder:
+        busy = str(holder.getsockname()[1])
+        r = run_app("demo", "--checkpoint", str(checkpoint), *(a.replace("{busy}", busy) for a in args),
+                    cwd=tmp_path, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.startswith(f"error: {message.replace('{busy}', busy)}") and r.stderr.count("\n") == 1, r.stderr
+        assert "http://" not in r.stderr and r.stdout == ""  # no URL printed as if serving
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- a real browser ---------------------------------------------------------------------------------------------------
@@ -262,6 +362,15 @@ def test_browser_submits_a_pair_and_reads_the_label(server, browser):
     assert browser.js("!!document.getElementById('reasoning')")
     browser.screenshot(ARTIFACTS / "demo_pair.png")
     assert (ARTIFACTS / "demo_pair.png").stat().st_size > 1000
+
+
+def test_browser_applies_the_page_style_and_refuses_injected_script(server, browser):
+    browser.call("Page.navigate", url=server + "/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('submit')")
+    assert browser.js("getComputedStyle(document.body).maxWidth") == "736px"  # 46rem: the style passed the policy
+    injected = ("var s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                "document.body.appendChild(s); window.injected === undefined")
+    assert browser.js(injected) is True  # an inline script is refused by the Content-Security-Policy
 
 
 def test_browser_shows_a_message_for_a_blank_field(server, browser):
@@ -389,7 +498,7 @@ def test_browser_reads_answer_and_confidence(ct_server, browser):
     value = float(browser.js("document.getElementById('confidence').dataset.value"))
     assert 0.0 <= value <= 1.0
     assert browser.js("document.getElementById('confidence-percent').textContent") == f"{value * 100:.1f}%"
-    bar = browser.js("document.querySelector('.bar > span').getBoundingClientRect().width / "
+    bar = browser.js("document.querySelector('.bar > rect').getBoundingClientRect().width / "
                      "document.querySelector('.bar').getBoundingClientRect().width")
     assert abs(bar - value) < 0.02  # the bar is drawn to the confidence
     browser.screenshot(ARTIFACTS / "demo_confidence.png")

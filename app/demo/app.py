@@ -12,17 +12,24 @@ reasoning and label), confidence_tokens (passage + question -> answer, response 
                     confidence_head: step_scores.jsonl)
   GET  /health      {"status": "ok", "checkpoint": ..., "task": ...} once the model is loaded (the compose healthcheck)
 
-The model loads once at start (the checkpoint's run_config.json with `--key=value` overrides, as `infer`). Bad input
-is a message in the page (HTTP 400), never a traceback: an empty field, a field over MAX_FIELD_CHARS, a body over
-MAX_UPLOAD_BYTES, a file without the columns or with more than MAX_BATCH_ROWS rows, a checkpoint of another task at
-start. Needs fastapi and uvicorn (the `dev` and `demo` extras); multipart bodies are parsed with the standard
-library, no python-multipart.
+The port is bound before anything else (a port in use is one line, exit 2, before the model loads); then the model
+loads once (the checkpoint's run_config.json with `--key=value` overrides, as `infer`) and the server serves on that
+socket. Bad input is a message in the page (HTTP 400; 413 for a body over MAX_UPLOAD_BYTES; 404/405 for another
+path or method), never a traceback: an empty field, a field over MAX_FIELD_CHARS, a file without the columns or with
+more than MAX_BATCH_ROWS rows, a checkpoint of another task at start. Every response carries SECURITY_HEADERS: a
+Content-Security-Policy that allows the page's own stylesheet (by its hash), its forms posting to this server and
+nothing else (no script, no frame, no other origin). Needs fastapi and uvicorn (default dependencies); multipart
+bodies are parsed with the standard library, no python-multipart.
 """
 
+import base64
 import contextlib
+import errno
+import hashlib
 import html
 import json
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -38,6 +45,28 @@ MAX_FIELD_CHARS = 20_000
 MAX_UPLOAD_BYTES = 5_000_000
 MAX_BATCH_ROWS = 2_000
 PAGE = Path(__file__).with_name("page.html")
+TEMPLATE = PAGE.read_text(encoding="utf-8")
+
+
+def style_hash(template: str) -> str:
+    """The CSP source of the page's one inline <style> element: the sha256 of its text, as the browser hashes it."""
+    css = re.search(r"<style>(.*?)</style>", template, re.S).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(css.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# The page runs no script and loads nothing: its one style element (by hash), its forms posting here, no framing.
+CONTENT_SECURITY_POLICY = (f"default-src 'none'; style-src {style_hash(TEMPLATE)}; form-action 'self'; "
+                           "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
+
+
+class BodyTooLarge(UserError):
+    """A request body over MAX_UPLOAD_BYTES: HTTP 413."""
 
 
 class Demo:
@@ -151,11 +180,31 @@ def render_page(view: View, record: dict | None = None, error: str | None = None
              "task": view.task, "fields": fields_html(view, values), "block": block, "max_chars": str(MAX_FIELD_CHARS),
              "upload_label": view.upload_label, "upload_note": view.upload_note}
     # one pass over the template: text a user typed that looks like a placeholder stays text
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], PAGE.read_text(encoding="utf-8"))
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], TEMPLATE)
+
+
+def with_security_headers(app):
+    """The ASGI app `app` with SECURITY_HEADERS on every response it sends, the error pages of its outermost
+    middleware included (a handler of Exception answers from there, outside any FastAPI middleware)."""
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SECURITY_HEADERS.items()]
+
+    async def secured(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_secured(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        return await app(scope, receive, send_secured)
+
+    return secured
 
 
 def make_app(demo):  # annotations stay real objects here: FastAPI reads them
-    """The FastAPI application over a loaded `Demo` (or anything with its members, in tests)."""
+    """The ASGI application over a loaded `Demo` (or anything with its members, in tests): the FastAPI routes with
+    SECURITY_HEADERS on every response."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -171,7 +220,7 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_UPLOAD_BYTES:
-                raise UserError(f"the request is too large (over {MAX_UPLOAD_BYTES // 1_000_000} MB)")
+                raise BodyTooLarge(f"the request is too large (over {MAX_UPLOAD_BYTES // 1_000_000} MB)")
         return bytes(body)
 
     def answer(given: dict[str, str]):
@@ -215,7 +264,7 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
     async def predict_post(request: Request):
         try:
             body = await read_body(request)
-        except UserError as err:
+        except BodyTooLarge as err:
             return page(413, error=str(err))
         try:
             form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
@@ -230,22 +279,51 @@ def make_app(demo):  # annotations stay real objects here: FastAPI reads them
             content, filename = parse_multipart_file(request.headers.get("content-type", ""), body)
             out, name = demo.predict_file(content, upload_suffix(filename, view))
         except UserError as err:
-            return page(400, error=str(err))
+            return page(413 if isinstance(err, BodyTooLarge) else 400, error=str(err))
         return Response(out, media_type=view.media_type,
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    return app
+    return with_security_headers(app)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening (the server listens once the model is loaded); a
+    UserError naming the port and host when it cannot be had."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"demo: --port {port}: a port is 1-65535 (0: any free port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise UserError(f"demo: --host {host}: not an address of this machine ({err.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        why = {errno.EADDRINUSE: "is in use (by another server: stop it, or choose another with --port)",
+               errno.EACCES: "is not allowed (ports below 1024 need root: choose another with --port)",
+               errno.EADDRNOTAVAIL: "cannot be had: the host is not an address of this machine (--host)"}
+        raise UserError(f"demo: port {port} on {host} {why.get(err.errno, f'cannot be bound ({err.strerror})')}"
+                        ) from None
+    return sock
 
 
 def serve(checkpoint: str | None, host: str, port: int, overrides=()) -> int:
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"the demo needs {' and '.join(missing)}: pip install 'finetune-runner[demo]'")
+    for package in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(package) is None:
+            from app.packages import missing
+
+            raise missing(package, "the demo")
     import uvicorn
 
-    demo = Demo(checkpoint, overrides)
-    print(f"demo of {demo.checkpoint} on http://{host}:{port}/", file=sys.stderr, flush=True)
-    uvicorn.run(make_app(demo), host=host, port=port, log_level="warning")
+    sock = bind(host, port)  # before the model loads: a port in use is known at once
+    with sock:
+        demo = Demo(checkpoint, overrides)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"demo of {demo.checkpoint} on http://{shown}:{sock.getsockname()[1]}/", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(make_app(demo), log_level="warning")).run(sockets=[sock])
     return 0

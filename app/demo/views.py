@@ -29,13 +29,15 @@ class Field:
 
 
 def confidence_html(p: float | None, ident: str) -> str:
-    """A probability as a number, a percentage and a bar; `data-value` holds it as the predictor wrote it."""
+    """A probability as a number, a percentage and a bar; `data-value` holds it as the predictor wrote it. The bar
+    is an SVG rect sized by its attribute: the page's Content-Security-Policy allows no inline style attribute."""
     if p is None:
         return f'<span id="{ident}" class="conf" data-value="">none (cut by max_seq_length)</span>'
     pct = max(0.0, min(1.0, float(p))) * 100
     return (f'<span class="conf"><strong id="{ident}" data-value="{p!r}">{p:.3f}</strong> '
             f'(<span id="{ident}-percent">{pct:.1f}%</span>)'
-            f'<span class="bar" aria-hidden="true"><span style="width: {pct:.1f}%"></span></span></span>')
+            f'<svg class="bar" viewBox="0 0 100 1" preserveAspectRatio="none" aria-hidden="true">'
+            f'<rect width="{pct:.1f}" height="1"/></svg></span>')
 
 
 def lines(text: str) -> list[str]:
