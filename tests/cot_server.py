@@ -9,7 +9,10 @@ action, ...]` pops one action per request for that premise:
   {"sleep": 3}                                      wait before answering normally (a client timeout)
   {"content": "...", "finish_reason": "length"}     this reply content / finish reason instead of the answer
   {"malformed": True}                               200 with a body that is not JSON
+  {"body": "...", "content_type": "text/html"}      200 with this body (and content type) instead of a completion
   {"drop": True}                                    close the connection without an answer
+`server.always = action` answers every request that has no scripted fault with that action (a server that answers
+every row wrongly); None (the default): the answer.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ScriptedServer:
         self.latency, self.decide, self.api_key = latency, decide, api_key
         self.consistency = None  # (premise, hypothesis, reasoning) -> label; None: the label the reasoning names
         self.faults: dict[str, list[dict]] = {}
+        self.always: dict | None = None
         self.refuse_response_format = False
         self.requests: list[dict] = []  # {"premise", "kind", "status", "response_format", "t"}
         self.lock = threading.Lock()
@@ -124,8 +128,9 @@ class ScriptedServer:
             except Exception:  # noqa: BLE001
                 pass
 
-    def _send(self, writer, status: int, body: bytes, headers: dict | None = None):
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", "Content-Type: application/json",
+    def _send(self, writer, status: int, body: bytes, headers: dict | None = None,
+              content_type: str = "application/json"):
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", f"Content-Type: {content_type}",
                 f"Content-Length: {len(body)}", "Connection: keep-alive"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
@@ -148,7 +153,7 @@ class ScriptedServer:
         with self.lock:
             self.requests.append(record)
             queue = self.faults.get(premise)
-            action = queue.pop(0) if queue else {}
+            action = queue.pop(0) if queue else (self.always or {})
         if self.latency:
             await asyncio.sleep(self.latency)
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
@@ -172,6 +177,10 @@ class ScriptedServer:
         if action.get("malformed"):
             record["status"] = -2
             self._send(writer, 200, b"<html>upstream proxy error</html>")
+            return True
+        if "body" in action:
+            record["status"] = -3
+            self._send(writer, 200, action["body"].encode(), content_type=action.get("content_type", "application/json"))
             return True
         content = action.get("content")
         if content is None:

@@ -383,41 +383,156 @@ def _run(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["missing_column", "empty", "refused", "unauthorized", "no_key", "bad_label",
-                                  "unknown_key", "unknown_model"])
-def test_bad_input_is_one_line_and_writes_nothing(case, server, tmp_path, capsys, monkeypatch):
-    src = write_csv(tmp_path / "in.csv", rows(4))
-    base = server.base_url
-    if case == "missing_column":
-        src.write_text("premise,label\na,1\n", encoding="utf-8")
-    elif case == "empty":
-        src.write_text("", encoding="utf-8")
-    elif case == "refused":
-        base = f"http://127.0.0.1:{_free_port()}/v1"
-    elif case == "unauthorized":
-        monkeypatch.setenv("COT_TEST_KEY", "sk-wrong-key")
-    elif case == "no_key":
+MISSING = object()  # the input file's text: no file at all
+GOOD = None  # the input file's text: 4 good rows
+BAD_CONFIG = 'model = "open-mistral-7b"\nmodle = "open-mistral-nemo"\n'
+
+
+def cot_case(id_, expected, text=GOOD, args=(), name="in.csv", key=KEY, base_url="{server}", unknown_model=False):
+    """A row of the bad-input table: the input file `name` holding `text`, the arguments after INPUT (default
+    --output out/gen.csv; placeholders {src} the input, {tmp} the case's folder, {cfg} a config file holding
+    BAD_CONFIG, {closed} a 127.0.0.1 port nothing listens on, {server} the scripted server's URL), the API key in the
+    environment (None: unset), a server answering HTTP 404 for the model, and what the one error line says."""
+    return pytest.param(text, tuple(args), name, key, base_url, unknown_model, expected, id=id_)
+
+
+COT_BAD_INPUTS = [
+    cot_case("missing-file", "in.csv: file not found", text=MISSING),
+    cot_case("missing-column", "in.csv:1: missing column(s) hypothesis", text="premise,label\na,1\n"),
+    cot_case("empty", "in.csv: file is empty", text=""),
+    cot_case("bad-label", "in.csv:3: label must be 0 or 1", text="premise,hypothesis,label\na,b,1\nc,d,yes\n"),
+    cot_case("unknown-override", "did you mean 'concurrency'", args=["--concurrence=3", "--max_retries=-1"]),
+    cot_case("bad-config-key", "cot.py:2: unknown config key 'modle' (did you mean 'model'?)",
+             args=["--config", "{cfg}"]),
+    cot_case("closed-port", "http://127.0.0.1:{closed}/v1: cannot connect", base_url="http://127.0.0.1:{closed}/v1"),
+    cot_case("unauthorized", "COT_TEST_KEY was refused", key="sk-wrong-key"),
+    cot_case("no-key", "environment variable COT_TEST_KEY is not set", key=None),
+    cot_case("unknown-model", "HTTP 404 for model 'open-mistral-7b'", unknown_model=True),
+    cot_case("output-is-input", "is the input file; choose another path", args=["--output", "{src}"]),
+    cot_case("cache-is-input", "is the input file; choose another path", args=["--cache_file={src}"]),
+    cot_case("failure-report-is-input", "gen.failed.csv is the input file", name="gen.failed.csv",
+             args=["--output", "{tmp}/gen.csv"]),
+]
+
+
+@pytest.mark.parametrize("text,args,name,key,base_url,unknown_model,expected", COT_BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(text, args, name, key, base_url, unknown_model, expected, server,
+                                                  tmp_path, capsys, monkeypatch):
+    src = tmp_path / name
+    if text is GOOD:
+        write_csv(src, rows(4))
+    elif text is not MISSING:
+        src.write_text(text, encoding="utf-8")
+    (tmp_path / "cot.py").write_text(BAD_CONFIG, encoding="utf-8")
+    if key is None:
         monkeypatch.delenv("COT_TEST_KEY")
-    elif case == "unknown_model":
-        server.faults = {r["premise"]: [{"status": 404}] for r in rows(4)}
-    elif case == "bad_label":
-        src.write_text("premise,hypothesis,label\na,b,1\nc,d,yes\n", encoding="utf-8")
-    extra = ["--concurrence=3", "--max_retries=-1"] if case == "unknown_key" else []
-    out = tmp_path / "out" / "gen.csv"
-    code, err = _run(["cot", "generate", str(src), "--output", str(out), f"--base_url={base}",
-                      "--api_key_env=COT_TEST_KEY", "--progress=False", *extra], capsys)
-    assert code == 2, err
-    expected = {"missing_column": "in.csv:1: missing column(s) hypothesis", "empty": "in.csv: file is empty",
-                "refused": "cannot connect", "unauthorized": "COT_TEST_KEY was refused",
-                "no_key": "environment variable COT_TEST_KEY is not set", "bad_label": "in.csv:3: label must be 0 or 1",
-                "unknown_key": "did you mean 'concurrency'", "unknown_model": "HTTP 404 for model 'open-mistral-7b'"}[case]
-    assert expected in err
-    if case == "unknown_key":
-        assert "max_retries=-1" in err  # every problem at once
     else:
-        assert err.count("\n") == 1 and err.startswith("error: ")
+        monkeypatch.setenv("COT_TEST_KEY", key)
+    if unknown_model:
+        server.faults = {r["premise"]: [{"status": 404}] for r in rows(4)}
+    places = {"{src}": str(src), "{tmp}": str(tmp_path), "{cfg}": str(tmp_path / "cot.py"),
+              "{closed}": str(_free_port()), "{server}": server.base_url}
+
+    def fill(text: str) -> str:
+        for k, v in places.items():
+            text = text.replace(k, v)
+        return text
+
+    args = [fill(a) for a in args]
+    output = [] if "--output" in args else ["--output", str(tmp_path / "out" / "gen.csv")]
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    code, err = _run(["cot", "generate", str(src), *output, *args, f"--base_url={fill(base_url)}",
+                      "--api_key_env=COT_TEST_KEY", "--progress=False"], capsys)
+    assert code == 2, err
+    assert fill(expected) in err, err
+    if "did you mean 'concurrency'" in expected:
+        assert "max_retries=-1" in err  # every problem at once, one per line
+    else:
+        assert err.count("\n") == 1 and err.startswith("error: "), err
     assert KEY not in err and "sk-wrong-key" not in err
-    assert not (tmp_path / "out").exists()
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing left behind, nothing overwritten
+
+
+# a server answering every request with one of these: what each row's error (and the run's one line) says
+WRONG_ANSWERS = {
+    "html": ({"body": "<!doctype html><html><body><h1>Sign in</h1></body></html>", "content_type": "text/html"},
+             "malformed reply body (an HTML page, not JSON)"),
+    "not-json": ({"body": "OK", "content_type": "text/plain"}, "malformed reply body (not JSON)"),
+    "no-choices": ({"body": '{"object": "list", "data": []}'}, "malformed reply body (no choices in the reply body)"),
+}
+
+
+@pytest.mark.parametrize("answer", list(WRONG_ANSWERS))
+def test_a_server_answering_every_row_wrongly_fails_the_run(answer, server, tmp_path, capsys):
+    """Every row failed: one error line naming the endpoint and the first error, exit 2, no output, each row's error
+    in the failure report. One row answered: today's run, exit 0 with the failed rows recorded, the report gone."""
+    action, reason = WRONG_ANSWERS[answer]
+    data = rows(4)
+    src = write_csv(tmp_path / "in.csv", data)
+    out, report = tmp_path / "gen.csv", tmp_path / "gen.failed.csv"
+    argv = ["cot", "generate", str(src), "--output", str(out), f"--base_url={server.base_url}",
+            "--api_key_env=COT_TEST_KEY", "--progress=False", "--backoff_base=0.01", "--backoff_max=0.05",
+            "--max_retries=2"]
+    server.always = action
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {server.base_url}/chat/completions: every row failed (4 asked), the first: "
+                          f"{reason}; gave up after 3 attempts; {out} not written, each row's error in {report}"), err
+    assert not out.exists() and server.count(kind="generate") == 4 * 3  # three attempts a row
+    failed = read_table(report)
+    assert [r["premise"] for r in failed] == [r["premise"] for r in data]
+    assert all(r["status"] == "failed" and reason in r["error"] for r in failed)
+
+    server.always = None  # now one row is answered
+    server.faults = {r["premise"]: [action] * 3 for r in data[1:]}
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    assert [r["status"] for r in read_table(out)] == ["ok", "failed", "failed", "failed"]
+    assert not report.exists()  # the earlier run's report: this output supersedes it
+
+
+def test_every_judge_request_failing_fails_the_run_with_its_counters(server, tmp_path):
+    src = write_csv(tmp_path / "in.csv", [{**r, "thought_process": "Step 1: read."} for r in rows(3)])
+    server.always = WRONG_ANSWERS["no-choices"][0]
+    with pytest.raises(pipeline.EveryRowFailed, match="every row failed \\(3 asked\\)") as err:
+        pipeline.judge(src, tmp_path / "judged.jsonl", config(server, "--max_retries=1"))
+    assert err.value.summary["failed"] == 3 and err.value.summary["requests"] == 6
+    assert err.value.report == tmp_path / "judged.failed.jsonl" and not (tmp_path / "judged.jsonl").exists()
+    assert [r["judge_status"] for r in read_table(err.value.report)] == ["failed"] * 3
+
+
+def hide_openai(tmp_path: Path) -> dict:
+    """The environment of a Python in which `import openai` fails as in an environment without it (a sitecustomize
+    on PYTHONPATH puts a finder first that refuses the package)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class HideOpenai:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'openai' or name.startswith('openai.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, HideOpenai())\n", encoding="utf-8")
+    return {**os.environ, "COT_TEST_KEY": KEY, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+
+@pytest.mark.parametrize("command", ["cot generate", "bench"])
+def test_without_openai_it_is_one_line_naming_the_install(command, tmp_path):
+    env = hide_openai(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import openai"], env=env, capture_output=True, text=True)
+    assert "No module named 'openai'" in probe.stderr  # the environment does hide it
+    src = write_csv(tmp_path / "in.csv", rows(2))
+    if command == "bench":
+        argv = [str(ROOT / "tests" / "bench" / "datagen_throughput.py")]
+    else:
+        argv = ["-m", "app", "cot", "generate", str(src), "--output", str(tmp_path / "out" / "gen.csv"),
+                "--base_url=http://127.0.0.1:9/v1", "--api_key_env=COT_TEST_KEY"]
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: cot (data generation through an OpenAI-compatible API) needs openai, which is "
+                               "not installed: pip install "), r.stderr
+    assert "openai" in r.stderr.split("pip install ", 1)[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "site"]  # nothing written
 
 
 def test_help_imports_nothing_heavy():
@@ -497,7 +612,7 @@ def test_stats_on_known_rows(tmp_path, shared_fixtures, capsys):
 def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
     """The prompt-only JSON path against a real server. The tiny model's random weights never write the JSON object,
     so every row must come back as failed with its reason (cut off, then the repair prompt cut off too), in order,
-    through real HTTP, and a re-run must send nothing."""
+    through real HTTP, in the failure report of a failed run, and a re-run must send nothing."""
     import importlib.util
     import shutil
 
@@ -532,13 +647,18 @@ def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
         cfg = load_datagen_config(None, [f"--base_url=http://127.0.0.1:{port}/v1", "--api_key_env=COT_TEST_KEY",
                                          f"--model={model}", "--structured_output=off", "--max_tokens=12",
                                          "--concurrency=2", "--progress=False", "--request_timeout=60"])
-        summary = pipeline.generate(src, tmp_path / "gen.jsonl", cfg)
-        out = read_table(tmp_path / "gen.jsonl")
+        with pytest.raises(pipeline.EveryRowFailed, match="every row failed .*finish_reason=length") as failed:
+            pipeline.generate(src, tmp_path / "gen.jsonl", cfg)
+        summary = failed.value.summary
+        out = read_table(failed.value.report)  # no gen.jsonl: a run without one usable row is a failed run
+        assert not (tmp_path / "gen.jsonl").exists()
         assert [r["premise"] for r in out] == [r["premise"] for r in rows(3)]
         assert summary["requests"] == 6 and summary["answered"] == 6 and summary["retries"] == 0
         assert all(r["status"] == "failed" and "finish_reason=length" in r["error"] for r in out)
         assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in out)  # usage from the server
-        assert pipeline.generate(src, tmp_path / "gen.jsonl", cfg)["requests"] == 0
+        with pytest.raises(pipeline.EveryRowFailed) as again:  # the answers are cached: a re-run asks nothing
+            pipeline.generate(src, tmp_path / "gen.jsonl", cfg)
+        assert again.value.summary["requests"] == 0 and again.value.summary["cache_hits"] == 6
     finally:
         proc.terminate()
         try:

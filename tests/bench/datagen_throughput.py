@@ -36,13 +36,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import openai  # noqa: E402,F401 - imported once per process; not part of a run's throughput
 from cot_server import stats  # noqa: E402
 
+from app.errors import UserError  # noqa: E402
 from app.tasks.nli_cot.datagen import pipeline  # noqa: E402
 from app.tasks.nli_cot.datagen import prompts as P  # noqa: E402
 from app.tasks.nli_cot.datagen.cache import ResponseCache  # noqa: E402
-from app.tasks.nli_cot.datagen.client import ChatClient  # noqa: E402
+from app.tasks.nli_cot.datagen.client import ChatClient, import_openai  # noqa: E402
 from app.tasks.nli_cot.datagen.config import load_datagen_config  # noqa: E402
 
 
@@ -65,6 +65,11 @@ def main() -> int:
     ap.add_argument("--cached", type=int, default=20000, help="rows of the full-cache re-run")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
+    try:
+        import_openai()  # imported once per process, before any run: not part of a run's throughput
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     os.environ["BENCH_KEY"] = "bench"
     results = {}
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cot_server.py"), "--latency", str(args.latency)],

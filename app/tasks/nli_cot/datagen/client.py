@@ -65,6 +65,25 @@ class Counters:
     errors: dict = field(default_factory=dict)
 
 
+def import_openai():
+    """The openai package (and httpx2, the HTTP client it is built on); a one-line UserError naming the `pip install`
+    to run when the environment lacks it or holds a broken copy."""
+    try:
+        import httpx2  # noqa: F401 - the client's connection pool (http_client)
+        import openai
+    except ImportError as err:
+        from app.packages import missing
+
+        package = (err.name or "openai").split(".")[0]
+        raise missing(package, "cot (data generation through an OpenAI-compatible API)") from None
+    return openai
+
+
+def endpoint(cfg) -> str:
+    """The URL every request of the run is sent to."""
+    return cfg.base_url.rstrip("/") + "/chat/completions"
+
+
 def api_key(cfg) -> str:
     import os
 
@@ -203,8 +222,8 @@ class Limiter:
 
 class ChatClient:
     def __init__(self, cfg, cache: ResponseCache, key: str):
+        openai = import_openai()
         import httpx2
-        import openai
 
         self.cfg, self.cache = cfg, cache
         self.openai = openai
@@ -360,7 +379,7 @@ class ChatClient:
         try:
             body = json.loads(content)
         except (ValueError, RecursionError):
-            raise _BadBody("not JSON") from None
+            raise _BadBody("an HTML page, not JSON" if content.lstrip()[:1] == b"<" else "not JSON") from None
         try:
             reply = reply_from_body(body, cached=False)
         except ValueError as err:

@@ -1,9 +1,14 @@
 """The steps: generate, reflect, combine, judge. Each reads one table and writes one, atomically, one row per input
 row in input order (combine: each original row at most once), as CSV or JSONL by the output's extension.
 
-Every check (input columns and labels, output path, config, API key) comes before the first request, so bad input
-is one line with nothing written; the raw-response cache is the only thing written while requests run, so a killed
-run re-run sends no request that was already answered and writes the same output.
+Every check (the openai package, input columns and labels, output paths, config, API key) comes before the first
+request, so bad input is one line with nothing written; the raw-response cache is the only thing written while
+requests run, so a killed run re-run sends no request that was already answered and writes the same output.
+
+A run in which some rows failed writes its output with each row's status and error. A run in which every row of a
+pass failed (a server answering HTML, non-JSON or JSON without `choices`, a model that never writes the object) made
+no data: it writes no output, leaves each row's error in the failure report beside it (OUTPUT.failed.csv for
+OUTPUT.csv) and is one error line naming the endpoint and the first row's error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from app.atomic import write_atomic
 from app.data import csv_text, parse_binary_label, read_rows
 from app.errors import UserError
 from app.tasks.nli_cot.datagen import prompts as P
-from app.tasks.nli_cot.datagen.client import ChatClient, RequestFailed, api_key
+from app.tasks.nli_cot.datagen.client import ChatClient, RequestFailed, api_key, endpoint, import_openai
 from app.tasks.nli_cot.datagen.cache import ResponseCache
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -109,6 +114,35 @@ def check_output(output, input_path) -> Path:
 
 def cache_path(cfg, output: Path) -> Path:
     return Path(cfg.cache_file) if cfg.cache_file else output.with_name(output.name + ".cache.jsonl")
+
+
+def failure_report_path(output: Path) -> Path:
+    """Where a run in which every row failed leaves its rows and their errors: OUTPUT.failed.csv beside OUTPUT.csv."""
+    return output.with_name(f"{output.stem}.failed{output.suffix}")
+
+
+class EveryRowFailed(UserError):
+    """A pass in which no row got a usable answer: no output; `summary` holds the run's counters, `report` the file
+    with each row's error."""
+
+    def __init__(self, message: str, summary: dict, report: Path):
+        super().__init__(message)
+        self.summary, self.report = summary, report
+
+
+def publish(out: Path, records: list[dict], summary: dict, cfg, *passes: list) -> None:
+    """The step's table at `out`, unless a pass (a list of outcomes) had rows and not one usable answer: then the
+    rows with their errors go to the failure report and the run is an EveryRowFailed, so that no output looks like
+    success (the cache keeps every reply that came, for a re-run)."""
+    report = failure_report_path(out)
+    failed = next((p for p in passes if p and not any(oc.ok for oc in p)), None)
+    if failed is None:
+        write_table(out, records)
+        report.unlink(missing_ok=True)  # an earlier run's report: this output supersedes it
+        return
+    write_table(report, records)
+    raise EveryRowFailed(f"{endpoint(cfg)}: every row failed ({len(failed)} asked), the first: {failed[0].error}; "
+                         f"{out} not written, each row's error in {report}", summary, report)
 
 
 # --- running requests ----------------------------------------------------------------------------------------------
@@ -237,12 +271,16 @@ async def _run_all(cfg, cache, jobs, key, desc):
 
 
 def _prepare(input_path, output, cfg, need_label, extra=()):
+    import_openai()
     items = read_items(input_path, cfg, need_label, extra)
     out = check_output(output, input_path)
     cached = cache_path(cfg, out)
-    if cached.resolve() == out.resolve():
-        raise UserError(f"cache_file={str(cached)!r} is the output file; choose another path")
+    report = failure_report_path(out)
+    for name, other in (("output", out), ("failure report", report)):
+        if cached.resolve() == other.resolve():
+            raise UserError(f"cache_file={str(cached)!r} is the {name} file; choose another path")
     check_output(cached, input_path)
+    check_output(report, input_path)
     api_key(cfg)  # before any file is touched
     cache = ResponseCache(cached)
     return items, out, cache
@@ -277,12 +315,12 @@ def generate(input_path, output, cfg) -> dict:
                    prompt_version=cfg.prompt_version, prompt_tokens=oc.prompt_tokens,
                    completion_tokens=oc.completion_tokens, cost_usd=round(oc.cost, 8))
         records.append(rec)
-    write_table(out, records)
     labelled = [r for r in records if r["correct"] is not None]
     summary = {"step": "generate", "output": str(out), "rows": len(records),
                "failed": sum(r["status"] != "ok" for r in records),
                "accuracy": round(sum(r["correct"] for r in labelled) / len(labelled), 4) if labelled else None,
                "cost_usd": round(sum(r["cost_usd"] for r in records), 6), **counters}
+    publish(out, records, summary, cfg, outcomes)
     return _report(summary)
 
 
@@ -318,7 +356,7 @@ def reflect(input_path, output, cfg) -> dict:
                       "reflection_status": status, "reflection_error": error, "reflect_model": cfg.reflect_model,
                       "reflect_prompt_version": cfg.prompt_version, "reflect_prompt_tokens": oc.prompt_tokens,
                       "reflect_completion_tokens": oc.completion_tokens, "reflect_cost_usd": round(oc.cost, 8)}
-    consistency = None
+    consistency, coutcomes = None, []
     if cfg.consistency_check:
         check = [i for i in wrong if results[i]["reflection_status"] == "ok"]
         cjobs = [Job(cfg.reflect_model, P.consistency_messages(prompts, items[i].premise, items[i].hypothesis,
@@ -351,12 +389,12 @@ def reflect(input_path, output, cfg) -> dict:
                                       "reflect_prompt_version": "", "reflect_prompt_tokens": 0,
                                       "reflect_completion_tokens": 0, "reflect_cost_usd": 0.0})
         records.append(rec)
-    write_table(out, records)
     ok = sum(r["reflection_status"] == "ok" for r in results.values())
     summary = {"step": "reflect", "output": str(out), "rows": len(items), "reflected": len(wrong),
                "reflection_ok": ok, "reflection_success": round(ok / len(wrong), 4) if wrong else None,
                "consistency": consistency, "cost_usd": round(sum(r["reflect_cost_usd"] for r in results.values()), 6),
                **counters}
+    publish(out, records, summary, cfg, outcomes, coutcomes)
     return _report(summary)
 
 
@@ -408,10 +446,10 @@ def judge(input_path, output, cfg) -> dict:
         rec.update(judge_status="ok" if oc.ok else "failed", judge_error=oc.error, judge_model=model,
                    judge_cost_usd=round(oc.cost, 8))
         records.append(rec)
-    write_table(out, records)
     ok = [r for r in records if r["judge_status"] == "ok"]
     means = {k: round(sum(r[k] for r in ok) / len(ok), 3) if ok else None for k in ("coherence", "correctness",
                                                                                       "brevity")}
     summary = {"step": "judge", "output": str(out), "rows": len(records), "failed": len(records) - len(ok),
                "mean": means, "cost_usd": round(sum(r["judge_cost_usd"] for r in records), 6), **counters}
+    publish(out, records, summary, cfg, outcomes)
     return _report(summary)
