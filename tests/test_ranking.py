@@ -195,6 +195,97 @@ def test_bad_finqa_records_are_one_line_errors_or_skipped(shared_fixtures, tmp_p
     assert "skipped 1 bad records" in out and "gold programs: 2/2" in out
 
 
+# --- the flattened FinQA export -------------------------------------------------------------------------------------
+FLAT_TABLE = [["", "2019", "2018"], ["net sales", "$ 1,200", "$ 800"], ["bonds", "114400", "329500"]]
+
+
+def flattened_records() -> list[dict]:
+    """Records as the flattened export writes them: the answer as text ("50%", "34.7%"), a number or yes/no."""
+    base = {"pre_text": ["Sales grew.", "Bonds were issued."], "post_text": ["All figures in $."], "table": FLAT_TABLE}
+    return [
+        {"id": "A/page_1.pdf-1", "question": "what was the growth in net sales?", **base, "answer": "50%",
+         "program": "subtract(1200, 800), divide(#0, 800)", "gold_inds": {"table_1": "net sales : $ 1,200 ; $ 800"}},
+        {"id": "A/page_1.pdf-2", "question": "what portion of the bonds matures in 2019?", **base, "answer": "34.7%",
+         "program": "divide(114400, 329500)"},
+        {"id": "A/page_1.pdf-3", "question": "what is the total of 400 and 7?", **base, "answer": 407,
+         "program": "add(400, 7)"},
+        {"id": "A/page_1.pdf-4", "question": "did net sales grow?", **base, "answer": "yes",
+         "program": "greater(1200, 800)"},
+        {"id": "A/page_1.pdf-5", "question": "what is one percent as a fraction?", **base, "answer": "0.1",
+         "program": "divide(1, 100)"},
+    ]
+
+
+def as_original_schema(record: dict, exe_ans) -> dict:
+    rest = {k: v for k, v in record.items() if k not in ("question", "program", "answer", "gold_inds")}
+    qa = {"question": record["question"], "program": record["program"], "exe_ans": exe_ans}
+    if "gold_inds" in record:
+        qa["gold_inds"] = record["gold_inds"]
+    return {**rest, "qa": qa}
+
+
+def prepare(path: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from app.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["ranking", "prepare", str(path), str(out), *extra])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_flattened_finqa_prepares_as_the_original_schema_does(tmp_path):
+    records = flattened_records()
+    (tmp_path / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = prepare(tmp_path / "flat.jsonl", tmp_path / "flat.prepared.jsonl")
+    assert code == 0 and "gold programs: 4/5 execute to exe_ans" in out
+    rows = [json.loads(x) for x in (tmp_path / "flat.prepared.jsonl").read_text().splitlines()]
+    assert [r["gold_answer"] for r in rows] == [0.5, 0.34719, 407.0, "yes", 0.1]  # "34.7%": the program's 0.34719
+    first = rows[0]
+    assert first == {"id": "A/page_1.pdf-1", "question": "what was the growth in net sales?",
+                     "context": "Sales grew. Bonds were issued.\n : 2019 ; 2018\nnet sales : $ 1,200 ; $ 800\n"
+                                "bonds : 114400 ; 329500\nAll figures in $.",
+                     "gold_program": "subtract(1200, 800), divide(#0, 800)", "gold_answer": 0.5, "table": FLAT_TABLE,
+                     "record": 0}
+    stats = json.loads((tmp_path / "flat.prepared.stats.json").read_text())
+    assert stats["gold_executed"] == 4 and stats["problems"] == [
+        "record 4 (A/page_1.pdf-5): program gives 0.01, exe_ans is 0.1"]
+    # the same records in the original schema, exe_ans as FinQA holds it, prepare to the same rows
+    original = [as_original_schema(r, a) for r, a in zip(records, [0.5, 0.34719, 407.0, "yes", 0.1])]
+    (tmp_path / "original.json").write_text(json.dumps(original))
+    assert prepare(tmp_path / "original.json", tmp_path / "original.prepared.jsonl")[0] == 0
+    assert [json.loads(x) for x in (tmp_path / "original.prepared.jsonl").read_text().splitlines()] == rows
+    code, _, _ = prepare(tmp_path / "flat.jsonl", tmp_path / "gold.jsonl", "--rank_context='gold'")
+    gold = [json.loads(x)["context"] for x in (tmp_path / "gold.jsonl").read_text().splitlines()]
+    assert code == 0 and gold == ["net sales : $ 1,200 ; $ 800", "", "", "", ""]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"question": None, "program": None, "answer": None}, "missing 'qa' (or, flattened, 'question', 'program' and "
+                                                          "'answer')"),
+    ({"answer": None}, "missing 'answer' (a record without 'qa' needs question, program and answer)"),
+    ({"program": None, "answer": None}, "missing 'program', 'answer' (a record without 'qa' needs question, program "
+                                        "and answer)"),
+    ({"answer": "about half"}, "'answer' 'about half' is not a number or yes/no"),
+    ({"answer": True}, "'answer' True is not a number or yes/no"),
+    ({"program": ["divide", 1, 2]}, "'program' must be a string"),
+    ({"program": "divide(1, 2"}, "program 'divide(1, 2' does not parse"),
+    ({"question": "  "}, "'question' must be a non-empty string"),
+    ({"table": [["", "2019"], ["net sales"]]}, "table row 1 has 1 cells, the header has 2"),
+])
+def test_bad_flattened_record_is_one_line_exit_2_and_nothing_written(tmp_path, change, message):
+    records = flattened_records()[:3]
+    records[1] = {k: v for k, v in {**records[1], **change}.items() if v is not None}
+    path = tmp_path / "flat.json"
+    path.write_text(json.dumps(records))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = prepare(path, tmp_path / "out.jsonl")
+    assert code == 2 and out == "" and err == f"error: {path}: record 1 (A/page_1.pdf-2): {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, shared_fixtures):
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"question": "q", "context": "c", "candidates": [{"text": "a"}], "rewards": [2]}) + "\n")

@@ -10,6 +10,9 @@ division by zero) is invalid: `execute` returns None.
 Mirrors `program_tokenization`, `str_to_num`, `process_row` and `eval_program` of the FinQA code (czyssrs/FinQA,
 code/evaluate/evaluate.py), quirks included: a table row is looked up by its first cell as written, the last row of a
 name wins, and cells are cut at their first "(" after the "$" goes.
+
+Records come in the original schema (`qa.question`, `qa.program`, `qa.exe_ans`) or as the flattened export
+(`question`, `program`, `answer` at the top level, no `qa`), which `as_qa_form` maps to the original schema.
 """
 
 from __future__ import annotations
@@ -222,20 +225,96 @@ def context_text(record: dict, mode: str) -> str:
     return "\n".join(p for p in (pre, linearise_table(record.get("table", [])), post) if p)
 
 
-def check_record(record, where: str) -> str | None:
-    """Why a FinQA record cannot be used (None when it can)."""
+def _written_number(text: str) -> tuple[float, float, bool] | None:
+    """(value, half a unit of its last written digit, written as a percentage) of an answer as FinQA writes one
+    ("34.7%", "1,200", "$ 5", "-2.4"); None when it is not a number."""
+    text = text.replace("$", "").replace(",", "").strip()
+    percent = text.endswith("%")
+    digits = text[:-1].strip() if percent else text
+    try:
+        value = float(digits)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    return value, 0.5 * 10.0 ** -decimals, percent
+
+
+def flattened_exe_ans(answer, program: str, table: list):
+    """`qa.exe_ans` of a flattened record: its `answer` when that is a number or yes/no; for an answer written as
+    text ("34.7%", "8,953"), the gold program's result when the text is that result as written (rounded, a
+    percentage as a fraction or as is), as FinQA's exe_ans holds it, else the number written (a percentage as a
+    fraction). None when the answer is neither."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return float(answer) if math.isfinite(answer) else None
+    if not isinstance(answer, str):
+        return None
+    if answer.strip().lower() in ("yes", "no"):
+        return answer.strip().lower()
+    written = _written_number(answer)
+    if written is None:
+        return None
+    value, half_unit, percent = written
+    result = execute(program, table)
+    readings = [(value / 100, half_unit / 100), (value, half_unit)] if percent else [(value, half_unit)]
+    if isinstance(result, float) and any(abs(result - v) <= h * (1 + 1e-9) for v, h in readings):
+        return result
+    return readings[0][0]
+
+
+FLATTENED_KEYS = ("question", "program", "answer")
+
+
+def is_flattened(record) -> bool:
+    """A record of the flattened export: {id, question, pre_text, post_text, table, answer, program}, no `qa`."""
+    return isinstance(record, dict) and "qa" not in record and any(k in record for k in FLATTENED_KEYS)
+
+
+def flattened_problem(record: dict) -> str | None:
+    """Why a flattened record cannot be read as the original schema (None when it can)."""
+    missing = [k for k in FLATTENED_KEYS if k not in record]
+    if missing:
+        return (f"missing {', '.join(repr(k) for k in missing)} (a record without 'qa' needs question, program and "
+                "answer)")
+    if not isinstance(record["program"], str):
+        return "'program' must be a string"
+    if flattened_exe_ans(record["answer"], record["program"], record.get("table") or []) is None:
+        return f"'answer' {_clip(record['answer'])} is not a number or yes/no"
+    return None
+
+
+def _clip(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def as_qa_form(record: dict) -> dict:
+    """A readable flattened record in the original schema: `qa` = {question, program, exe_ans (from answer),
+    gold_inds when the record has them}; its other fields as they are."""
+    qa = {"question": record["question"], "program": record["program"],
+          "exe_ans": flattened_exe_ans(record["answer"], record["program"], record.get("table") or [])}
+    if "gold_inds" in record:
+        qa["gold_inds"] = record["gold_inds"]
+    return {**{k: v for k, v in record.items() if k not in (*FLATTENED_KEYS, "gold_inds")}, "qa": qa}
+
+
+def check_record(record, where: str, field: str = "qa.{}") -> str | None:
+    """Why a FinQA record (original schema or flattened) cannot be used (None when it can)."""
     if not isinstance(record, dict):
         return f"a record must be a JSON object, found {type(record).__name__}"
+    if is_flattened(record):
+        return flattened_problem(record) or check_record(as_qa_form(record), where, field="{}")
     qa = record.get("qa")
     if not isinstance(qa, dict):
-        return "missing 'qa'"
+        return "missing 'qa' (or, flattened, 'question', 'program' and 'answer')"
     for key in ("question", "program", "exe_ans"):
         if key not in qa:
-            return f"missing 'qa.{key}'"
+            return f"missing '{field.format(key)}'"
     if not isinstance(qa["question"], str) or not qa["question"].strip():
-        return "'qa.question' must be a non-empty string"
+        return f"'{field.format('question')}' must be a non-empty string"
     if not isinstance(qa["program"], str):
-        return "'qa.program' must be a string"
+        return f"'{field.format('program')}' must be a string"
     table = record.get("table", [])
     if not isinstance(table, list) or not all(isinstance(r, list) and r and all(isinstance(c, str) for c in r)
                                               for r in table):
@@ -250,7 +329,7 @@ def check_record(record, where: str) -> str | None:
             return f"'{key}' must be a list of strings"
     tokens = program_tokenization(qa["program"])[:-1]
     if not tokens or len(tokens) % 4 or any(tokens[i].strip("(") not in ALL_OPS for i in range(0, len(tokens), 4)):
-        return f"qa.program {qa['program'][:80]!r} does not parse"
+        return f"{field.format('program')} {qa['program'][:80]!r} does not parse"
     return None
 
 
@@ -287,6 +366,8 @@ def prepare_records(path: str | Path, context: str = "full", bad_records: str = 
             skipped += 1
             problems.append(f"record {k} ({name}): {why}")
             continue
+        if is_flattened(rec):
+            rec = as_qa_form(rec)
         qa = rec["qa"]
         table = rec.get("table", [])
         value = execute(qa["program"], table)
