@@ -105,10 +105,36 @@ def test_compose_file_valid_against_the_compose_spec():
 
 def test_shell_scripts_parse():
     for script in ["run_training.sh", "run_inference.sh", "docker/launch.sh", "docker/lock.sh",
-                   "docker/slurm/train.sbatch"]:
+                   "docker/slurm/train.sbatch", "tests/containers/check.sh", "tests/containers/standin.sh", ".ci/run"]:
         assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
         if script != "docker/slurm/train.sbatch":
             assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
+
+
+def test_ci_runs_the_container_kit_only_when_asked():
+    """.ci/run: the README's test command by default; the slow container kit first with CONTAINERS=1."""
+    text = (REPO / ".ci/run").read_text()
+    assert text.rstrip().endswith("exec ./run_tests.sh")
+    assert 'if [[ ${CONTAINERS:-0} == 1 ]]; then\n    tests/containers/check.sh\nfi' in text
+
+
+def test_container_kit_report(tmp_path: Path):
+    """tests/containers/report.py: results.json and the table from check.sh's lines; a failed check is named."""
+    sys.path.insert(0, str(REPO / "tests" / "containers"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    lines = [{"check": "build-train", "status": "pass", "seconds": 812.5, "detail": "4.1 GB", "figures": {"bytes": 4.1e9}},
+             {"check": "resume", "status": "fail", "seconds": 90.0, "detail": "exit 137", "figures": {}},
+             {"check": "launcher-apptainer", "status": "skip", "seconds": 0.0, "detail": "none here", "figures": {}}]
+    (tmp_path / "checks.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report.main(str(tmp_path / "checks.jsonl"), str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["failed"] == ["resume"] and results["checks"] == lines
+    table = (tmp_path / "table.txt").read_text().splitlines()
+    assert table[1].split()[:3] == ["build-train", "pass", "812.5"]
+    assert table[-1] == "2 passed or skipped, 1 failed: resume"
 
 
 # --- what the images promise -----------------------------------------------------------------------------
