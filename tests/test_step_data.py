@@ -346,8 +346,9 @@ def test_prmbench_file_named_in_step_formats_trains(tmp_path):
     from app.tasks import get_task
 
     src = write_jsonl(tmp_path / "prm.jsonl", prmbench_records())
-    cfg = load_config(ROOT / "configs/confidence_head_tiny.py", [
-        f"--step_train_files={{'{src}': 1.0}}", f"--step_formats={{'{src}': 'prmbench'}}", f"--out_dir={tmp_path / 'r'}"])
+    cfg = load_config(ROOT / "configs/confidence_head_tiny.py", [f"--step_train_files={{'{src}': 1.0}}",
+                                                                 f"--step_formats={{'{src}': 'prmbench'}}",
+                                                                 f"--out_dir={tmp_path / 'r'}"])
     rows = get_task("confidence_head").load_rows(cfg, "train")
     assert [r.values["labels"] for r in rows] == [[1.0] * 3, [1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0], [1.0], [1.0]]
 
@@ -438,7 +439,7 @@ def test_metrics_match_scipy_and_sklearn():
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import roc_auc_score
 
-    from app.tasks.confidence_head.task import auroc, pearson, spearman, step_metrics
+    from app.tasks.confidence_head.metrics import auroc, pearson, spearman, step_metrics
 
     rng = np.random.default_rng(0)
     y = rng.choice([0.0, 0.5, 1.0], size=300)
