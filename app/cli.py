@@ -69,7 +69,8 @@ class LazyGroup(click.Group):
 def _lazy_commands() -> dict[str, str]:
     from app.tasks import task_command_paths
 
-    return {"verify": "app.engine.verify:verify_command", **task_command_paths()}
+    return {"verify": "app.engine.verify:verify_command", "report": "app.report.command:report",
+            "pipeline": "app.pipelines.command:pipeline", **task_command_paths()}
 
 
 @click.group(cls=LazyGroup, lazy=_lazy_commands(),

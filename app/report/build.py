@@ -241,25 +241,21 @@ def default_output(runs: list[Path]) -> Path:
     return runs[0] / "report.md" if len(runs) == 1 else Path("report.md")
 
 
-RUN_FILES = {"metrics.jsonl", "run_config.json", "run_info.json", "warnings.log", "data_sources.json",
-             "training_curves.png"}
-RUN_DIRS = {"checkpoints", "tensorboard", "token_cache", "eval"}
+RUN_PARTS = {"checkpoints", "tensorboard", "token_cache", "eval"}  # folders a run writes into
 
 
 def check_output(output: Path, runs: list[Path]) -> None:
-    """Refuse, before any work, an output that is not .md, is a directory, or would overwrite part of a run."""
+    """Refuse, before any work, an output that is not .md, is a directory, or would land inside a run's folders."""
     if output.suffix.lower() != ".md":
         raise UserError(f"--output {output}: give a Markdown path ending in .md (the HTML page goes beside it)")
     if output.is_dir():
         raise UserError(f"--output {output}: is a directory; give a file path such as {output / 'report.md'}")
-    stem = output.with_suffix("")
-    for target in (output, stem.with_suffix(".html"), stem.with_name(stem.name + "_files")):
-        t = target.resolve()
-        for run in runs:
-            r = run.resolve()
-            if t == r or (r in t.parents and (t.relative_to(r).parts[0] in RUN_DIRS
-                                              or (t.parent == r and t.name in RUN_FILES))):
-                raise UserError(f"--output {output}: {target} would overwrite part of the run {run}")
+    t = output.resolve()
+    for run in runs:
+        r = run.resolve()
+        if r in t.parents and t.relative_to(r).parts[0] in RUN_PARTS:
+            raise UserError(f"--output {output}: inside {run}/{t.relative_to(r).parts[0]}/, which the run writes; "
+                            f"write the report beside it (e.g. {run / 'report.md'})")
 
 
 def write_report(run_dirs: list[str], output: str | None = None) -> dict:
