@@ -3,7 +3,7 @@
 First-pass accuracy (and parse failures), rows reflected and reflection success, thought length in tokens of the
 model to be trained (its tokenizer: `tokenizer` in the config), accuracy by band of total tokens (the training
 prompt + the JSON answer, the length the model is trained on; bands from `length_bands`), and the cost.
-The PNG is drawn on matplotlib's Agg canvas (imported only here; skipped with a note without matplotlib).
+The PNG is drawn on matplotlib's Agg canvas (imported only here; skipped with a note naming the install without it).
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def run_stats(input_path, output, plot, cfg) -> dict:
         write_atomic(png, render_histogram_png(lengths, f"Thought length ({Path(cfg.tokenizer).name} tokens)"))
         stats["histogram"] = str(png)
     except ImportError:
-        print("note: matplotlib is not installed (pip install 'finetune-runner[plots]'): no histogram",
-              file=sys.stderr)
+        from app.packages import install_hint
+
+        print(f"note: matplotlib is not installed ({install_hint('matplotlib')}): no histogram", file=sys.stderr)
         stats["histogram"] = None
     write_json_atomic(out, stats)
     print(json.dumps(stats, indent=2))
