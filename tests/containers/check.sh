@@ -224,7 +224,7 @@ resume() {  # SIGTERM to the training container: it checkpoints and exits; the s
     t0=$(now)
     podman run -d --name "$name" -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --save_every=20 >/dev/null
     local deadline=$((SECONDS + 900))
-    until compgen -G "$mp/tiny/checkpoint*" >/dev/null || ((SECONDS > deadline)); do sleep 2; done
+    until compgen -G "$mp/tiny/checkpoints/step_*" >/dev/null || ((SECONDS > deadline)); do sleep 2; done
     podman stop -t 300 "$name" >/dev/null
     local code; code="$(podman inspect --format '{{.State.ExitCode}}' "$name")"
     podman logs "$name" >"$OUT/logs/resume-stop.log" 2>&1
@@ -300,7 +300,7 @@ launcher() {  # ./run_training.sh --mode docker through podman's docker socket; 
     before="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
     if HF_HOME="$home/hf" ./run_training.sh configs/tiny.py --mode docker --image "$TRAIN" \
             "--out_dir=$home/runs/tiny" "--model_name=$home/runs/tiny-model" >"$OUT/logs/launcher-docker.log" 2>&1 &&
-        [[ -n $(compgen -G "$home/runs/tiny/checkpoint*") ]]; then
+        [[ -n $(compgen -G "$home/runs/tiny/checkpoints/*") ]]; then
         after="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
         if [[ $before == "$after" ]]; then
             record launcher-docker pass "$(since "$t0")" "run_training.sh --mode docker (podman socket): checkpoints in $home/runs/tiny, every host folder kept its owner"
