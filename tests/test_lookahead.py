@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 
 from app.tasks.lookahead import step
 from app.tasks.lookahead.model import GPT, GPTShape, parameter_breakdown, plain_state_dict, shapes
@@ -336,3 +337,147 @@ def test_seed_variant_trains_through_the_engine(tmp_path):
     assert any("loss/confidence" in r for r in records)
     final = [r for r in records if "eval/perplexity" in r][-1]
     assert final["step"] == 6 and final["eval/perplexity"] > 1
+
+
+# --- the baseline trained as nanoGPT trains ------------------------------------------------------------------------
+def _plain_objective(cfg_overrides=()):
+    from app.config import load_config
+    from app.tasks.lookahead.task import Lookahead
+
+    cfg = load_config("configs/lookahead_tiny.py", ["--lookahead_model=plain", *cfg_overrides])
+    task = Lookahead()
+    model, _ = task.load_model(cfg, torch.device("cpu"))
+    return task, cfg, task.objective(model, cfg)
+
+
+def test_weight_decay_on_matrices_only():
+    """MiniGPT: embeddings and Linear weights decay; biases and LayerNorms do not (one AdamW step on zero gradients
+    moves exactly the decayed parameters, by the factor 1 - lr x weight_decay)."""
+    from app.engine.optim import make_optimizer
+
+    task, cfg, objective = _plain_objective()
+    groups = task.param_groups(objective, cfg)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    kept = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}
+    blocks = [f"model.blocks.{i}" for i in range(cfg.n_layer)]
+    assert decayed == {"model.tok_emb.weight", "model.pos_emb.weight",
+                       *(f"{b}.{m}.weight" for b in blocks for m in ("qkv", "proj", "fc", "out"))}
+    assert kept == {"model.ln_f.weight", "model.ln_f.bias",
+                    *(f"{b}.{m}.{w}" for b in blocks for m in ("ln1", "ln2") for w in ("weight", "bias")),
+                    *(f"{b}.{m}.bias" for b in blocks for m in ("qkv", "proj", "fc", "out"))}
+    assert decayed | kept == set(names.values()) and cfg.weight_decay > 0
+
+    optimizer = make_optimizer(cfg, groups)
+    before = {n: p.detach().clone() for n, p in objective.named_parameters()}
+    for p in objective.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    shrink = 1 - cfg.learning_rate * cfg.weight_decay
+    for n, p in objective.named_parameters():
+        expected = before[n] * shrink if n in decayed else before[n]
+        assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=0), n
+
+
+def test_residual_projections_start_smaller():
+    """GPT-2's init: N(0, 0.02) weights, and 0.02 / sqrt(2 n_layer) for the projections into the residual stream."""
+    from app.tasks.lookahead.model import residual_init_std
+
+    torch.manual_seed(0)
+    model = GPT(shapes(V, 129, 4, 4, 128, 4)["plain"])
+    assert residual_init_std(4) == pytest.approx(0.02 / 8 ** 0.5)
+    for b in model.blocks:  # 16k and 66k draws: the sample std is within 2% of the true one by a wide margin
+        assert b.proj.weight.std().item() == pytest.approx(residual_init_std(4), rel=0.05)
+        assert b.out.weight.std().item() == pytest.approx(residual_init_std(4), rel=0.05)
+        assert b.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert b.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert not b.proj.bias.any() and not b.out.bias.any()
+
+
+def test_window_offsets_seeded_and_uniform():
+    from app.engine.batching import BatchPlan
+
+    lengths = (20, 20, 11, 20, 15, 20, 20, 20)  # windows of 10: offsets 0..10, 0..1 (length 11), 0..5 (15)
+    plan = BatchPlan(lengths, 2, 1, 2, seed=3, group_by_length=False, window=10)
+    slots = plan.epoch_order(0)[0]
+    starts = plan.window_starts(0, 0, slots)
+    assert starts == plan.window_starts(0, 0, slots)  # a pure function of (seed, epoch, step): resumable
+    assert [len(s) for s in starts] == [2, 2]
+    other_seed = BatchPlan(lengths, 2, 1, 2, seed=4, group_by_length=False, window=10)
+    drawn = {seed: [BatchPlan(lengths, 2, 1, 2, seed, False, 10).window_starts(e, k, [[0, 1], [3, 5]])
+                    for e in range(3) for k in range(2)] for seed in (3, 4)}
+    assert drawn[3] != drawn[4] and other_seed.epoch_order(0) != plan.epoch_order(0)
+    seen = {i: set() for i in range(len(lengths))}
+    for e in range(60):
+        for k in range(plan.steps_per_epoch):
+            step = plan.epoch_order(e)[k]
+            for slot, offsets in zip(step, plan.window_starts(e, k, step)):
+                for i, o in zip(slot, offsets):
+                    seen[i].add(o)
+    for i, n in enumerate(lengths):  # every offset of every example drawn, none past its end
+        assert seen[i] == set(range(n - 10 + 1)), i
+
+
+def test_training_windows_are_the_corpus_at_random_offsets():
+    """The engine's step examples for the lookahead task: windows of L + 2 tokens of the training text, starting
+    anywhere (not on the fixed chunk grid), different for another seed; dev chunks stay fixed."""
+    from app.engine.batching import BatchPlan
+    from app.engine.loop import encode_window_sources, loss_counts, step_examples
+    from app.tasks.lookahead import corpus
+    from app.tasks.lookahead.task import build_tokenizer
+
+    task, cfg, _ = _plain_objective(["--corpus_chars=20000"])
+    need, tok = cfg.context_length + 2, build_tokenizer()
+    train_text, dev_text = corpus.split_text(corpus.read_corpus(cfg.corpus_file, cfg.corpus_chars),
+                                             cfg.corpus_dev_fraction)
+    features = encode_window_sources(task, task.load_rows(cfg, "train"), tok, cfg, "corpus")
+    items = [loss_counts(task, f) for f in features]
+
+    def starts(seed):
+        plan = BatchPlan(tuple(len(f.input_ids) for f in features), 8, 1, 4, seed, False, task.train_window(cfg))
+        out = []
+        for k in range(3):
+            slots = plan.epoch_order(0)[k]
+            for slot, examples in zip(slots, step_examples(task, plan, features, items, 0, k, slots)):
+                for i, (f, counts) in zip(slot, examples):
+                    text = bytes(f.input_ids).decode("ascii")
+                    start = train_text.index(text, i * need)
+                    assert len(f.input_ids) == need and counts == {"lm": cfg.context_length}
+                    assert i * need <= start < (i + 1) * need
+                    out.append(start)
+        return out
+
+    a = starts(cfg.seed)
+    assert a == starts(cfg.seed) and a != starts(cfg.seed + 1)
+    assert sum(s % need != 0 for s in a) > len(a) // 2
+    dev = task.load_rows(cfg, "dev")
+    assert [r.values["text"] for r in dev] == corpus.chunks(dev_text, need)
+
+
+PLAIN_TINY = [*TINY, "--lookahead_model=plain", "--max_steps=24", "--eval_every=8", "--save_every=100",
+              "--weight_decay=0.1"]
+
+
+def test_resumed_run_with_random_windows_equals_uninterrupted(tmp_path):
+    """A stopped run resumed equals a straight one bit for bit (CPU), windows included; its dev loss falls."""
+    from safetensors.torch import load_file
+
+    from app.config import load_config
+    from app.engine.loop import train
+
+    def final_weights(name, *extra):
+        cfg = load_config("configs/lookahead_tiny.py", [*PLAIN_TINY, f"--out_dir={tmp_path / name}", *extra])
+        assert train(cfg) == 0
+        final = tmp_path / name / "checkpoints" / "final" / "model.safetensors"
+        return load_file(str(final)) if final.is_file() else None
+
+    straight = final_weights("straight")
+    assert final_weights("stopped", "--stop_after_steps=11") is None  # stopped on purpose at step 11
+    resumed = final_weights("stopped")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    evals = [v["eval/dev_loss"] for _, v in sorted(read_metrics(tmp_path / "straight").items()) if "eval/dev_loss" in v]
+    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+    other_seed = final_weights("seed", "--seed=43")
+    assert not torch.equal(other_seed["blocks.0.fc.weight"], straight["blocks.0.fc.weight"])
