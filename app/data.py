@@ -22,9 +22,10 @@ import functools
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import sources
 from app.errors import UserError
 
 csv.field_size_limit(1 << 30)  # a 1 MB field is data to truncate later, not a reason to crash here
@@ -34,6 +35,16 @@ csv.field_size_limit(1 << 30)  # a 1 MB field is data to truncate later, not a r
 class Row:
     line: int  # 1-based line in the file where the row starts (the header is line 1 for CSV)
     values: dict
+
+
+@dataclass
+class Feature:
+    """One tokenized training example (what a task's `encode` makes of a Row)."""
+
+    input_ids: list[int]
+    labels: list[int]  # same length; -100 where no loss is taken
+    line: int = 0  # source line, for messages
+    extra: dict = field(default_factory=dict)  # task-specific tensors-to-be (e.g. regression targets)
 
 
 class Rows(list):
@@ -49,8 +60,6 @@ class Rows(list):
 @functools.cache
 def reader_identity() -> str:
     """The code that turns a file into rows (this module and app.sources): a change to it may change the rows."""
-    from app import sources
-
     h = hashlib.sha256()
     for module in (__file__, sources.__file__):
         h.update(Path(module).read_bytes())
@@ -95,10 +104,9 @@ def decode_text(path: Path, raw: bytes) -> str:
 def read_rows(path: str | Path, required: tuple[str, ...] = ()) -> list[Row]:
     """Read a .csv, or a .jsonl/.ndjson/.json file (JSON lines, or one JSON array of objects); check that
     `required` columns exist. Parquet, `save_to_disk` directories and `hf:` Hub ids go to app.sources."""
-    from app import sources
-
     if sources.handles(path):
-        return sources.read_rows(path, required)
+        records, kind, identity = sources.read_records(path, required)
+        return Rows([Row(i + 1, values) for i, values in enumerate(records)], source_fingerprint(kind, identity))
     path = Path(path)
     raw = read_bytes(path)
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
@@ -170,6 +178,23 @@ def json_lines(text: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def intact_json_lines(data: bytes) -> tuple[list, int]:
+    """The values of an append-only JSON-lines log (a partial output, a response cache) up to its first line that is
+    torn (no newline: a kill while it was written) or does not parse, and the byte offset after the last intact
+    line: where the next append goes, the rest being dropped and redone."""
+    values, pos = [], 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break
+        try:
+            values.append(json.loads(data[pos:end]))
+        except (ValueError, RecursionError):
+            break
+        pos = end + 1
+    return values, pos
 
 
 def _loads(path: Path, number: int, line: str):

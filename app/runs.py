@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from app import sources
+from app.config import saved_config
+from app.data import intact_json_lines
 from app.errors import UserError
+from app.registry import get_task
 
 CHECKPOINT_ROOT = Path("checkpoints")
 PARTIAL_FORMAT = "app.infer.partial/1"
@@ -98,7 +105,7 @@ def resolve_checkpoint(arg: str | None, root: str | Path = CHECKPOINT_ROOT) -> t
 
 def verify(checkpoint: Path) -> None:
     """The checkpoint's files against its manifest (sizes and sha256); a one-line UserError naming the bad file."""
-    from app.engine.checkpoint import verify_checkpoint
+    from app.engine.checkpoint import verify_checkpoint  # torch: imported by the commands that load a model only
 
     verify_checkpoint(checkpoint)
 
@@ -120,8 +127,6 @@ def checkpoint_config(checkpoint: Path, overrides=()):
 
     `trust_remote_code` is never taken from the saved config: a checkpoint whose model or tokenizer maps to bundled
     code (`auto_map`) is an error unless the user passes --trust_remote_code=True."""
-    from app.config import saved_config
-
     cfg = saved_config(checkpoint / "run_config.json", overrides)
     if _needs_remote_code(checkpoint) and not cfg.trust_remote_code:
         raise UserError(f"{checkpoint}: its config.json maps to model code bundled with the checkpoint (auto_map); "
@@ -135,8 +140,7 @@ def fingerprint(input_path: Path, checkpoint: Path, cfg, parts: dict | None = No
     """Identity of what the outputs depend on: input bytes, checkpoint files, the config (but `ignore`: a smaller
     batch after an out-of-memory error still resumes) and any named `parts` (JSON-able)."""
     h = hashlib.sha256()
-    from app import sources  # Parquet, save_to_disk and hf: inputs: their fingerprint (Hub: id + revision)
-
+    # Parquet, save_to_disk and hf: inputs are named by their fingerprint (Hub: id + revision)
     h.update(sources.describe(input_path).get("fingerprint", str(input_path)).encode() if sources.handles(input_path)
              else hashlib.sha256(input_path.read_bytes()).digest())
     h.update(str(checkpoint.resolve()).encode())
@@ -183,29 +187,21 @@ class PartialFile:
 
     def _load(self) -> int | None:
         """Byte offset after the last intact line; None when the file is not ours to continue."""
-        data = self.path.read_bytes()
-        pos, header = 0, None
-        while pos < len(data):
-            end = data.find(b"\n", pos)
-            if end < 0:
-                break  # no newline: torn
-            try:
-                obj = json.loads(data[pos:end])
-            except (ValueError, RecursionError):
-                break
-            if header is None:
-                header = obj
-                if not (isinstance(obj, dict) and obj.get("format") == PARTIAL_FORMAT and obj.get("fingerprint") == self.fp
-                        and obj.get("rows") == self.n_rows):
-                    print(f"warning: {self.path} was written for another input, checkpoint or config: starting over",
-                          file=sys.stderr)
-                    return None
-            elif isinstance(obj, dict):
+        values, end = intact_json_lines(self.path.read_bytes())
+        if not values:
+            return None
+        header = values[0]
+        if not (isinstance(header, dict) and header.get("format") == PARTIAL_FORMAT and header.get("fingerprint") == self.fp
+                and header.get("rows") == self.n_rows):
+            print(f"warning: {self.path} was written for another input, checkpoint or config: starting over",
+                  file=sys.stderr)
+            return None
+        for obj in values[1:]:
+            if isinstance(obj, dict):
                 for rec in obj.get("records", []):
                     if isinstance(rec, dict) and isinstance(rec.get("i"), int) and 0 <= rec["i"] < self.n_rows:
                         self.done.setdefault(rec["i"], rec)
-            pos = end + 1
-        return pos if header is not None else None
+        return end
 
     def _append(self, obj) -> None:
         try:
@@ -232,7 +228,7 @@ class PartialFile:
 
 # --- device, outputs, tiny base ------------------------------------------------------------------------------------
 def device():
-    import torch
+    import torch  # only where a model runs: the cot pipeline checks its output paths here without torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -290,7 +286,7 @@ def ensure_base_model(cfg, checkpoint: Path | None = None) -> None:
     if checkpoint is not None and not (checkpoint / "adapter_config.json").is_file():
         return  # a full checkpoint holds its own weights
     if not (Path(cfg.model_name) / "config.json").is_file():
-        from app.lm.tiny import ensure_tiny_model
+        from app.lm.tiny import ensure_tiny_model  # torch and transformers: only when a tiny base is built
 
         ensure_tiny_model(cfg.model_name)
 
@@ -302,8 +298,6 @@ def run_predictor(input_path, checkpoint: str | None, output, overrides=(), fres
 
     Order: checkpoint and its config, the predictor, the input, the output path; only then the model loads, so a
     bad input, a bad checkpoint or an unwritable output fails in one line with nothing written."""
-    from app.tasks import get_task
-
     input_path = Path(input_path)
     ckpt, why = resolve_checkpoint(checkpoint, root)
     cfg = checkpoint_config(ckpt, list(overrides))
@@ -342,8 +336,6 @@ def run_predictor(input_path, checkpoint: str | None, output, overrides=(), fres
 
 
 def _predict_missing(predictor, ckpt: Path, cfg, inputs, partial: PartialFile, progress: bool) -> None:
-    from tqdm import tqdm
-
     ensure_base_model(cfg, ckpt)
     state = predictor.load(ckpt, cfg, device())
     n = len(inputs)
@@ -362,8 +354,6 @@ def _predict_missing(predictor, ckpt: Path, cfg, inputs, partial: PartialFile, p
 
 def run_command(*args, **kwargs) -> int:
     """run_predictor for a command line: Ctrl-C keeps the finished batches and says how to continue."""
-    import logging
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         run_predictor(*args, **kwargs)

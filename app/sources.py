@@ -4,9 +4,9 @@
     data/train.parquet                            a Parquet file (also .pq)
     data/train_ds/                                a directory written by `Dataset.save_to_disk`
 
-`app.data.read_rows` sends these here; CSV, JSONL and JSON keep their own readers (errors naming the file and line).
-Rows of these sources carry their record number (1-based) where a file's rows carry their line, so a task's checks
-still point at the record: `hf:org/nli:train:3: label must be 0 or 1, found 7`.
+`app.data.read_rows` sends these here (`read_records`); CSV, JSONL and JSON keep their own readers (errors naming
+the file and line). Rows of these sources carry their record number (1-based) where a file's rows carry their line,
+so a task's checks still point at the record: `hf:org/nli:train:3: label must be 0 or 1, found 7`.
 
 Hub datasets are fetched with `huggingface_hub.snapshot_download` into the Hugging Face cache (`HF_HOME` /
 `HF_HUB_CACHE`), honouring `HF_HUB_OFFLINE` (read at each call) and `HF_TOKEN`, and the snapshot is loaded with
@@ -92,6 +92,7 @@ def hub_cache_dir() -> str:
 
 def snapshot(repo: str, repo_type: str, revision: str | None = None, **kwargs) -> Path:
     """The local snapshot of a Hub repository (downloaded unless offline); one-line errors."""
+    # the Hub client (and its HTTP stack) only where a Hub id is read: `score` and `config` read local files
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -192,11 +193,10 @@ def fingerprint_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_rows(source, required: tuple[str, ...] = ()):
-    """Rows (app.data.Rows of Row, line = record number, with the source's fingerprint) of a Parquet file,
-    save_to_disk directory or Hub id; the `required` columns must exist."""
-    from app.data import Row, Rows, source_fingerprint
-
+def read_records(source, required: tuple[str, ...] = ()) -> tuple[list[dict], str, str]:
+    """The records of a Parquet file, save_to_disk directory or Hub id (the `required` columns must exist), with the
+    source's kind and identity: its fingerprint and the versions of the readers that typed the values. app.data
+    makes them rows (line = record number) named by that identity."""
     name = str(source)
     dataset, info = load_hub(name) if is_hub_id(name) else load_local(Path(source))
     _resolved[name] = info
@@ -208,8 +208,7 @@ def read_rows(source, required: tuple[str, ...] = ()):
         raise UserError(f"{name}: no data rows")
     # the values' Python types come from datasets and pyarrow: their versions are part of what the rows are
     versions = f"{info['fingerprint']} datasets {import_datasets().__version__} pyarrow {_pyarrow_version()}"
-    return Rows([Row(i + 1, values) for i, values in enumerate(dataset.to_list())],
-                source_fingerprint(info["kind"], versions))
+    return dataset.to_list(), info["kind"], versions
 
 
 def _pyarrow_version() -> str:

@@ -22,14 +22,8 @@ from app.data import Row
 from app.errors import UserError
 from app.lm.forward import last_hidden_states
 from app.tasks.confidence_head.step_data import read_step_file
-from app.tasks.confidence_head.task import (
-    HEAD_FILE,
-    ConfidenceHead,
-    collate_steps,
-    encode_steps,
-    load_head,
-    score_features,
-)
+from app.tasks.confidence_head.model import HEAD_FILE, collate_steps, encode_steps, load_head, score_features
+from app.tasks.confidence_head.task import ConfidenceHead
 from app.engine.loop import train
 
 CPU = torch.device("cpu")
@@ -249,7 +243,7 @@ def test_full_checkpoint_round_trip_gives_identical_scores(full_run):
 
 
 def test_head_loads_with_strict_key_check(full_run, tmp_path):
-    from app.tasks.confidence_head.task import ConfidenceMLP
+    from app.tasks.confidence_head.model import ConfidenceMLP
 
     state = load_file(str(full_run["final"] / HEAD_FILE))
     head = ConfidenceMLP(96)
@@ -305,7 +299,7 @@ def test_lora_checkpoint_round_trip_gives_identical_scores(lora_run):
 def test_score_steps_command(full_run, tmp_path, capsys):
     from app.__main__ import main
     from app.runs import PartialFile, checkpoint_config, fingerprint
-    from app.tasks.confidence_head.task import step_metrics
+    from app.tasks.confidence_head.metrics import step_metrics
 
     records = [json.loads(line) for line in DEV.read_text().splitlines()[:10]]
     records[3] = {"problem": records[3]["problem"], "steps": records[3]["steps"], "id": "no-labels"}

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.lm.generate import (JSON_CLOSED, StopRule, _slot_layer, generate, generate_ids, length_sorted_batches,
-                              prefill_chunks)
+from app.lm.generate import StopRule, _slot_layer, generate, generate_ids, length_sorted_batches, prefill_chunks
 from app.lm.modeling import load_tokenizer
 from conftest import tiny_config
 
@@ -85,8 +84,8 @@ def test_next_token_logits_equal_one_prompt_at_a_time(model_and_tokenizer, tmp_p
 def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tokenizer, tmp_path):
     import copy
 
+    from app.tasks.nli_cot.backends import forced_labels, forced_prefix
     from app.tasks.nli_cot.prompts import build_prompt
-    from app.tasks.nli_cot.task import NliCot
 
     model, tok = model_and_tokenizer
     cfg = tiny_config(model.name_or_path, tmp_path)
@@ -117,7 +116,8 @@ def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tok
             scores.append(logp[full[-1]].item())
         want.append(int(scores[1] > scores[0]))
     assert 0 < sum(want) < len(want)  # both labels occur: the comparison is not decided by the head alone
-    assert NliCot().forced_labels(model, tok, prompts, thoughts, "cpu", prefill_tokens=64) == want
+    prefixes = [forced_prefix(prompt, thought) for prompt, thought in zip(prompts, thoughts)]
+    assert forced_labels(model, tok, prefixes, "cpu", prefill_tokens=64) == want
 
 
 def test_sliding_window_model_falls_back_to_one_prefill(tiny_model_dir, tmp_path):
@@ -243,13 +243,33 @@ def test_confidence_rule_stops_at_a_token_never_first(model_and_tokenizer):
     assert got == want and any(g[-1] in stop_ids for g in got)
 
 
-def test_default_rule_is_the_json_stop():
+def test_generic_default_rule_and_the_nli_json_stop(model_and_tokenizer, tmp_path, monkeypatch):
+    """The generator knows no task: by default a row stops at EOS or max_new_tokens. The NLI predictions pass their
+    rule, EOS or the JSON object closed, on every generation they make."""
     import inspect
 
-    from app.lm.generate import generate_batches
+    from app.lm import generate as generation
+    from app.tasks.nli_cot import backends
     from app.tasks.nli_cot.extract import json_object_closed
+    from app.tasks.nli_cot.task import NliCot
 
-    assert inspect.signature(generate_batches).parameters["rule"].default is JSON_CLOSED
+    assert inspect.signature(generation.generate_batches).parameters["rule"].default == StopRule()
+    assert StopRule().eos and StopRule().text is None and not (StopRule().stop_ids or StopRule().never)
+    JSON_CLOSED = backends.JSON_CLOSED
     assert JSON_CLOSED.text is json_object_closed and JSON_CLOSED.text_triggers == "}" and JSON_CLOSED.eos
     assert not (JSON_CLOSED.stop_ids or JSON_CLOSED.never or JSON_CLOSED.not_first)
     assert StopRule(stop_ids=[3, 3], never=[5, 5, 4]) == StopRule(stop_ids=frozenset({3}), never=(5, 4))
+
+    rules = []
+
+    def recording(*args, rule, **kwargs):
+        rules.append(rule)
+        return generation.generate_batches(*args, rule=rule, **kwargs)
+
+    monkeypatch.setattr(backends, "generate_batches", recording)
+    model, tok = model_and_tokenizer
+    cfg = tiny_config(model.name_or_path, tmp_path, max_new_tokens=4)
+    rows = [{"premise": "Anna is reading in the park.", "hypothesis": h} for h in ("Anna is indoors.", "x", "y")]
+    preds = [p for _, batch in NliCot().predict_batches(model, tok, cfg, rows, "cpu", 2) for p in batch]
+    assert len(preds) == 3 and all(p.label in (0, 1) for p in preds)
+    assert rules == [JSON_CLOSED]  # one generator over both batches

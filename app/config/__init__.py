@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from app.config.core import SECTIONS, TRUST_FIELDS, CoreConfig, Section
 from app.config.modules import Values, add_overrides, parse_override, read_config_file
 from app.errors import UserError
+from app.registry import TASKS, check_task_name, default_metric, task_metrics, task_schema
 
 Config = CoreConfig  # every run's config is an instance of a subclass of it
 
@@ -28,8 +29,6 @@ Config = CoreConfig  # every run's config is an instance of a subclass of it
 @cache
 def config_class(task: str) -> type[CoreConfig]:
     """The config class of a task: the core sections plus the task's own section, one flat model."""
-    from app.tasks import task_schema
-
     schema = task_schema(task)
     return type(f"{schema.__name__}Run", (CoreConfig, schema), {"__doc__": f"Config of a {task} run."})
 
@@ -40,8 +39,6 @@ def make_config(**values) -> CoreConfig:
 
 
 def _other_task_owning(name: str, task: str) -> str | None:
-    from app.tasks import TASKS, task_schema
-
     return next((t for t in TASKS if t != task and name in task_schema(t).model_fields), None)
 
 
@@ -58,8 +55,6 @@ def _describe_type(cls, name: str) -> str:
 
 
 def _metric_problem(task: str, metric, where: str) -> str | None:
-    from app.tasks import task_metrics
-
     metrics = task_metrics(task)
     if metric is None or not isinstance(metric, str) or metric in metrics:
         return None  # a non-string is reported as a type error
@@ -100,8 +95,6 @@ def join_problems(problems: list[str]) -> str:
 
 def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
     """Validate merged values (name -> (value, where)) against the core schema and the task's section."""
-    from app.tasks import check_task_name
-
     problems = list(problems or [])
     task = values.get("task", (CoreConfig.model_fields["task"].default, ""))[0]
     try:
@@ -139,8 +132,6 @@ def saved_config(path: Path, overrides=()) -> CoreConfig:
     schema) are dropped, `head_metric_for_best` becomes `metric_for_best`, and a best-checkpoint metric the task
     does not declare falls back to the task's default.
     """
-    from app.tasks import TASKS, task_metrics
-
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -162,8 +153,6 @@ def saved_config(path: Path, overrides=()) -> CoreConfig:
 
 def describe_fields(task: str | None = None) -> str:
     """Every field by section: name, default, meaning (`python -m app config --list [--task NAME]`)."""
-    from app.tasks import TASKS, default_metric, task_metrics, task_schema
-
     sections: list[tuple[str, type[Section]]] = [(s.__doc__ or s.__name__, s) for s in SECTIONS]
     for name in [task] if task else list(TASKS):
         schema = task_schema(name)

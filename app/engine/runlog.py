@@ -1,6 +1,7 @@
 """The run log: metrics.jsonl (one line per step and per evaluation), TensorBoard and W&B; rank 0 only.
 
-On resume, metrics.jsonl is cut back to the checkpoint's step (atomically); a line torn by a kill is dropped.
+On resume, metrics.jsonl is cut back to the checkpoint's step (atomically); a line torn by a kill is dropped. The file
+is read back by one reader, app.metrics.plots.read_metrics (here, for the curves and for the model card).
 """
 
 from __future__ import annotations
@@ -9,31 +10,27 @@ import json
 import logging
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from app.atomic import write_atomic
 from app.config import Config
+from app.metrics.plots import read_metrics
 from app.packages import missing
 
 log = logging.getLogger(__name__)
 
 
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a line that does not parse (torn by a kill while it was written)."""
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None
-    step = entry.get("step") if isinstance(entry, dict) else None
-    return step if isinstance(step, int) else None
-
-
 def trim_metrics(path: Path, resume_step: int) -> None:
     """Keep the lines up to `resume_step` (a killed run wrote more after its last checkpoint), drop torn ones."""
-    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    steps = [_step_of(ln) for ln in lines]
-    torn = steps.count(None)
-    if torn:
-        log.warning("%s: dropped %d unreadable line(s) (torn by a kill while written)", path, torn)
-    write_atomic(path, "".join(ln + "\n" for ln, s in zip(lines, steps) if s is not None and s <= resume_step))
+    records = read_metrics(path)
+    written = sum(1 for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+    if written > len(records):
+        log.warning("%s: dropped %d unreadable line(s) (torn by a kill while written)", path, written - len(records))
+    write_atomic(path, "".join(_line(r) for r in records if r["step"] <= resume_step))
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record) + "\n"
 
 
 class RunLog:
@@ -49,11 +46,9 @@ class RunLog:
             trim_metrics(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(str(cfg.out_path / "tensorboard"))
         if cfg.wandb:
-            try:
+            try:  # wandb is an optional extra
                 import wandb
             except ImportError:
                 raise missing("wandb", "wandb=True", "--wandb=False (metrics.jsonl and TensorBoard are always written)") from None
@@ -63,7 +58,7 @@ class RunLog:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.write(_line({"step": step, **values}))
         self.file.flush()
         for k, v in values.items():
             if self.tb is not None:

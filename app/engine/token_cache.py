@@ -41,9 +41,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from app.atomic import give_new_modes
-from app.tasks.protocol import Feature
+from app.config.core import EvalSection, InferSection, MethodSection, OptimSection, RunSection
+from app.data import Feature
 
 log = logging.getLogger("app.engine.token_cache")
 FORMAT = 1
@@ -52,8 +54,6 @@ _NOT_ENCODING = ("token_cache", "token_cache_dir", "num_proc", "train_file", "de
 
 def settings(cfg) -> dict:
     """The config fields that can change what encoding produces."""
-    from app.config.core import EvalSection, InferSection, MethodSection, OptimSection, RunSection
-
     skip = {n for s in (OptimSection, MethodSection, EvalSection, RunSection, InferSection) for n in s.model_fields}
     skip = (skip - {"seed"}) | set(_NOT_ENCODING)
     return {k: v for k, v in cfg.model_dump().items() if k not in skip}
@@ -90,12 +90,12 @@ def rows_identity(rows) -> str:
 
 
 def code_identity(task, encode) -> str:
-    """The source of the task's package, the task protocol and the encode function."""
-    import app.tasks.protocol as protocol
-
+    """The source of the task's package, of the modules defining the task's base classes (the task protocol) and
+    of the encode function."""
     h = hashlib.sha256()
     package = Path(inspect.getfile(type(task))).parent
-    for p in sorted([*package.rglob("*.py"), Path(protocol.__file__)]):
+    bases = {Path(inspect.getfile(c)) for c in type(task).__mro__[1:] if c is not object}
+    for p in sorted({*package.rglob("*.py"), *bases}):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     try:
         h.update(inspect.getsource(encode).encode())
@@ -247,8 +247,6 @@ def json_extras(features) -> list | None:
 # --- entries ------------------------------------------------------------------------------------------------
 def save(directory: Path, arrays: dict, extras: list, meta: dict) -> None:
     """Write an entry atomically (a concurrent writer of the same entry wins: its entry is the same)."""
-    from safetensors.numpy import save_file
-
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir(parents=True)
     try:
@@ -268,8 +266,6 @@ def save(directory: Path, arrays: dict, extras: list, meta: dict) -> None:
 
 def load(directory: Path) -> tuple[Features, dict] | None:
     """The features of an entry, or None when it is missing or unreadable (then it is rebuilt)."""
-    from safetensors.numpy import load_file
-
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         arrays = load_file(str(directory / "features.safetensors"))

@@ -2,8 +2,8 @@
 
 Used by evaluation during training, by `python -m app infer` and by the confidence-token task (validation and
 `python -m app tag`). When a row is done and what it may generate is a `StopRule`: EOS, a set of stop token ids
-(kept as the row's last token), `max_new_tokens`, or a text predicate (`JSON_CLOSED`, the NLI default: the JSON
-object has closed); ids suppressed at every step or only at the first. Done rows are dropped from the batch and its
+(kept as the row's last token), `max_new_tokens`, or a predicate on the decoded text that the caller passes (a task's
+"the answer is complete"); ids suppressed at every step or only at the first. Done rows are dropped from the batch and its
 KV cache, so the remaining steps only compute rows still generating.
 
 Entry points: `generate_batches` / `generate` (text prompts, decoded generations) and `generate_id_batches` /
@@ -12,14 +12,14 @@ Entry points: `generate_batches` / `generate` (text prompts, decoded generations
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from app.tasks.nli_cot.extract import json_object_closed
 from app.engine.fsdp import is_sharded
 from app.lm.forward import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
@@ -49,8 +49,6 @@ class StopRule:
         object.__setattr__(self, "not_first", tuple(dict.fromkeys(self.not_first)))
 
 
-JSON_CLOSED = StopRule(text=json_object_closed, text_triggers="}")  # NLI: EOS, or the JSON object has closed
-
 _TRIGGERS: dict[tuple[int, str], tuple[object, frozenset[int]]] = {}
 
 
@@ -76,48 +74,42 @@ def left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, t
     return input_ids.to(device), mask.to(device)
 
 
-@functools.cache
-def _slot_layer_class():
-    from transformers.cache_utils import DynamicLayer
+class SlotLayer(DynamicLayer):
+    """A KV-cache layer stored in a buffer sized for the whole generation.
 
-    class SlotLayer(DynamicLayer):
-        """A KV-cache layer stored in a buffer sized for the whole generation.
+    transformers' DynamicLayer appends a token with torch.cat, copying the whole cache every step (a
+    third of a decode step on CPU at batch 128); this one writes one slot per step and hands out views.
+    """
 
-        transformers' DynamicLayer appends a token with torch.cat, copying the whole cache every step (a
-        third of a decode step on CPU at batch 128); this one writes one slot per step and hands out views.
-        """
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.kbuf, self.vbuf, self.length = keys, values, length
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._views()
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-            super().__init__()
-            self.kbuf, self.vbuf, self.length = keys, values, length
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-            self._views()
+    def _views(self):
+        self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
 
-        def _views(self):
-            self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.kbuf.shape[-2]:  # past the planned size: grow by doubling (not reached in generation)
+            grow = max(end, 2 * self.kbuf.shape[-2]) - self.kbuf.shape[-2]
+            pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[:2], grow, b.shape[3])], dim=2)
+            self.kbuf, self.vbuf = pad(self.kbuf), pad(self.vbuf)
+        self.kbuf[:, :, self.length : end] = key_states
+        self.vbuf[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
-            if end > self.kbuf.shape[-2]:  # past the planned size: grow by doubling (not reached in generation)
-                grow = max(end, 2 * self.kbuf.shape[-2]) - self.kbuf.shape[-2]
-                pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[:2], grow, b.shape[3])], dim=2)
-                self.kbuf, self.vbuf = pad(self.kbuf), pad(self.vbuf)
-            self.kbuf[:, :, self.length : end] = key_states
-            self.vbuf[:, :, self.length : end] = value_states
-            self.length = end
-            self._views()
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices):
-            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
-            self._views()
-
-    return SlotLayer
+    def batch_select_indices(self, indices):
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self._views()
 
 
 def _slot_layer(keys: torch.Tensor, values: torch.Tensor, length: int):
     """A cache layer over preallocated buffers [batch, heads, slots, head_dim], the first `length` slots filled."""
-    return _slot_layer_class()(keys, values, length)
+    return SlotLayer(keys, values, length)
 
 
 def prefill_chunks(lengths: Sequence[int], budget: int) -> list[range]:
@@ -146,8 +138,6 @@ def _prefill(model, ids: list[list[int]], pad: int, device, max_new_tokens: int,
     values are shared; the rest is prefilled in chunks of at most `budget` padded tokens. The merged cache is
     laid out [shared prefix | left padding | prompt rest] per row, the padding masked out.
     """
-    from transformers import DynamicCache
-
     if plain_kv_cache(model.config) is None:
         # sliding-window or other special layers: one plain prefill into transformers' own cache
         input_ids, mask = left_padded(ids, pad, device)
@@ -311,12 +301,12 @@ def generate_ids(model, tokenizer, prompt_ids: Sequence[list[int]], batch_size: 
 
 def generate_batches(
     model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device,
-    skip: Callable[[list[int]], bool] | None = None, rule: StopRule = JSON_CLOSED, prefill_tokens: int = 2048,
+    skip: Callable[[list[int]], bool] | None = None, rule: StopRule = StopRule(), prefill_tokens: int = 2048,
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield (indices, generations) batch by batch, longest prompts first; callers restore input order.
 
     Text prompts are tokenized once and run through `generate_id_batches`; generations are decoded without special
-    tokens. The default rule stops a row at EOS or when its JSON object has closed (`JSON_CLOSED`).
+    tokens. `rule` says when a row is done (default: at EOS or after `max_new_tokens`).
     """
     ids = tokenizer(list(prompts)).input_ids
     for batch, outs in generate_id_batches(model, tokenizer, ids, batch_size, max_new_tokens, device, rule, skip,

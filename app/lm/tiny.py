@@ -8,23 +8,54 @@ path as any hub model.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from app.atomic import give_new_modes
 from app.errors import UserError
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
+# The tokenizer's training text: short English sentences about people, activities and places, and the JSON answer
+# scaffolding. It is fixed here, apart from the tasks' sample data (app/tasks/sample_vocab.py), because every figure
+# the tests compute on the tiny model depends on this vocabulary: a change to the samples must not change it.
+_NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lucia"]
+_ACTIVITIES = ["reading", "cooking", "sleeping", "singing", "painting", "talking", "waiting", "writing"]
+_PLACES = {"kitchen": "indoors", "library": "indoors", "office": "indoors", "bedroom": "indoors", "museum": "indoors",
+           "garage": "indoors", "park": "outdoors", "garden": "outdoors", "forest": "outdoors", "beach": "outdoors",
+           "street": "outdoors", "field": "outdoors"}
+_PREMISES = ["{name} is {activity} in the {place}.", "In the {place}, {name} is {activity}."]
+_HYPOTHESES = ["{name} is {claim}.", "{name} is {activity} {claim}."]
+_INSTRUCTION = ("Premise: Hypothesis: Does the premise entail the hypothesis? Think step by step, then answer with a "
+                'JSON object holding "thought_process" and "predicted_label" (1 = entailed, 0 = not).\nAnswer: ')
+
+
+def tokenizer_corpus(sentences: int = 400, seed: int = 99) -> list[str]:
+    """The lines the tiny tokenizer is trained on (deterministic): per drawn sentence pair a premise, a hypothesis,
+    a reasoning line and the JSON answer holding it, then an instruction line and label words."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        name, activity, place = rng.choice(_NAMES), rng.choice(_ACTIVITIES), rng.choice(list(_PLACES))
+        where = _PLACES[place]
+        claim = rng.choice(["indoors", "outdoors"])
+        label = int(claim == where)
+        premise = rng.choice(_PREMISES).format(name=name, activity=activity, place=place)
+        hypothesis = rng.choice(_HYPOTHESES).format(name=name, activity=activity, claim=claim)
+        thought = f"The {place} is {where}. The hypothesis says {claim}. {'They agree.' if label else 'They differ.'}"
+        lines += [premise, hypothesis, thought,
+                  '{"thought_process": "' + thought + '", "predicted_label": ' + str(label) + "}"]
+    return lines + [_INSTRUCTION, "entailment not_entailment contradiction neutral true false yes no 0 1"]
+
 
 def build_tokenizer(vocab_size: int = 640):
-    """Byte-level BPE trained on the sample-data vocabulary: deterministic, and any text still encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from app.tasks.nli_cot.sample import tokenizer_corpus
-
+    """Byte-level BPE trained on `tokenizer_corpus()`: deterministic, and any text still encodes."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,9 +72,6 @@ def build_tokenizer(vocab_size: int = 640):
 
 
 def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 96, layers: int = 2):
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
     config = MistralConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -28,6 +28,8 @@ Every method receives the context it needs (the config always), so a task keeps 
     best_checkpoints(cfg)          {"best": metric_for_best}            several best-by-metric checkpoints
     on_train_end(cfg, final_dir)   nothing                              push to a hub, export
     predictor(cfg)                 None (no inference command)          what `infer` reads, predicts and writes
+    model_card(cfg)                a causal LM fine-tuned from          what the checkpoint's card says: summary,
+                                   model_name, text-generation          pipeline tag, how to load it (app.modelcard)
 
 Losses. `objective(**batch)` returns the *sum* of the per-item losses of the batch (a tensor), or several named sums
 (`{"lm": tensor, "confidence": tensor}`) with `loss_items` giving the matching counts per example
@@ -47,13 +49,13 @@ A minimal task (see app/tasks/nli_cot/ for a full one):
             return CompletionLoss(model)           # app.lm.forward: summed cross-entropy on target tokens
 
 plus its config section (app/tasks/echo/config.py: a `Section` subclass, METRICS, DEFAULT_METRIC) and one entry in
-app/tasks/__init__.py.
+app/registry.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -61,17 +63,9 @@ import torch
 from torch import nn
 
 from app.config import Config
-from app.data import Row
-
-
-@dataclass
-class Feature:
-    """One tokenized training example."""
-
-    input_ids: list[int]
-    labels: list[int]  # same length; -100 where no loss is taken
-    line: int = 0  # source line, for messages
-    extra: dict = field(default_factory=dict)  # task-specific tensors-to-be (e.g. regression targets)
+from app.data import Feature, Row, read_rows  # Feature lives below the engine, which reads it too
+from app.modelcard import CardText
+from app.registry import default_metric, task_metrics
 
 
 @dataclass(frozen=True)
@@ -168,8 +162,6 @@ class Task:
     # --- data ---------------------------------------------------------------------------------------------------
     def load_rows(self, cfg: Config, split: str) -> list[Row]:
         """Rows of `split` ("train" or "dev"). Override to mix several files (weights, per-dataset tags)."""
-        from app.data import read_rows
-
         path = cfg.train_file if split == "train" else cfg.dev_file
         if path is None:
             return []
@@ -223,8 +215,6 @@ class Task:
 
     def best_checkpoints(self, cfg: Config) -> dict[str, tuple[str, str]]:
         """Checkpoint name -> (metric, "max" | "min"): each is kept as the best by its metric so far."""
-        from app.tasks import default_metric, task_metrics
-
         metric = cfg.metric_for_best or default_metric(cfg.task)
         return {"best": (metric, task_metrics(cfg.task).get(metric, "min" if metric.endswith("loss") else "max"))}
 
@@ -235,3 +225,8 @@ class Task:
     def predictor(self, cfg: Config) -> Predictor | None:
         """What `python -m app infer` runs for this task's checkpoints; None when it has no inference command."""
         return None
+
+    def model_card(self, cfg: Config) -> CardText:
+        """What the model card of this task's checkpoints says (app.modelcard.CardText): what the model does, its
+        pipeline tag, how to load it. Default: a causal LM fine-tuned from `model_name`, loaded with transformers."""
+        return CardText(summary=f"Task `{cfg.task}`.")

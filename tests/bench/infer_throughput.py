@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     from app.tasks.nli_cot.extract import extract_label
     from app.lm.generate import generate, generate_batches
     from app.runs import checkpoint_config
+    from app.tasks.nli_cot.backends import JSON_CLOSED
     from app.tasks.nli_cot.predict import fit_prompts
     from app.lm.modeling import load_for_inference
     from app.tasks.nli_cot.prompts import build_prompt
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():  # warm-up: the widest batch once
         longest = sorted(prompts, key=len)[-bs:]
-        generate(model, tok, longest, bs, 8, device)
+        generate(model, tok, longest, bs, 8, device, rule=JSON_CLOSED)
 
     results: dict[str, dict] = {}
     texts: dict[str, list[str]] = {}
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
 
     def run_sorted_gen():
         out = [""] * len(prompts)
-        for batch, gens in generate_batches(model, tok, prompts, bs, mnt, device):
+        for batch, gens in generate_batches(model, tok, prompts, bs, mnt, device, rule=JSON_CLOSED):
             for i, g in zip(batch, gens):
                 out[i] = g
         return out

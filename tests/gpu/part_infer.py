@@ -89,6 +89,7 @@ def infer_unit(ctx: Context, model_dir: str) -> dict:
 
     from app.lm.generate import generate, generate_batches
     from app.lm.modeling import load_base_model, load_tokenizer, resolve_attn_implementation
+    from app.tasks.nli_cot.backends import JSON_CLOSED
     from app.tasks.nli_cot.predict import fit_prompts
     from app.tasks.nli_cot.prompts import build_prompt
     from app.tasks.nli_cot.task import NliCot
@@ -110,7 +111,7 @@ def infer_unit(ctx: Context, model_dir: str) -> dict:
     lengths = [len(x) for x in tok(prompts).input_ids]
 
     with torch.no_grad():  # warm-up: kernels chosen, caches allocated, on the widest batch
-        generate(model, tok, sorted(prompts, key=len)[-bs:], bs, 4, device)
+        generate(model, tok, sorted(prompts, key=len)[-bs:], bs, 4, device, rule=JSON_CLOSED)
         input_order(model, tok, prompts[:bs], bs, 4, device)
 
     def run_path():
@@ -122,7 +123,8 @@ def infer_unit(ctx: Context, model_dir: str) -> dict:
 
     def run_gen():
         out = [""] * len(prompts)
-        for batch, gens in generate_batches(model, tok, prompts, bs, mnt, device, prefill_tokens=cfg.prefill_tokens):
+        for batch, gens in generate_batches(model, tok, prompts, bs, mnt, device, rule=JSON_CLOSED,
+                                            prefill_tokens=cfg.prefill_tokens):
             for i, g in zip(batch, gens):
                 out[i] = g
         return out
@@ -155,6 +157,7 @@ def fp32_equality(model, tok, prompts, device, cfg, bs: int, mnt: int, attn: str
     import torch
 
     from app.lm.generate import generate
+    from app.tasks.nli_cot.backends import JSON_CLOSED
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -163,7 +166,7 @@ def fp32_equality(model, tok, prompts, device, cfg, bs: int, mnt: int, attn: str
         model.set_attn_implementation("sdpa")
     err = logits_error(model, tok, prompts, device, cfg, bs)
     with torch.no_grad():
-        ours = generate(model, tok, prompts, bs, mnt, device, prefill_tokens=cfg.prefill_tokens)
+        ours = generate(model, tok, prompts, bs, mnt, device, rule=JSON_CLOSED, prefill_tokens=cfg.prefill_tokens)
     theirs = input_order(model, tok, prompts, bs, mnt, device)
     equal = sum(a == b for a, b in zip(ours, theirs))
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)

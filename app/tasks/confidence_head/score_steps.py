@@ -24,20 +24,24 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from app.atomic import write_atomic, write_json_atomic
 from app.errors import UserError
-from app.runs import JsonlOutputs
+from app.lm.modeling import load_for_inference
+from app.metrics.calibration import calibration_report
+from app.runs import JsonlOutputs, run_predictor
+from app.tasks.confidence_head.metrics import labelled_pairs, step_metrics
+from app.tasks.confidence_head.model import build_objective, encode_steps, load_head, score_features
+from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
 
 DEFAULT_OUTPUT = "step_scores.jsonl"
 
 
 def load_scorer(ckpt: Path, cfg, device):
     """(objective in eval mode, tokenizer) from a confidence_head checkpoint."""
-    from app.lm.modeling import load_for_inference
-    from app.tasks.confidence_head.task import ConfidenceHead, load_head
-
     model, tokenizer = load_for_inference(ckpt, cfg, device)
-    objective = ConfidenceHead().objective(model, cfg)
+    objective = build_objective(model, cfg)
     load_head(objective.head, ckpt)
     objective.eval()
     return objective, tokenizer
@@ -49,15 +53,10 @@ class StepScorer:
     default_output = DEFAULT_OUTPUT
     verb = "score"
 
-    def __init__(self, task):
-        self.task = task
-
     def fingerprint_parts(self, cfg) -> dict:
         return {}
 
     def read_input(self, path: Path, cfg):
-        from app.tasks.confidence_head.step_data import detect_format, read_records, read_step_file
-
         try:
             records = read_records(path)
             fmt = detect_format(path, records[0].values)
@@ -79,8 +78,6 @@ class StepScorer:
         return load_scorer(checkpoint, cfg, device)
 
     def predict(self, state, cfg, rows, device, skip):
-        from app.tasks.confidence_head.task import encode_steps, score_features
-
         objective, tokenizer = state
         features = [encode_steps(r.values["problem"], r.values["steps"], r.values["labels"], tokenizer,
                                  cfg.step_marker, cfg.max_seq_length, r.line, r.values["source"]) for r in rows]
@@ -89,8 +86,6 @@ class StepScorer:
             yield [{"i": i, "scores": s} for i, s in zip(batch, scores)]
 
     def finish(self, rows, records: list[dict], paths: JsonlOutputs, summary: dict, examples: int) -> dict:
-        from app.tasks.confidence_head.task import labelled_pairs, step_metrics
-
         scores = [r["scores"] for r in records]
         lines = []
         for i, (row, s) in enumerate(zip(rows, scores)):
@@ -100,10 +95,6 @@ class StepScorer:
         s_flat, y_flat = labelled_pairs([r.values["labels"] for r in rows], scores)
         summary["labelled_steps"] = len(y_flat)
         if y_flat:
-            import numpy as np
-
-            from app.metrics.calibration import calibration_report
-
             summary["metrics"] = step_metrics(s_flat, y_flat)
             summary["calibration"] = calibration_report(np.clip(s_flat, 0, 1), (np.asarray(y_flat) >= 0.5).astype(float))
         write_atomic(paths.main, "".join(lines))
@@ -120,7 +111,5 @@ class StepScorer:
 
 def run(input_path, checkpoint=None, output=DEFAULT_OUTPUT, overrides=(), fresh=False, checkpoint_root="checkpoints",
         progress=True) -> dict:
-    from app.runs import run_predictor
-
     return run_predictor(input_path, checkpoint, output, overrides, fresh=fresh, examples=0, root=checkpoint_root,
                          progress=progress, task_name="confidence_head")

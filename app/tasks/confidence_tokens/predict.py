@@ -29,6 +29,8 @@ from pathlib import Path
 from app.atomic import write_atomic, write_json_atomic
 from app.data import csv_text
 from app.errors import UserError
+from app.lm.modeling import load_for_inference
+from app.tasks.confidence_tokens.judge import Judged, judge, summarize
 from app.tasks.confidence_tokens.qa import QA, domain_tokens, read_raw_qa
 
 DEFAULT_OUTPUT = "predictions.csv"
@@ -114,13 +116,9 @@ class ConfidencePredictor:
         return CsvOutputs.for_output(output)
 
     def load(self, checkpoint: Path, cfg, device):
-        from app.lm.modeling import load_for_inference
-
         return load_for_inference(checkpoint, cfg, device)
 
     def predict(self, state, cfg, data: Questions, device, skip):
-        from app.tasks.confidence_tokens.judge import judge
-
         model, tokenizer = state
         step = cfg.infer_batch_size
         for start in range(0, len(data), step):  # chunks in input order: the partial file resumes by chunk
@@ -131,8 +129,6 @@ class ConfidencePredictor:
             yield [record(i, j) for i, j in zip(batch, judged)]
 
     def finish(self, data: Questions, records: list[dict], paths: CsvOutputs, summary: dict, examples: int) -> dict:
-        from app.tasks.confidence_tokens.judge import Judged, summarize
-
         summary.update(unparsed_answers=sum(r["answer"] is None for r in records),
                        tokens_emitted=sum(r["emitted"] is not None for r in records))
         if data.answered and records:

@@ -55,9 +55,12 @@ from torch import nn
 from app.config import Config
 from app.data import Row, read_rows
 from app.errors import UserError
+from app.metrics.calibration import save_reliability_json, save_reliability_png
+from app.modelcard import CardText
 from app.tasks.confidence_tokens.hub import hub_token, push_to_hub
 from app.tasks.confidence_tokens.judge import format_summary, judge, summarize
 from app.tasks.confidence_tokens.loss import ConfidenceTokenLoss
+from app.tasks.confidence_tokens.predict import ConfidencePredictor
 from app.tasks.confidence_tokens.qa import QA, all_tokens, answer_ids, answer_text, domain_tokens, prompt_ids, raw_qa, read_raw_qa, wrong_answer
 from app.tasks.protocol import EvalContext, Feature, Task
 
@@ -188,8 +191,6 @@ class ConfidenceTokens(Task):
         return f"reliability_epoch_{ctx.epoch}" if ctx.end_of_epoch else f"reliability_step_{ctx.step}"
 
     def evaluate(self, model, tokenizer, cfg: Config, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
-        from app.metrics.calibration import save_reliability_json, save_reliability_png
-
         qas = [r.values["_qa"] if "_qa" in r.values else raw_qa(r.values, r.values.get("dataset"), "dev", r.line)
                for r in rows]
         if not qas:
@@ -222,6 +223,8 @@ class ConfidenceTokens(Task):
 
     # --- inference --------------------------------------------------------------------------------------------------
     def predictor(self, cfg: Config):
-        from app.tasks.confidence_tokens.predict import ConfidencePredictor
-
         return ConfidencePredictor(self, cfg)
+
+    def model_card(self, cfg: Config) -> CardText:
+        return CardText(summary="Answers followed by a confidence token (`<C_...>` / `<U_...>`: the answer is correct "
+                                "or not), calibrated per data set.")

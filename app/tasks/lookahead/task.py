@@ -28,11 +28,15 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from app.config import Config
 from app.data import Row
 from app.errors import UserError
+from app.modelcard import CardText
 from app.tasks.lookahead import corpus, step
 from app.tasks.lookahead.model import GPT, decay_groups, shapes
 from app.tasks.protocol import EvalContext, Feature, Task
@@ -44,9 +48,6 @@ PAD = "<pad>"
 
 def build_tokenizer():
     """Byte-level tokenizer: the 256 byte symbols (ids 0..255 in byte order) and `<pad>` (256); no BOS/EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = _byte_symbols()
     tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -158,8 +159,6 @@ class Lookahead(Task):
         model = GPT(model_shape(cfg, len(tokenizer)))
         model.detach_confidence = not cfg.confidence_trunk_grad
         if weights_dir is not None:
-            from safetensors.torch import load_file
-
             path = Path(weights_dir) / WEIGHTS_FILE
             if not path.is_file():
                 raise UserError(f"{weights_dir}: no {WEIGHTS_FILE} (a lookahead checkpoint holds one)")
@@ -170,8 +169,6 @@ class Lookahead(Task):
         return model.to(device), tokenizer
 
     def save_weights(self, model, tokenizer, directory: Path) -> None:
-        from safetensors.torch import save_file
-
         model = getattr(model, "module", model)
         directory = Path(directory)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
@@ -187,14 +184,10 @@ class Lookahead(Task):
         return list(objective.model.blocks)
 
     def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
-        from safetensors.torch import save_file
-
         if objective.model.shape.confidence:
             save_file({"prev_conf": objective.prev_conf.detach().contiguous().cpu()}, str(Path(directory) / STATE_FILE))
 
     def load_extra(self, objective: nn.Module, directory: Path) -> None:
-        from safetensors.torch import load_file
-
         path = Path(directory) / STATE_FILE
         if objective.model.shape.confidence and path.is_file():
             objective.prev_conf = load_file(str(path))["prev_conf"].to(objective.prev_conf.device)
@@ -248,3 +241,24 @@ class Lookahead(Task):
         out = evaluate_model(getattr(model, "module", model), data, cfg.eval_batch_size)
         return {k: v for k, v in out.items() if k in ("perplexity", "eval_lm_loss", "confidence_mae",
                                                        "confidence_spearman")}
+
+    # --- model card ---------------------------------------------------------------------------------------------
+    def model_card(self, cfg: Config) -> CardText:
+        model = "ConfidenceAwareGPT" if cfg.lookahead_model == "confidence" else "MiniGPT"
+        summary = (f"Character-level language model ({model}, the `lookahead` experiment): it predicts the next byte "
+                   "of the text." + (" It also predicts, at each position, its own loss two tokens ahead (a "
+                                     "confidence scalar that conditions its norms)." if model != "MiniGPT" else ""))
+        load = ("The weights are this project's own model (`model.safetensors`, its shape in `config.json`), not a "
+                "transformers architecture; load them with finetune-runner:\n\n```python\nfrom pathlib import Path\n"
+                "\nimport torch\n\nfrom app.config import saved_config\nfrom app.tasks.lookahead.task import Lookahead\n"
+                "\ncheckpoint = Path(\"CHECKPOINT\")\ncfg = saved_config(checkpoint / \"run_config.json\")\n"
+                "model, tokenizer = Lookahead().load_model(cfg, torch.device(\"cpu\"), checkpoint)\n```\n")
+        return CardText(
+            summary=summary, pipeline_tag="text-generation",
+            from_scratch=f"a {model} (n_layer {cfg.n_layer}, d_model {cfg.d_model}, context {cfg.context_length} "
+                         "bytes)", how_to_load=load,
+            recipe_fields=("task", "lookahead_model", "lookahead_variant", "confidence_alpha", "context_length",
+                           "n_layer", "n_head", "d_model", "mlp_ratio", "corpus_chars", "dtype", "batch_size",
+                           "micro_batch_size", "max_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+                           "weight_decay", "max_grad_norm", "seed", "metric_for_best"),
+            data_fields=("corpus_file",))

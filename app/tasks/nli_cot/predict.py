@@ -28,13 +28,12 @@ Long fields. A prompt may use `max_seq_length - max_new_tokens` tokens; longer p
 Backends. `backend="hf"` (default): transformers, length-sorted batches of `infer_batch_size`, greedy, stopping when
 the JSON object closes. `backend="vllm"` (GPU, `pip install vllm`): the checkpoint is served by vLLM, a LoRA adapter
 directly through a `LoRARequest` on its base model (a quantized base is loaded unquantized); the same extraction and
-fallback apply.
+fallback apply (app.tasks.nli_cot.backends).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -43,8 +42,10 @@ from pathlib import Path
 from app.atomic import write_atomic, write_json_atomic
 from app.data import csv_text, parse_binary_label, read_rows
 from app.errors import UserError
-from app.packages import missing
+from app.lm.modeling import load_for_inference, load_tokenizer
 from app.metrics.classification import classification_metrics, format_table
+from app.tasks.nli_cot.backends import hf_batches, no_vllm, vllm_batches
+from app.tasks.nli_cot.extract import json_object_closed
 from app.tasks.nli_cot.prompts import build_prompt
 
 _TEXT_COLUMNS = ("premise", "hypothesis")
@@ -181,68 +182,6 @@ def predictions_csv(records: list[dict], ids: list[str] | None) -> str:
     return csv_text(head, rows)
 
 
-def _no_vllm() -> UserError:
-    return missing("vllm", "backend='vllm' (a GPU)", "use --backend=hf")
-_VLLM_RANKS = (8, 16, 32, 64, 128, 256, 512)
-
-
-def vllm_predictions(cfg, checkpoint: Path, tokenizer, values: list[dict], skip):
-    """Greedy generation with vLLM in chunks of input order (for resume); a LoRA checkpoint is served as an adapter."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-    except ImportError:
-        raise _no_vllm() from None
-    from app.tasks.nli_cot.extract import extract_label
-    from app.lm.modeling import is_adapter_dir
-    from app.tasks.nli_cot.task import Prediction
-
-    adapter = is_adapter_dir(checkpoint)
-    llm = LLM(
-        model=cfg.model_name if adapter else str(checkpoint),
-        tokenizer=str(checkpoint),
-        dtype="auto" if cfg.dtype == "auto" else cfg.dtype,
-        max_model_len=cfg.max_seq_length,
-        enable_lora=adapter,
-        max_lora_rank=next((r for r in _VLLM_RANKS if r >= cfg.lora_r), cfg.lora_r),
-        seed=cfg.seed,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    lora = LoRARequest("checkpoint", 1, str(checkpoint.resolve())) if adapter else None
-    greedy = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens)
-    # fallback: the likelier of the first tokens of "0" and "1" after a forced `"predicted_label": ` prefix
-    head = tokenizer('"predicted_label": ', add_special_tokens=False).input_ids
-    label_ids = []
-    for digit in "01":
-        full = tokenizer('"predicted_label": ' + digit, add_special_tokens=False).input_ids
-        label_ids.append(full[next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), len(head))])
-    forced = SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=label_ids)
-
-    prompts = [build_prompt(v, cfg) for v in values]
-    chunk = max(cfg.infer_batch_size, 256)
-    for start in range(0, len(prompts), chunk):
-        batch = list(range(start, min(start + chunk, len(prompts))))
-        if skip(batch):
-            continue
-        outs = llm.generate([prompts[i] for i in batch], greedy, lora_request=lora, use_tqdm=False)
-        texts = [o.outputs[0].text for o in outs]
-        found = [extract_label(t) for t in texts]
-        preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
-        missing = [k for k, p in enumerate(preds) if p.label is None]
-        if missing:
-            prefixes = []
-            for k in missing:
-                t = preds[k].thought
-                obj = '{"thought_process": ' + json.dumps(t, ensure_ascii=False) + ", " if t else "{"
-                prefixes.append(prompts[batch[k]] + obj + '"predicted_label": ')
-            outs = llm.generate(prefixes, forced, lora_request=lora, use_tqdm=False)
-            for k, o in zip(missing, outs):
-                preds[k].label = int(o.outputs[0].token_ids[0] == label_ids[1])
-                preds[k].parse_ok, preds[k].how = False, "forced_prefix"
-        yield batch, preds
-
-
-
 # --- reporting -----------------------------------------------------------------------------------------------------
 def _clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
@@ -277,10 +216,9 @@ class NliPredictor:
     default_output = "predictions.csv"
     verb = "infer"
 
-    def __init__(self, task, cfg):
-        self.task = task
+    def __init__(self, cfg):
         if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise _no_vllm()
+            raise no_vllm()
 
     def fingerprint_parts(self, cfg) -> dict:
         return {}
@@ -292,16 +230,12 @@ class NliPredictor:
         return OutputPaths.for_output(output)
 
     def load(self, checkpoint: Path, cfg, device):
-        from app.lm.modeling import load_for_inference, load_tokenizer
-
         if cfg.backend == "vllm":
             return {"checkpoint": checkpoint, "model": None, "tokenizer": load_tokenizer(cfg, str(checkpoint))}
         model, tokenizer = load_for_inference(checkpoint, cfg, device)
         return {"checkpoint": checkpoint, "model": model, "tokenizer": tokenizer}
 
     def predict(self, state, cfg, data: InputData, device, skip):
-        from app.tasks.nli_cot.extract import json_object_closed
-
         values = [dict(v) for v in data.values]
         tokenizer = state["tokenizer"]
         cut = fit_prompts(values, tokenizer, cfg)
@@ -310,10 +244,9 @@ class NliPredictor:
                   f"{cfg.max_seq_length - cfg.max_new_tokens} tokens (max_seq_length - max_new_tokens), e.g. line "
                   f"{data.lines[cut.index(True)]}", file=sys.stderr)
         if cfg.backend == "vllm":
-            batches = vllm_predictions(cfg, state["checkpoint"], tokenizer, values, skip)
+            batches = vllm_batches(cfg, state["checkpoint"], tokenizer, values, skip)
         else:
-            batches = self.task.predict_batches(state["model"], tokenizer, cfg, values, device, cfg.infer_batch_size,
-                                                skip=skip)
+            batches = hf_batches(state["model"], tokenizer, cfg, values, device, cfg.infer_batch_size, skip=skip)
         for batch, preds in batches:
             yield [{"i": i, "label": int(p.label), "thought": p.thought or "", "parse_ok": bool(p.parse_ok),
                     "how": p.how, "closed": json_object_closed(p.generation or ""), "cut": cut[i]}

@@ -1,4 +1,4 @@
-"""The bundled NLI sample set (data/sample/) and the text the tiny tokenizer is trained on.
+"""The bundled NLI sample set (data/sample/).
 
 Premises place a person in a room or outdoors; hypotheses claim the person is indoors or outdoors.
 The label follows from one fact per place, so a tiny model can learn it on a CPU in a minute, and the
@@ -37,21 +37,6 @@ def make_split(n: int, seed: int) -> list[dict]:
 
 
 SPLITS = {"train": (800, 1), "dev": (200, 2), "test": (200, 3)}
-
-
-def tokenizer_corpus() -> list[str]:
-    """Text the tiny BPE tokenizer is trained on: sample sentences plus the JSON answer scaffolding."""
-    rows = make_split(400, seed=99)
-    lines = []
-    for r in rows:
-        lines += [r["premise"], r["hypothesis"], r["thought_process"]]
-        lines.append('{"thought_process": "' + r["thought_process"] + '", "predicted_label": ' + str(r["label"]) + "}")
-    lines += [
-        "Premise: Hypothesis: Does the premise entail the hypothesis? Think step by step, then answer with a JSON "
-        'object holding "thought_process" and "predicted_label" (1 = entailed, 0 = not).\nAnswer: ',
-        "entailment not_entailment contradiction neutral true false yes no 0 1",
-    ]
-    return lines
 
 
 def write_sample(out_dir: Path) -> None:

@@ -7,30 +7,18 @@ target tokens only (prompt tokens are labelled -100).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import torch
 
 from app.config import Config
 from app.data import Row, parse_binary_label
 from app.errors import UserError
-from app.tasks.nli_cot.extract import extract_label
-from app.lm.generate import generate_batches, next_token_logits
 from app.lm.forward import CompletionLoss, shared_prefix_length
 from app.metrics.classification import classification_metrics
+from app.modelcard import CardText
+from app.tasks.nli_cot.backends import Prediction, hf_batches
+from app.tasks.nli_cot.predict import NliPredictor
 from app.tasks.nli_cot.prompts import build_prompt, build_target
 from app.tasks.protocol import EvalContext, Feature, Task
-
-
-@dataclass
-class Prediction:
-    label: int
-    thought: str
-    parse_ok: bool  # False: the label came from the forced-prefix fallback
-    how: str
-    generation: str
 
 
 class NliCot(Task):
@@ -71,41 +59,11 @@ class NliCot(Task):
         target_ids.append(tokenizer.eos_token_id)
         return Feature(prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids, line=row.line)
 
-    # --- prediction (evaluation and inference share it) ---------------------------------------------
-    def predict_batches(
-        self, model, tokenizer, cfg: Config, rows: list[dict], device, batch_size: int, skip=None
-    ) -> Iterator[tuple[list[int], list[Prediction]]]:
-        prompts = [build_prompt(r, cfg) for r in rows]
-        for batch, texts in generate_batches(model, tokenizer, prompts, batch_size, cfg.max_new_tokens, device, skip,
-                                              prefill_tokens=cfg.prefill_tokens):
-            found = [extract_label(t) for t in texts]
-            preds = [Prediction(e.label, e.thought, e.ok, e.how, t) for e, t in zip(found, texts)]
-            missing = [k for k, p in enumerate(preds) if p.label is None]
-            if missing:
-                labels = self.forced_labels(model, tokenizer, [prompts[batch[k]] for k in missing],
-                                            [preds[k].thought for k in missing], device, cfg.prefill_tokens)
-                for k, label in zip(missing, labels):
-                    preds[k].label, preds[k].parse_ok, preds[k].how = label, False, "forced_prefix"
-            yield batch, preds
-
-    def forced_labels(self, model, tokenizer, prompts: list[str], thoughts: list[str], device,
-                      prefill_tokens: int) -> list[int]:
-        """Pick 0 or 1 by which label token the model ranks higher after a forced `"predicted_label": ` prefix
-        (one forward pass per row, up to the token where the two labelled texts part)."""
-        ids, zero, one = [], [], []
-        for prompt, thought in zip(prompts, thoughts):
-            head = '{"thought_process": ' + json.dumps(thought, ensure_ascii=False) + ", " if thought else "{"
-            prefix = prompt + head + '"predicted_label": '
-            c0, c1 = tokenizer(prefix + "0").input_ids, tokenizer(prefix + "1").input_ids
-            # the joint tokenization may merge the label with what precedes it: score where the two part
-            k = next(i for i, (a, b) in enumerate(zip(c0, c1)) if a != b)
-            ids.append(c0[:k])
-            zero.append(c0[k])
-            one.append(c1[k])
-        logits = next_token_logits(model, ids, tokenizer.pad_token_id, device, prefill_tokens)
-        rows = torch.arange(len(ids), device=logits.device)
-        return (logits[rows, torch.tensor(one, device=logits.device)]
-                > logits[rows, torch.tensor(zero, device=logits.device)]).long().tolist()
+    # --- prediction (evaluation and inference share it: app.tasks.nli_cot.backends) ------------------------
+    def predict_batches(self, model, tokenizer, cfg: Config, rows: list[dict], device, batch_size: int,
+                        skip=None) -> Iterator[tuple[list[int], list[Prediction]]]:
+        """(indices, predictions) batch by batch, longest prompts first, as `infer --backend=hf` predicts."""
+        return hf_batches(model, tokenizer, cfg, rows, device, batch_size, skip)
 
     def evaluate(self, model, tokenizer, cfg, rows: list[Row], ctx: EvalContext) -> dict[str, float]:
         values = [r.values for r in rows]
@@ -122,6 +80,12 @@ class NliCot(Task):
         }
 
     def predictor(self, cfg: Config):
-        from app.tasks.nli_cot.predict import NliPredictor
+        return NliPredictor(cfg)
 
-        return NliPredictor(self, cfg)
+    def model_card(self, cfg: Config) -> CardText:
+        return CardText(
+            summary="Natural language inference with chain-of-thought: given a premise and a hypothesis, the model "
+                    'answers with `{"thought_process": "...", "predicted_label": 0|1}` (1: the premise entails the '
+                    "hypothesis).",
+            limitation="Binary labels only (NLI: entailment or not); the reasoning text is generated and may be wrong "
+                       "even when the label is right.")

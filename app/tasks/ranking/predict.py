@@ -19,16 +19,20 @@ import sys
 from pathlib import Path
 
 from app.atomic import write_atomic, write_json_atomic
+from app.data import read_rows
+from app.lm.modeling import load_for_inference
 from app.runs import JsonlOutputs
+from app.tasks.ranking.features import check_row, feature_of, score_features
+from app.tasks.ranking.finqa import same_answer
+from app.tasks.ranking.metrics import ranking_metrics, table
+from app.tasks.ranking.model import build_objective, load_head
+from app.tasks.ranking.rewards import reward
 
 DEFAULT_OUTPUT = "rankings.jsonl"
 
 
 def load_ranker(ckpt: Path, cfg, device):
     """(objective in eval mode, tokenizer) from a ranking checkpoint."""
-    from app.lm.modeling import load_for_inference
-    from app.tasks.ranking.model import build_objective, load_head
-
     model, tokenizer = load_for_inference(ckpt, cfg, device)
     objective = build_objective(model, cfg, tokenizer.pad_token_id)
     load_head(objective.head, ckpt)
@@ -42,17 +46,10 @@ class Ranker:
     default_output = DEFAULT_OUTPUT
     verb = "rank"
 
-    def __init__(self, task):
-        self.task = task
-
     def fingerprint_parts(self, cfg) -> dict:
         return {}
 
     def read_input(self, path: Path, cfg):
-        from app.data import read_rows
-        from app.tasks.ranking.rewards import reward
-        from app.tasks.ranking.task import check_row
-
         rows = read_rows(path)
         self.source = str(path)
         for r in rows:
@@ -60,8 +57,6 @@ class Ranker:
             v = r.values
             if v.get("rewards") is None and "gold_answer" in v:
                 v["rewards"] = [reward(c.get("answer"), v["gold_answer"], cfg.reward_tiers) for c in v["candidates"]]
-                from app.tasks.ranking.finqa import same_answer
-
                 v["exact"] = [same_answer(c.get("answer"), v["gold_answer"]) for c in v["candidates"]]
         return rows
 
@@ -72,8 +67,6 @@ class Ranker:
         return load_ranker(checkpoint, cfg, device)
 
     def predict(self, state, cfg, rows, device, skip):
-        from app.tasks.ranking.task import feature_of, score_features
-
         objective, tokenizer = state
         features = [feature_of(r.values, tokenizer, cfg, r.line, f"{getattr(self, 'source', 'input')}:{r.line}", overlength="truncate")
                     for r in rows]
@@ -82,8 +75,6 @@ class Ranker:
             yield [{"i": i, "scores": s} for i, s in zip(batch, scores)]
 
     def finish(self, rows, records: list[dict], paths: JsonlOutputs, summary: dict, examples: int) -> dict:
-        from app.tasks.ranking.metrics import ranking_metrics, table
-
         lines, labelled = [], [r for r in rows if r.values.get("rewards") is not None]
         for i, (row, rec) in enumerate(zip(rows, records)):
             v, scores = row.values, rec["scores"]

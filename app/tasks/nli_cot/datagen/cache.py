@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from app.data import intact_json_lines
 from app.errors import UserError
 
 FORMAT = "app.cot.cache/1"
@@ -58,21 +59,12 @@ class ResponseCache:
             data = self.path.read_bytes()
         except OSError as err:
             raise UserError(f"{self.path}: cannot read the response cache ({err.strerror or err})") from None
-        pos = 0
-        while pos < len(data):
-            end = data.find(b"\n", pos)
-            if end < 0:
-                break  # torn by a kill
-            try:
-                obj = json.loads(data[pos:end])
-            except (ValueError, RecursionError):
-                break
-            if pos == 0 and not (isinstance(obj, dict) and obj.get("format") == FORMAT):
-                raise UserError(f"{self.path}: not a response cache of this program (set cache_file to another path)")
+        values, self._end = intact_json_lines(data)
+        if values and not (isinstance(values[0], dict) and values[0].get("format") == FORMAT):
+            raise UserError(f"{self.path}: not a response cache of this program (set cache_file to another path)")
+        for obj in values:
             if isinstance(obj, dict) and isinstance(obj.get("key"), str) and isinstance(obj.get("response"), dict):
                 self.entries.setdefault(obj["key"], obj["response"])
-            pos = end + 1
-        self._end = pos
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
