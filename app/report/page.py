@@ -15,7 +15,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        padding: 0 1em; color: #1d2733; line-height: 1.45; }
 h1 { border-bottom: 2px solid #27496d; padding-bottom: .2em; }
 h2 { margin-top: 1.6em; color: #27496d; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; display: block; overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccd5df; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #eef2f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
