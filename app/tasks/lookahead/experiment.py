@@ -140,7 +140,7 @@ def finished_results(out_dir: Path, fingerprint: str) -> Path | None:
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
                 return path
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
             continue  # not results of this program: never matched, never touched
     return None
 
