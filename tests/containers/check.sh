@@ -222,7 +222,7 @@ resume() {  # SIGTERM to the training container: it checkpoints and exits; the s
     podman volume create "$vol" >/dev/null
     mp="$(podman volume inspect --format '{{.Mountpoint}}' "$vol")"
     t0=$(now)
-    podman run -d --name "$name" -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --save_every=20 >/dev/null
+    podman run -d --name "$name" -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --num_epochs=2 --save_every=20 >/dev/null
     local deadline=$((SECONDS + 900))
     until compgen -G "$mp/tiny/checkpoints/step_*" >/dev/null || ((SECONDS > deadline)); do sleep 2; done
     podman stop -t 300 "$name" >/dev/null
@@ -230,7 +230,7 @@ resume() {  # SIGTERM to the training container: it checkpoints and exits; the s
     podman logs "$name" >"$OUT/logs/resume-stop.log" 2>&1
     podman rm "$name" >/dev/null
     local stopped; stopped="$(grep -oE 'stopped by SIGTERM at step [0-9]+' "$OUT/logs/resume-stop.log" | tail -n 1)"
-    podman run --rm -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --save_every=20 >"$OUT/logs/resume-rerun.log" 2>&1
+    podman run --rm -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --num_epochs=2 --save_every=20 >"$OUT/logs/resume-rerun.log" 2>&1
     local rerun=$? resumed; resumed="$(grep -oE 'resumed from .* at step [0-9]+' "$OUT/logs/resume-rerun.log" | tail -n 1)"
     if [[ $code == 143 && -n $stopped && $rerun == 0 && ${resumed##* } == "${stopped##* }" ]]; then
         record resume pass "$(since "$t0")" "exit 143, $stopped; re-run $resumed and finished"
@@ -299,7 +299,7 @@ launcher() {  # ./run_training.sh --mode docker through podman's docker socket; 
     chown 4242:4242 "$home/hf"
     before="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
     if HF_HOME="$home/hf" ./run_training.sh configs/tiny.py --mode docker --image "$TRAIN" \
-            "--out_dir=$home/runs/tiny" "--model_name=$home/runs/tiny-model" >"$OUT/logs/launcher-docker.log" 2>&1 &&
+            "--out_dir=$home/runs/tiny" "--model_name=$home/runs/tiny-model" --num_epochs=1 >"$OUT/logs/launcher-docker.log" 2>&1 &&
         [[ -n $(compgen -G "$home/runs/tiny/checkpoints/*") ]]; then
         after="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
         if [[ $before == "$after" ]]; then
