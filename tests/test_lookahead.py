@@ -438,7 +438,7 @@ def test_training_windows_are_the_corpus_at_random_offsets():
         out = []
         for k in range(3):
             slots = plan.epoch_order(0)[k]
-            for slot, examples in zip(slots, step_examples(task, plan, features, items, 0, k, slots)):
+            for slot, examples in zip(slots, step_examples(task, plan, features, items, slots, k)):
                 for i, (f, counts) in zip(slot, examples):
                     text = bytes(f.input_ids).decode("ascii")
                     start = train_text.index(text, i * need)

@@ -182,12 +182,13 @@ def cut_window(f: Feature, start: int, length: int) -> Feature:
     return Feature(f.input_ids[start : start + length], f.labels[start : start + length], f.line, f.extra)
 
 
-def step_examples(task: Task, plan: BatchPlan, features, loss_items, epoch: int, step_in_epoch: int, slots):
-    """[micro-batch slot] -> [(feature, loss counts)] of one optimizer step: the plan's examples or, with a windowed
-    plan, their windows at this step's offsets (counted here: a window holds part of its example's loss items)."""
+def step_examples(task: Task, plan: BatchPlan, features, loss_items, slots: list[list[int]], step: int):
+    """[micro-batch slot] -> [(feature, loss counts)] of global step `step` (its `slots` of example indices): the
+    examples or, with a windowed plan, their windows at this step's offsets (counted here: a window holds part of its
+    example's loss items)."""
     if not plan.window:
         return [[(features[i], loss_items[i]) for i in slot] for slot in slots]
-    starts = plan.window_starts(epoch, step_in_epoch, slots)
+    starts = plan.window_starts(*plan.position(step), slots)
     cut = [[cut_window(features[i], s, plan.window) for i, s in zip(slot, ss)] for slot, ss in zip(slots, starts)]
     return [[(f, loss_counts(task, f)) for f in slot] for slot in cut]
 
@@ -475,7 +476,7 @@ def _train(cfg: Config) -> int:
         if epoch != epoch_of_plan:
             epoch_steps, epoch_of_plan = plan.epoch_order(epoch), epoch
         # every process knows the whole global batch, so the loss normaliser needs no communication
-        examples = step_examples(task, plan, features, loss_items, epoch, step_in_epoch, epoch_steps[step_in_epoch])
+        examples = step_examples(task, plan, features, loss_items, epoch_steps[step_in_epoch], state.step)
         global_items = {n: sum(items.get(n, 0) for slot in examples for _, items in slot) for n in loss_names}
         window_tokens += sum(len(f.input_ids) for slot in examples for f, _ in slot)
 
