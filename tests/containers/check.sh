@@ -40,6 +40,11 @@ INFER=localhost/finetune-runner-infer:$VERSION
 VLLM=localhost/finetune-runner-infer:$VERSION-vllm
 CPU=localhost/finetune-runner-train:$VERSION-cpu
 PROJECT=finetune-runner-kit   # compose project: never the user's own finetune-runner volumes
+# the tiny recipe, shortened (FINETUNE_KIT_EPOCHS, default 1 of its 10 epochs: 50 steps) so that the kit's six
+# training runs fit on a loaded 2-core machine; a config file, because compose's train-cpu takes TRAIN_CONFIG only
+EPOCHS="${FINETUNE_KIT_EPOCHS:-1}"
+CONFIG=configs/_kit_tiny.py
+CONFIG_MOUNT=(-v "$REPO/$CONFIG:/workspace/$CONFIG:ro")   # written after the builds: never in an image
 # marker secrets: set while building and running, must appear in no layer and no image config
 export HF_TOKEN="hf_kitmarker$(date +%s)secret" WANDB_API_KEY="wandbkitmarker$(date +%s)key"
 failed=0
@@ -64,6 +69,11 @@ wait_http() {  # URL TIMEOUT_S: 0 when it answers 200 within the time
         sleep 2
     done
     return 1
+}
+
+kit_config() {
+    printf '# written by tests/containers/check.sh, removed when it ends\nbase_config = "tiny.py"\nnum_epochs = %s\n' \
+        "$EPOCHS" >"$CONFIG"
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,14 +202,14 @@ image() {  # the image's own train and infer, as the non-root user, outputs on t
     py="$(local_python)"
     rm -rf "$WORK/local-run" && mkdir -p "$WORK/local-run"
     t0=$(now)
-    "$py" -m app train configs/tiny.py "--out_dir=$WORK/local-run/tiny" "--model_name=$WORK/local-run/tiny-model" \
+    "$py" -m app train "$CONFIG" "--out_dir=$WORK/local-run/tiny" "--model_name=$WORK/local-run/tiny-model" \
         >"$OUT/logs/local-train.log" 2>&1
     local_s=$(since "$t0")
     t0=$(now)
-    if podman run --rm -e HF_TOKEN -e WANDB_API_KEY -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py >"$OUT/logs/image-train.log" 2>&1; then
+    if podman run --rm -e HF_TOKEN -e WANDB_API_KEY -v "$vol:/checkpoints" "${CONFIG_MOUNT[@]}" "$TRAIN" train "$CONFIG" >"$OUT/logs/image-train.log" 2>&1; then
         image_s=$(since "$t0")
         local ratio; ratio=$(python3 -c "print(round($image_s / $local_s, 2))")
-        record image-train pass "$image_s" "train configs/tiny.py in $TRAIN: ${image_s}s, local venv ${local_s}s, ratio ${ratio}x" \
+        record image-train pass "$image_s" "train $CONFIG ($EPOCHS epoch of tiny.py) in $TRAIN: ${image_s}s, local venv ${local_s}s, ratio ${ratio}x" \
             "{\"image_s\": $image_s, \"local_s\": $local_s, \"ratio\": $ratio}"
     else
         record image-train fail "$(since "$t0")" "$(tail -n 2 "$OUT/logs/image-train.log" | tr '\n' ' ')"
@@ -222,7 +232,7 @@ resume() {  # SIGTERM to the training container: it checkpoints and exits; the s
     podman volume create "$vol" >/dev/null
     mp="$(podman volume inspect --format '{{.Mountpoint}}' "$vol")"
     t0=$(now)
-    podman run -d --name "$name" -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --num_epochs=2 --save_every=20 >/dev/null
+    podman run -d --name "$name" -v "$vol:/checkpoints" "${CONFIG_MOUNT[@]}" "$TRAIN" train "$CONFIG" --save_every=20 >/dev/null
     local deadline=$((SECONDS + 900))
     until compgen -G "$mp/tiny/checkpoints/step_*" >/dev/null || ((SECONDS > deadline)); do sleep 2; done
     podman stop -t 300 "$name" >/dev/null
@@ -230,7 +240,7 @@ resume() {  # SIGTERM to the training container: it checkpoints and exits; the s
     podman logs "$name" >"$OUT/logs/resume-stop.log" 2>&1
     podman rm "$name" >/dev/null
     local stopped; stopped="$(grep -oE 'stopped by SIGTERM at step [0-9]+' "$OUT/logs/resume-stop.log" | tail -n 1)"
-    podman run --rm -v "$vol:/checkpoints" "$TRAIN" train configs/tiny.py --num_epochs=2 --save_every=20 >"$OUT/logs/resume-rerun.log" 2>&1
+    podman run --rm -v "$vol:/checkpoints" "${CONFIG_MOUNT[@]}" "$TRAIN" train "$CONFIG" --save_every=20 >"$OUT/logs/resume-rerun.log" 2>&1
     local rerun=$? resumed; resumed="$(grep -oE 'resumed from .* at step [0-9]+' "$OUT/logs/resume-rerun.log" | tail -n 1)"
     if [[ $code == 143 && -n $stopped && $rerun == 0 && ${resumed##* } == "${stopped##* }" ]]; then
         record resume pass "$(since "$t0")" "exit 143, $stopped; re-run $resumed and finished"
@@ -244,7 +254,7 @@ compose_cmd() { "$WORK/tools/bin/podman-compose" -p "$PROJECT" "$@"; }
 
 compose() {  # the cpu profile as a user runs it: train, TensorBoard, the demo, inference, and transformers serve
     local t0 cid
-    export CPU_IMAGE="$CPU" TENSORBOARD_PORT=16006 DEMO_PORT=17860 SERVE_PORT=18000
+    export CPU_IMAGE="$CPU" TRAIN_CONFIG="$CONFIG" TENSORBOARD_PORT=16006 DEMO_PORT=17860 SERVE_PORT=18000
     compose_cmd --profile cpu down -v >/dev/null 2>&1
     t0=$(now)
     compose_cmd --profile cpu up -d train-cpu tensorboard-cpu demo-cpu >"$OUT/logs/compose-up.log" 2>&1
@@ -298,8 +308,8 @@ launcher() {  # ./run_training.sh --mode docker through podman's docker socket; 
     rm -rf "$home" && mkdir -p "$home/hf" "$home/runs"
     chown 4242:4242 "$home/hf"
     before="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
-    if HF_HOME="$home/hf" ./run_training.sh configs/tiny.py --mode docker --image "$TRAIN" \
-            "--out_dir=$home/runs/tiny" "--model_name=$home/runs/tiny-model" --num_epochs=1 >"$OUT/logs/launcher-docker.log" 2>&1 &&
+    if HF_HOME="$home/hf" ./run_training.sh "$CONFIG" --mode docker --image "$TRAIN" \
+            "--out_dir=$home/runs/tiny" "--model_name=$home/runs/tiny-model" >"$OUT/logs/launcher-docker.log" 2>&1 &&
         [[ -n $(compgen -G "$home/runs/tiny/checkpoints/*") ]]; then
         after="$(stat -c '%n %u:%g' "$REPO" "$home" "$home/hf" "$home/runs")"
         if [[ $before == "$after" ]]; then
@@ -318,7 +328,7 @@ launcher() {  # ./run_training.sh --mode docker through podman's docker socket; 
         podman save --format docker-archive -o "$WORK/train.tar" "$TRAIN" &&
             apptainer build --force "$sif" "docker-archive://$WORK/train.tar" >"$OUT/logs/apptainer-build.log" 2>&1
         rm -f "$WORK/train.tar"
-        if ./run_training.sh configs/tiny.py --mode apptainer --image "$sif" "--out_dir=$home/runs/tiny-apptainer" \
+        if ./run_training.sh "$CONFIG" --mode apptainer --image "$sif" "--out_dir=$home/runs/tiny-apptainer" \
                 "--model_name=$home/runs/tiny-model" >"$OUT/logs/launcher-apptainer.log" 2>&1; then
             record launcher-apptainer pass "$(since "$t0")" "run_training.sh --mode apptainer"
         else
@@ -329,7 +339,7 @@ launcher() {  # ./run_training.sh --mode docker through podman's docker socket; 
     fi
 }
 
-cleanup() { if [[ ${KIT_ENV:-0} == 1 ]]; then rm -f .env; fi; }
+cleanup() { if [[ ${KIT_ENV:-0} == 1 ]]; then rm -f .env; fi; rm -f "$CONFIG"; }
 trap cleanup EXIT
 
 if ((!KEEP)) && want base; then
@@ -339,6 +349,7 @@ fi
 for step in setup base build secrets image resume compose launcher; do
     if want "$step"; then
         log "== $step"
+        case $step in image|resume|compose|launcher) kit_config ;; esac
         "$step" || { [[ $step == setup || $step == base ]] && break; }
     fi
 done
