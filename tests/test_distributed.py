@@ -15,13 +15,16 @@ from conftest import ROOT, read_metrics, tiny_args, tiny_config
 
 RUN = dict(finetuning="lora", lora_dropout=0.0, learning_rate=1e-2, max_steps=6, batch_size=8, micro_batch_size=2,
            save_every=3, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
-# float32 sums in a different order (per-process partial sums, then an all-reduce): not bitwise equal
+# The same micro-batches through the same forward on both sides (app/engine/batching.py); what is left is float32
+# sums in a different order (per-process partial sums, then an all-reduce). Measured floors, AVX-512 / AVX2
+# kernels: loss 1.04e-7 / 1.04e-7 relative (TOLERANCE: 100x), grad norm 8.4e-8 / 6.7e-8 relative (1e-4: 1000x)
 TOLERANCE = 1e-5
-# Adam divides by sqrt(v): near-zero gradients turn 1e-7 differences into visible updates; 1e-4 is 1% of one
-# step at lr=1e-2, and the gradient norms are compared separately
+# Adam divides by sqrt(v): near-zero gradients turn 1e-7 differences into visible updates. Measured 8.1e-6 / 3.8e-6
+# (AVX-512 / AVX2), so 12x; 1e-4 is 1% of one step at lr=1e-2, and the gradient norms are compared separately
 WEIGHT_TOLERANCE = 1e-4
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert train(tiny_config(tiny_model_dir, one, **RUN)) == 0

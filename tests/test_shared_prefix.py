@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -41,6 +43,11 @@ def _loss_and_grads(objective, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in objective.named_parameters() if p.requires_grad}
 
 
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
 def test_shared_prefix_gives_the_same_loss_and_gradients(setup):
     cfg, task, model, tok, features = setup
     batch = task.collate(features, tok.pad_token_id)
@@ -48,10 +55,16 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(setup):
     assert len({len(f.input_ids) for f in features}) > 1  # right padding is exercised too
     shared = _loss_and_grads(CompletionLoss(model, share_prefix=True).train(), batch)
     full = _loss_and_grads(CompletionLoss(model, share_prefix=False).train(), batch)
+    exact = _loss_and_grads(CompletionLoss(copy.deepcopy(model).double(), share_prefix=False).train(), batch)
+    # The two float32 forwards round differently; the yardstick is float32's own rounding of the full forward,
+    # measured here against float64 on this CPU's kernels. Measured (max |diff| over all gradients): shared vs full
+    # 6.2e-6 / 5.3e-6, full vs float64 7.3e-6 / 6.8e-6 (AVX-512 / AVX2 kernels): a fixed elementwise rtol=1e-4,
+    # atol=1e-6 was at 0.96 of its budget on AVX-512 (cancellation noise scales with the tensor, not the element).
+    float32_floor = _max_abs_diff(full[1], exact[1])
+    assert 0 < float32_floor < 1e-4  # float32 rounding, not a broken forward on either side
+    assert _max_abs_diff(shared[1], full[1]) <= 4 * float32_floor
+    # the loss: a float32 sum over the batch, measured bitwise equal on both kernel paths; 1e-5 is ~80 float32 eps
     assert shared[0] == pytest.approx(full[0].item(), rel=1e-5)
-    assert shared[1].keys() == full[1].keys() and shared[1]
-    for name, grad in full[1].items():
-        torch.testing.assert_close(shared[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_gradient_checkpointing_turns_sharing_off(setup):
@@ -76,6 +89,8 @@ def test_training_with_and_without_sharing_match(tiny_model_dir, tmp_path):
                                  batch_size=8, micro_batch_size=4, lora_dropout=0.0, eval_every=4,
                                  eval_rows=8, max_new_tokens=8, dev_file=str(ROOT / "data/sample/dev.csv"))) == 0
         runs[share] = read_metrics(out)
+    # Two different float32 forwards, then Adam. Measured, AVX-512 / AVX2 kernels: loss 9.0e-8 / 0, grad norm
+    # 6.0e-8 / 6.3e-8, dev loss 1.8e-9 / 0 (relative): the tolerances are 100x and 1000x those floors
     for step in range(1, 5):
         assert runs[True][step]["loss"] == pytest.approx(runs[False][step]["loss"], rel=1e-5)
         assert runs[True][step]["grad_norm"] == pytest.approx(runs[False][step]["grad_norm"], rel=1e-4)

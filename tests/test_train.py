@@ -153,11 +153,13 @@ def test_overlength_examples_are_counted_and_handled(tiny_model_dir, tmp_path, c
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path):
     runs = {}
-    for gc in (False, True):
+    for gc in (False, True):  # prefix sharing off on both sides: checkpointing turns it off, the same forward
         out = tmp_path / f"gc{gc}"
         assert train(tiny_config(tiny_model_dir, out, finetuning="lora", gradient_checkpointing=gc, max_steps=4,
-                                 batch_size=4, micro_batch_size=4, lora_dropout=0.0)) == 0
+                                 batch_size=4, micro_batch_size=4, lora_dropout=0.0, share_prompt_prefix=False)) == 0
         runs[gc] = read_metrics(out)
+    # measured bitwise equal on AVX-512 and AVX2 kernels (the recomputation runs the same kernels); the tolerances
+    # leave room for a kernel library that picks another algorithm for the recomputed tensors' memory layout
     for step in range(1, 5):
         assert runs[True][step]["loss"] == pytest.approx(runs[False][step]["loss"], rel=1e-5)
         assert runs[True][step]["grad_norm"] == pytest.approx(runs[False][step]["grad_norm"], rel=1e-4)
