@@ -373,6 +373,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_head(full_run, tiny_mod
         assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
     """DDP over the objective (backbone + head): the LM head, never computed, is frozen, so no parameter waits for a
     gradient; with head dropout off, 2 gloo processes give the steps of 1 process."""

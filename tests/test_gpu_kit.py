@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 CHECK = ROOT / "tests" / "gpu" / "check.sh"
@@ -19,9 +21,10 @@ def run_check(*args: str, env: dict | None = None, timeout: float = 600) -> subp
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_part_and_writes_json_and_table(tmp_path):
     out = tmp_path / "out"
-    proc = run_check("--cpu-smoke", "--out", str(out))
+    proc = run_check("--cpu-smoke", "--out", str(out), timeout=3600)  # a hang guard: see SMOKE_PROFILE
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["ok"] and res["mode"] == "cpu-smoke"

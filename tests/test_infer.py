@@ -151,6 +151,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(workdir, mirrored_input, reference, capsys):
     out = workdir / "killed" / "predictions.csv"
     paths = OutputPaths.for_output(out)

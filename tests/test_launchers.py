@@ -631,6 +631,7 @@ def test_sbatch_missing_image(slurm: Machine):
 # --- local mode for real ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_mode_trains_and_infers_the_tiny_config_end_to_end(tmp_path: Path):
     """The real scripts in this checkout, its .venv, the tiny config: two steps, then inference on 8 rows."""
     pytest.importorskip("app.engine.loop", reason="the training engine is not in this checkout")

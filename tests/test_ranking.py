@@ -436,6 +436,7 @@ def full_run(tiny_model_dir, tmp_path_factory):
     return cfg, out
 
 
+@pytest.mark.slow
 def test_tiny_config_learns_the_synthetic_set(full_run):
     cfg, out = full_run
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval/accuracy"' in x]
@@ -449,6 +450,7 @@ def test_tiny_config_learns_the_synthetic_set(full_run):
     assert {"accuracy", "reward_ratio", "avg_reward", "mrr", "ndcg", "exec_accuracy"} <= set(saved)
 
 
+@pytest.mark.slow
 def test_head_loads_with_strict_key_check(full_run, tmp_path):
     _, out = full_run
     state = load_file(str(out / "checkpoints/final" / HEAD_FILE))
@@ -463,6 +465,7 @@ def test_head_loads_with_strict_key_check(full_run, tmp_path):
         load_head(head, tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_rank_command_and_infer_resume(full_run, tmp_path, capsys):
     from app.runs import run_predictor
 
@@ -573,6 +576,7 @@ def test_bundled_sample_is_what_the_writer_writes(tmp_path):
     assert len({r["rewards"].index(1.0) for r in rows}) == 8  # the right one is anywhere
 
 
+@pytest.mark.slow
 def test_rank_command_line(full_run, tmp_path):
     _, out = full_run
     rows = [json.loads(x) for x in (SAMPLE / "dev.jsonl").read_text().splitlines()[:6]]

@@ -145,6 +145,7 @@ def test_hub_id_passes_config_validation():
         make_config(train_file="")
 
 
+@pytest.mark.slow
 def test_training_on_a_hub_dataset_records_its_sources(tiny_model_dir, tmp_path, hub):
     from app.engine.loop import train
 

@@ -82,14 +82,16 @@ CUDA_PROFILE = Profile(
     estimates_s={"write_model": 45, "engine": 25, "trl": 40, "infer": 90, "confidence": 35, "resume": 60},
 )
 SMOKE_PROFILE = Profile(
-    name="cpu-smoke", cuda=False, budget_s=600, matmul_n=256,  # the smoke must not skip parts on a busy machine
+    # the smoke must not skip parts on a busy machine: ~2 min idle, 8.5 min at a load average of 14 on 2 cores, so
+    # its budget and unit timeout are hang guards, not a schedule
+    name="cpu-smoke", cuda=False, budget_s=3600, matmul_n=256,
     train_model={**TINY, "vocab_size": 32000}, train_steps=2, train_skip=1,
     train_batch=dict(batch_size=4, micro_batch_size=2),
     infer_rows=24, infer_batch=8, max_new_tokens=6, eq_rows=8,
     conf_vocabs=(32000, 152000), conf_shape=dict(hidden=32, layers=1, seq=32, batch=2, steps=1),
     resume_model={**TINY, "num_hidden_layers": 1, "vocab_size": 32000}, resume_steps=6, resume_save_every=2,
     resume_batch=dict(batch_size=4, micro_batch_size=2),
-    unit_timeout_s=240,
+    unit_timeout_s=1200,
 )
 
 
