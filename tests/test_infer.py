@@ -246,7 +246,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, workdir, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--infer_batch_sise=8"], "did you mean 'infer_batch_size'"),
     (["--infer_batch_size=0"], "infer_batch_size=0"),
-    (["--backend=vllm"], "pip install vllm"),
+    (["--backend=vllm"], "pip install 'finetune-runner[vllm]'"),
 ])
 def test_bad_settings_exit_2(args, message, tmp_path, workdir, mirrored_input, capsys):
     if "vllm" in message:

@@ -180,7 +180,8 @@ class InferSection(Section):
     prefill_tokens: int = Field(
         2048, gt=0, description="padded prompt tokens per prefill chunk; a generation batch then decodes as one"
     )
-    backend: Literal["hf", "vllm"] = Field("hf", description="inference backend; vllm needs a GPU and `pip install vllm`")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="inference backend; vllm needs a GPU and `pip install 'finetune-runner[vllm]'`")
 
 
 SECTIONS: tuple[type[Section], ...] = (

@@ -26,9 +26,9 @@ Long fields. A prompt may use `max_seq_length - max_new_tokens` tokens; longer p
 (the longer field first) and counted in a warning, never an error.
 
 Backends. `backend="hf"` (default): transformers, length-sorted batches of `infer_batch_size`, greedy, stopping when
-the JSON object closes. `backend="vllm"` (GPU, `pip install vllm`): the checkpoint is served by vLLM, a LoRA adapter
-directly through a `LoRARequest` on its base model (a quantized base is loaded unquantized); the same extraction and
-fallback apply (app.tasks.nli_cot.backends).
+the JSON object closes. `backend="vllm"` (GPU, `pip install 'finetune-runner[vllm]'`): the checkpoint is served by
+vLLM, a LoRA adapter directly through a `LoRARequest` on its base model (a quantized base is loaded unquantized); the
+same extraction and fallback apply (app.tasks.nli_cot.backends).
 """
 
 from __future__ import annotations
