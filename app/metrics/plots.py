@@ -1,7 +1,7 @@
 """PNG plots drawn with matplotlib: reliability diagrams and training curves.
 
-matplotlib is optional (the ``plots`` extra: ``pip install 'finetune-runner[plots]'``) and imported only inside
-the functions that draw, so importing this module (or :mod:`app.metrics.calibration`, which re-exports
+matplotlib is a default dependency, imported only inside the functions that draw (an environment without it skips
+the PNGs with one line naming the install, :func:`app.packages.install_hint`), so importing this module (or :mod:`app.metrics.calibration`, which re-exports
 :func:`save_reliability_png`) never imports it. Figures are built on matplotlib's Agg canvas directly, without
 pyplot, so no global backend is selected and nothing interactive is opened. Every PNG is written atomically
 (:func:`app.atomic.write_atomic`).
@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from app.atomic import write_atomic
 from app.errors import UserError
+from app.packages import install_hint
 
 __all__ = [
     "INSTALL_HINT",
@@ -45,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'finetune-runner[plots]'"
+INSTALL_HINT = install_hint("matplotlib")
 TRAINING_CURVES_NAME = "training_curves.png"
 #: Smallest accepted side of a reliability diagram, in pixels.
 MIN_SIZE = 200
@@ -181,7 +182,7 @@ def render_reliability_png(data: Mapping[str, Any], size: int = 600) -> bytes:
 def save_reliability_png(data: Mapping[str, Any], path: str | os.PathLike, size: int = 600) -> Path | None:
     """Write the reliability diagram of ``data`` (see :func:`render_reliability_png`) as a PNG, atomically.
 
-    Returns the path, or ``None`` (after one warning per process naming the ``plots`` extra) when matplotlib is
+    Returns the path, or ``None`` (after one warning per process naming the install) when matplotlib is
     not installed. Malformed ``data`` raises ValueError.
     """
     global _warned_missing
