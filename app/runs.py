@@ -105,7 +105,7 @@ def resolve_checkpoint(arg: str | None, root: str | Path = CHECKPOINT_ROOT) -> t
 
 def verify(checkpoint: Path) -> None:
     """The checkpoint's files against its manifest (sizes and sha256); a one-line UserError naming the bad file."""
-    from app.engine.checkpoint import verify_checkpoint  # torch: imported by the commands that load a model only
+    from app.checkpoint import verify_checkpoint  # torch: imported by the commands that load a model only
 
     verify_checkpoint(checkpoint)
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import load_config  # noqa: E402
-from app.engine import fsdp  # noqa: E402
+from app.lm import fsdp  # noqa: E402
 from app.engine.optim import make_optimizer  # noqa: E402
 from app.tasks import get_task  # noqa: E402
 

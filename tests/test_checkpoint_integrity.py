@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from app.engine import checkpoint as ckpt
+from app import checkpoint as ckpt
 from app.engine.loop import train
 from app.engine.runlog import RunLog
 from app.engine.verify import verify_command, verify_run

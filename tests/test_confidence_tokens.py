@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import checkpoint as ckpt
+from app import checkpoint as ckpt
 from app.__main__ import main
 from app.config import load_config
 from app.data import Row

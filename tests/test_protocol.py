@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from app.engine import checkpoint as ckpt
+from app import checkpoint as ckpt
 from app.engine.batching import BatchPlan
 from app.engine.loop import encode_all, make_accelerator, train
 from app.lm.forward import CompletionLoss, last_hidden_states

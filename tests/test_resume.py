@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.engine import checkpoint as ckpt
+from app import checkpoint as ckpt
 from app.engine.loop import train
 from conftest import ROOT, read_metrics, tiny_args, tiny_config
 

@@ -2,7 +2,7 @@
 
 One loop for every task: the task gives data, a loss module and metrics; this file gives data order,
 gradient accumulation, mixed precision, multi-process (accelerate: DDP under `accelerate launch` or
-`torchrun`, or FSDP2 sharding with parallelism='fsdp', app/engine/fsdp.py), the optimizer and schedule,
+`torchrun`, or FSDP2 sharding with parallelism='fsdp', app/lm/fsdp.py), the optimizer and schedule,
 evaluation, checkpoints and exact resume.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from app.engine import checkpoint as ckpt
-from app.engine import fsdp
+from app import checkpoint as ckpt
+from app.lm import fsdp
 from app.engine.batching import BatchPlan
 from app.engine.optim import make_optimizer, make_scheduler
 from app.engine.runlog import RunLog

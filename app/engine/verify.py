@@ -26,7 +26,7 @@ def checkpoint_dirs(path: Path) -> list[Path]:
 
 def verify_run(path: str | Path) -> list[tuple[Path, str | None]]:
     """(checkpoint directory, None when it passes or the one-line problem) for each checkpoint under `path`."""
-    from app.engine import checkpoint as ckpt
+    from app import checkpoint as ckpt
 
     results = []
     for directory in checkpoint_dirs(Path(path)):
@@ -48,7 +48,7 @@ def verify_command(ctx: click.Context, path: Path) -> None:
     manifests existed get the cheap checks (JSON files, safetensors headers, tokenizer files). Prints one line
     per checkpoint, `ok` or `error: ` and what is wrong; exit code 0 when all pass, 2 otherwise.
     """
-    from app.engine import checkpoint as ckpt
+    from app import checkpoint as ckpt
 
     results = verify_run(path)
     if not results:

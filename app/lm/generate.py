@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from app.engine.fsdp import is_sharded
+from app.lm.fsdp import is_sharded
 from app.lm.forward import broadcast_prefix, plain_kv_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)

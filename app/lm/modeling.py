@@ -84,7 +84,7 @@ def load_base_model(cfg: Config, device: torch.device, path: str | None = None):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from app.engine.checkpoint import require_safetensors
+    from app.checkpoint import require_safetensors
 
     name = path or cfg.model_name
     require_safetensors(name)  # a local directory with pickle weights only: one line saying how to convert
@@ -213,7 +213,7 @@ def load_for_inference(checkpoint: str | Path, cfg: Config, device: torch.device
 
     A broken checkpoint is a one-line UserError: the cheap checks of `verify_checkpoint` run first (manifest sizes,
     safetensors headers, JSON, tokenizer, no pickle-only weights); call `verify_checkpoint` for the checksums too."""
-    from app.engine.checkpoint import verify_checkpoint
+    from app.checkpoint import verify_checkpoint
 
     checkpoint = Path(checkpoint)
     verify_checkpoint(checkpoint, hashes=False)

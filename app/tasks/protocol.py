@@ -149,7 +149,7 @@ class Task:
     def shard_blocks(self, objective: nn.Module, cfg: Config) -> list[nn.Module]:
         """The transformer blocks FSDP2 shards one unit each (parallelism='fsdp'); the rest of the objective is the
         root unit. Default: the Hugging Face model's `_no_split_modules` classes (its decoder layers)."""
-        from app.engine.fsdp import default_blocks
+        from app.lm.fsdp import default_blocks
 
         return default_blocks(objective)
 

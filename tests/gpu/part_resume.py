@@ -117,7 +117,7 @@ def resume_unit(ctx: Context, model_dir: str) -> dict:
     import torch
 
     from app.config import load_config
-    from app.engine import checkpoint as ckpt
+    from app import checkpoint as ckpt
     from app.engine.loop import train
     from train_throughput import fresh_accelerate_state
 
