@@ -88,6 +88,38 @@ def test_full_scale_dry_run_prints_every_step_and_writes_nothing(tmp_path):
                                         f"--workdir={tmp_path / 'w'}").stdout
 
 
+def test_served_teacher_reads_a_cot_request_as_the_prompt_it_was_trained_on(tiny_model_dir, tmp_path):
+    """The tiny NLI pipeline's chat template turns the cot generate messages (premise and hypothesis in XML tags)
+    into exactly the training prompt, BOS included; a message without the tags passes as it is."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from app.config import load_config
+    from app.pipelines.nli_cot import write_serve_model
+    from app.tasks.nli_cot.datagen import prompts as P
+
+    final = tmp_path / "teacher" / "checkpoints" / "final"
+    shutil.copytree(tiny_model_dir, final)
+    cfg = load_config(ROOT / "configs/tiny.py")
+    (final / "run_config.json").write_text(json.dumps(cfg.model_dump()))
+    write_serve_model(tmp_path / "teacher", tmp_path / "serve")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "serve")
+    user = P.prompt_set(load_datagen_cfg())["generate_user"]
+    message = user.replace("$premise", "Ben is reading in the park.").replace("$hypothesis", "Ben is outdoors.")
+    text = tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": message}],
+                                   tokenize=False)
+    assert text == tok.bos_token + cfg.prompt_template.format(premise="Ben is reading in the park.",
+                                                              hypothesis="Ben is outdoors.")
+    assert tok.apply_chat_template([{"role": "user", "content": "fix it"}], tokenize=False) == tok.bos_token + "fix it"
+
+
+def load_datagen_cfg():
+    from app.tasks.nli_cot.datagen.config import load_datagen_config
+
+    return load_datagen_config(None, [])
+
+
 # --- the pipelines at tiny scale ----------------------------------------------------------------------------------
 def test_killed_pipeline_resumes_without_redoing_finished_steps(tmp_path):
     """confidence_head tiny, killed (the whole process group, with the running training) once the data steps are done

@@ -32,12 +32,16 @@ def chat_template(prompt_template: str) -> str:
         return "{{ m.split('<%s>')[1].split('</%s>')[0] }}" % (tag, tag)
 
     body = prompt_template.replace("{premise}", field("premise")).replace("{hypothesis}", field("hypothesis"))
+    # no whitespace control around the body: the prompt ends in "Answer: ", whose space the teacher was trained after
     return ("{%- set m = messages[-1]['content'] -%}{{ bos_token }}"
-            "{%- if '<premise>' in m and '<hypothesis>' in m -%}" + body + "{%- else -%}{{ m }}{%- endif -%}")
+            "{% if '<premise>' in m and '<hypothesis>' in m %}" + body + "{% else %}{{ m }}{% endif %}")
 
 
-def write_serve_model(teacher: Path, out: Path) -> None:
-    """The teacher's final weights and tokenizer, with the chat template, as a directory transformers serve loads."""
+def write_serve_model(teacher: Path, out: Path, cot: Path | None = None) -> None:
+    """The teacher's final weights and tokenizer, with the chat template, as a directory transformers serve loads.
+    The reply caches in `cot` go: a request to a new teacher reads the same as one to the old (same model path)."""
+    for cache in cot.glob("*.cache.jsonl") if cot is not None and cot.is_dir() else []:
+        cache.unlink()
     final = teacher / "checkpoints" / "final"
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
@@ -89,7 +93,7 @@ def tiny(work: Path) -> Pipeline:
               f"--dev_file={data / 'dev.csv'}", "--max_steps=60", "--eval_every=60", "--eval_rows=20",
               "--save_every=60", "--tensorboard=False", tiny_base=work / "base"),
         Step("serve-model", None, [final_of(teacher)], [serve / "model.safetensors", serve / "tokenizer_config.json"],
-             1, run=lambda: write_serve_model(teacher, serve),
+             1, run=lambda: write_serve_model(teacher, serve, cot),
              describe=f"copy {teacher}/checkpoints/final to {serve} with a chat template for transformers serve"),
         Step("raw-rows", None, [data / "train.csv"], [cot / "raw.csv"], 1,
              run=lambda: write_raw_rows(data / "train.csv", cot / "raw.csv", RAW_ROWS),

@@ -58,6 +58,6 @@ def transformers_serve(model_dir: Path, log_path: Path):
             proc.terminate()
             try:
                 proc.wait(15)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C must not leave it running
                 proc.kill()
                 proc.wait()

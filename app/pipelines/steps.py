@@ -15,6 +15,7 @@ pipeline starts the server before the first such step that must run and stops it
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shlex
@@ -73,6 +74,8 @@ def signature(path: Path) -> list | None:
 
 def step_key(step: Step) -> str:
     h = hashlib.sha256(json.dumps(step.args if step.args else ["fn", step.name, step.describe]).encode())
+    if step.run is not None:  # a function step is also its code: the module that defines it
+        h.update(inspect.getsource(sys.modules[step.run.__module__]).encode())
     h.update(json.dumps(step.env, sort_keys=True).encode())
     for path in step.inputs:
         h.update(json.dumps([str(path), signature(path)]).encode())

@@ -23,8 +23,6 @@ td.best { background: #dff3e3; font-weight: 600; }
 td.marked { background: #fff4d6; }
 img { max-width: 100%; border: 1px solid #e1e1e1; margin: .4em 0; }
 pre { background: #f6f8fa; padding: .6em; overflow-x: auto; font-size: .85em; }
-.status { display: inline-block; padding: .1em .6em; border-radius: .8em; background: #eef2f6; }
-.status.finished { background: #dff3e3; } .status.killed, .status.unfinished { background: #fbe0dd; }
 """
 
 
@@ -109,5 +107,4 @@ def _inline(text: str) -> str:
 
     escaped = html.escape(text)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-    escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
-    return re.sub(r"\[status: (\w+)\]", r'<span class="status \1">\1</span>', escaped)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
