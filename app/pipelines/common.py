@@ -28,7 +28,10 @@ def train(name: str, config: str, run: Path, inputs: list[Path], expect_s: float
                  *([tiny_base / "model.safetensors"] if tiny_base else [])], [final_of(run), run / "metrics.jsonl"], expect_s)
 
 
-def report(work: Path, *runs: Path, inputs: list[Path] | None = None) -> Step:
-    """`report RUN... --output WORK/report.md`: the page the pipeline ends with."""
-    return Step("report", ["report", *map(str, runs), f"--output={work / 'report.md'}"],
-                inputs if inputs is not None else [r / "metrics.jsonl" for r in runs], [work / "report.md"], 3)
+def report(work: Path, *runs: Path, inputs: list[Path] | None = None, attach: dict[str, Path] | None = None) -> Step:
+    """`report RUN... --output WORK/report.md [--attach TITLE=FILE.json ...]`: the page the pipeline ends with."""
+    attach = attach or {}
+    return Step("report", ["report", *map(str, runs), f"--output={work / 'report.md'}",
+                           *(f"--attach={title}={path}" for title, path in attach.items())],
+                [*(inputs if inputs is not None else [r / "metrics.jsonl" for r in runs]), *attach.values()],
+                [work / "report.md"], 3)

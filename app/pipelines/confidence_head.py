@@ -23,7 +23,7 @@ def _convert(name: str, src: Path, out: Path, fmt: str, expect_s: float) -> Step
 def _score(work: Path, run: Path, dev: Path, expect_s: float) -> Step:
     out = work / "step_scores.jsonl"
     return Step("score-steps", ["score-steps", str(dev), f"--checkpoint={run}", f"--output={out}"],
-                [dev, final_of(run)], [out], expect_s)
+                [dev, final_of(run)], [out, work / "step_scores.metrics.json"], expect_s)
 
 
 def tiny(work: Path) -> Pipeline:
@@ -37,7 +37,7 @@ def tiny(work: Path) -> Pipeline:
               f"--train_file={data / 'train.jsonl'}", f"--dev_file={data / 'dev.jsonl'}", "--num_epochs=1",
               "--eval_every=25", "--save_every=25", "--tensorboard=False", tiny_base=work / "base"),
         _score(work, run, data / "dev.jsonl", 10),
-        report(work, run),
+        report(work, run, attach={"Step scores": work / "step_scores.metrics.json"}),
     ]
     return Pipeline("confidence_head", "tiny", work, steps)
 
@@ -50,6 +50,6 @@ def full(work: Path, data: Path) -> Pipeline:
         train("train", "configs/confidence_head_full.py", run, [steps_dir / "train.jsonl", steps_dir / "dev.jsonl"],
               6 * 3600, f"--train_file={steps_dir / 'train.jsonl'}", f"--dev_file={steps_dir / 'dev.jsonl'}"),
         _score(work, run, steps_dir / "dev.jsonl", 900),
-        report(work, run),
+        report(work, run, attach={"Step scores": work / "step_scores.metrics.json"}),
     ]
     return Pipeline("confidence_head", "full", work, steps, notes="full: a GPU; times are estimates")

@@ -39,7 +39,7 @@ def tiny(work: Path) -> Pipeline:
               "--batch_size=8", "--micro_batch_size=8", "--max_steps=24", "--eval_every=12", "--save_every=12",
               "--tensorboard=False", tiny_base=base),
         _calibration(work, run, data / "dev_medqa.jsonl", 15),
-        report(work, run),
+        report(work, run, attach={"Calibration": work / "calibration.metrics.json"}),
     ]
     return Pipeline("confidence_tokens", "tiny", work, steps)
 
@@ -52,6 +52,6 @@ def full(work: Path, data: Path) -> Pipeline:
                      f"--config={config}"], [data / "boolq_train.jsonl"], [work / "tagged.jsonl"], 1800),
         train("train", config, run, [work / "tagged.jsonl"], 2 * 3600, f"--train_file={work / 'tagged.jsonl'}"),
         _calibration(work, run, data / "boolq_dev.jsonl", 600),
-        report(work, run),
+        report(work, run, attach={"Calibration": work / "calibration.metrics.json"}),
     ]
     return Pipeline("confidence_tokens", "full", work, steps, notes="full: a GPU; times are estimates")

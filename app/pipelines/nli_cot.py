@@ -70,6 +70,16 @@ def _cot(step: str, src: Path, out: Path, *settings: str, expect_s: float, serve
                 server=server, env=env or {})
 
 
+def _stats(cot: Path, *settings: str, expect_s: float) -> Step:
+    """cot stats of the reflect output: first-pass accuracy, reflection success, thought lengths, cost."""
+    return Step("stats", ["cot", "stats", str(cot / "reflected.csv"), f"--output={cot / 'stats.json'}", *settings],
+                [cot / "reflected.csv"], [cot / "stats.json"], expect_s)
+
+
+def _attachments(work: Path) -> dict[str, Path]:
+    return {"Training data (cot stats)": work / "cot" / "stats.json", "Dev scores": work / "dev_scores.json"}
+
+
 def _predict_and_score(work: Path, run: Path, test: Path, dev: Path, expect_s: float) -> list[Step]:
     return [Step("infer-test", ["infer", str(test), f"--checkpoint={run}", f"--output={work / 'test_predictions.csv'}"],
                  [test, final_of(run)], [work / "test_predictions.csv"], expect_s),
@@ -101,11 +111,12 @@ def tiny(work: Path) -> Pipeline:
         _cot("generate", cot / "raw.csv", cot / "generated.csv", *server, expect_s=60, server=True, env=key),
         _cot("reflect", cot / "generated.csv", cot / "reflected.csv", *server, expect_s=40, server=True, env=key),
         _cot("combine", cot / "reflected.csv", cot / "train.csv", expect_s=2),
+        _stats(cot, f"--tokenizer={work / 'base'}", expect_s=5),
         train("train", "configs/tiny.py", run, [cot / "train.csv"], 30, f"--train_file={cot / 'train.csv'}",
               f"--dev_file={data / 'dev.csv'}", "--max_steps=40", "--batch_size=8", "--micro_batch_size=8",
               "--eval_every=20", "--eval_rows=40", "--save_every=20", "--tensorboard=False", tiny_base=work / "base"),
         *_predict_and_score(work, run, data / "test.csv", data / "dev.csv", 20),
-        report(work, run),
+        report(work, run, attach=_attachments(work)),
     ]
     for step in steps:  # the served teacher is the only server: generate and reflect wait for its files
         if step.server:
@@ -122,10 +133,11 @@ def full(work: Path, data: Path) -> Pipeline:
         _cot("generate", data / "train_raw.csv", cot / "generated.csv", *recipe, expect_s=1800),
         _cot("reflect", cot / "generated.csv", cot / "reflected.csv", *recipe, expect_s=600),
         _cot("combine", cot / "reflected.csv", cot / "train.csv", *recipe, expect_s=5),
+        _stats(cot, *recipe, expect_s=60),
         train("train", "configs/default.py", run, [cot / "train.csv"], 3 * 3600, f"--train_file={cot / 'train.csv'}",
               f"--dev_file={data / 'dev.csv'}"),
         *_predict_and_score(work, run, data / "test.csv", data / "dev.csv", 600),
-        report(work, run),
+        report(work, run, attach=_attachments(work)),
     ]
     return Pipeline("nli_cot", "full", work, steps,
                     notes="full: needs MISTRAL_API_KEY (configs/cot_mistral.py) and a GPU; times are estimates")

@@ -28,7 +28,7 @@ def _data_steps(src: Path, out: Path, split: str, config: str, expect_s: float) 
 def _rank(work: Path, run: Path, src: Path, expect_s: float) -> Step:
     out = work / "rankings.jsonl"
     return Step("rank", ["ranking", "rank", str(src), f"--checkpoint={run}", f"--output={out}"],
-                [src, final_of(run)], [out], expect_s)
+                [src, final_of(run)], [out, work / "rankings.metrics.json"], expect_s)
 
 
 def tiny(work: Path, finqa: Path) -> Pipeline:
@@ -41,7 +41,7 @@ def tiny(work: Path, finqa: Path) -> Pipeline:
               "--max_seq_length=256", "--batch_size=4", "--micro_batch_size=4", "--max_steps=10", "--eval_every=5",
               "--save_every=5", "--tensorboard=False", tiny_base=work / "base"),
         _rank(work, run, rewards, 10),
-        report(work, run),
+        report(work, run, attach={"Rankings": work / "rankings.metrics.json"}),
     ]
     return Pipeline("ranking", "tiny", work, steps)
 
@@ -54,6 +54,6 @@ def full(work: Path, finqa: Path) -> Pipeline:
         train("train", config, run, [data / "train.rewards.jsonl", data / "dev.rewards.jsonl"], 5 * 3600,
               f"--train_file={data / 'train.rewards.jsonl'}", f"--dev_file={data / 'dev.rewards.jsonl'}"),
         _rank(work, run, data / "dev.rewards.jsonl", 1200),
-        report(work, run),
+        report(work, run, attach={"Rankings": work / "rankings.metrics.json"}),
     ]
     return Pipeline("ranking", "full", work, steps, notes="full: a GPU; times are estimates")

@@ -258,13 +258,47 @@ def check_output(output: Path, runs: list[Path]) -> None:
                             f"write the report beside it (e.g. {run / 'report.md'})")
 
 
-def write_report(run_dirs: list[str], output: str | None = None) -> dict:
-    """Write the Markdown page, its figures and the HTML page; return their paths."""
+def flatten(value, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, scalar) pairs of a JSON value; lists longer than 8 shown by their length."""
+    if isinstance(value, dict):
+        return [pair for k, v in value.items() for pair in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list) and (len(value) > 8 or any(isinstance(v, (dict, list)) for v in value)):
+        return [(prefix, f"[{len(value)} items]")]
+    return [(prefix, value)]
+
+
+def read_attachments(attach: list[str]) -> list[tuple[str, list[tuple[str, object]]]]:
+    """`TITLE=FILE.json` (or FILE.json) -> (title, flattened pairs); a missing or broken file is one line."""
+    out = []
+    for item in attach:
+        title, _, name = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        try:
+            data = json.loads(Path(name).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise UserError(f"--attach {name}: cannot read ({err.strerror or err})") from None
+        except ValueError as err:
+            raise UserError(f"--attach {name}: not JSON ({err})") from None
+        out.append((title, flatten(data)))
+    return out
+
+
+def attachment_blocks(attachments) -> list:
+    blocks = []
+    for title, pairs in attachments:
+        blocks += [("h", 2, title), ("table", ["result", "value"], [[k, fmt(v)] for k, v in pairs], set())]
+    return blocks
+
+
+def write_report(run_dirs: list[str], output: str | None = None, attach: list[str] = ()) -> dict:
+    """Write the Markdown page, its figures and the HTML page; return their paths. `attach`: JSON result files of
+    the same experiment (scores, data statistics) shown as tables at the end."""
     runs_paths = collect.find_runs(run_dirs)
     out = Path(output) if output else default_output(runs_paths)
     check_output(out, runs_paths)
+    attachments = read_attachments(list(attach))
     runs = [collect.load_run(p) for p in runs_paths]
     blocks, figs = run_page(runs[0]) if len(runs) == 1 else comparison_page(runs)
+    blocks += attachment_blocks(attachments)
     blocks.append(("p", f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m app report`."))
     stem = out.with_suffix("")
     fig_dir = stem.with_name(stem.name + "_files")
