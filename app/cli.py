@@ -85,7 +85,7 @@ def cli():
 def train(config_file, overrides):
     """Train a model from a config module, or resume its run (re-run the same command after a stop)."""
     from app.config import load_config
-    from app.engine.loop import train as run_training
+    from app.train import train as run_training
 
     cfg = load_config(config_file, check_overrides(overrides, "train CONFIG.py [--key=value ...]"))
     return run_training(cfg)

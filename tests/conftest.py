@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_final_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     """checkpoints/final of a 2-step full fine-tune of the tiny model (read-only: copy it before changing it)."""
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     cfg = tiny_config(tiny_model_dir, out, max_steps=2, batch_size=4, micro_batch_size=4, save_every=1000)

@@ -1,6 +1,7 @@
 """The import graph of app/, read from the source (imports inside functions counted, relative imports resolved): the
-floors under the tasks import no task, and no two modules import each other, directly or round a circle. Also the
-tiny tokenizer, whose corpus lives in app/lm/, is the one every test's figures were measured with."""
+floors under the tasks import no task, and no two modules import each other, directly or round a circle. The engine
+reads in small functions with few parameters. Also the tiny tokenizer, whose corpus lives in app/lm/, is the one every
+test's figures were measured with."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from conftest import ROOT
 
 APP = ROOT / "app"
 FLOORS_UNDER_THE_TASKS = ("app.engine", "app.lm", "app.metrics", "app.config")
-# Imports of the task registry still made by the training loop until it takes its task from the train command.
-ALLOWED_UPHILL = {"app.engine.loop"}
+ALLOWED_UPHILL: set[str] = set()  # modules of those floors allowed to import a task (none)
+ENGINE_MAX_LINES = 80  # lines of one function of app/engine, decorators and docstring included
+ENGINE_MAX_PARAMETERS = 6  # parameters of one function of app/engine, `self` and `cls` not counted
 
 
 def module_name(path: Path) -> str:
@@ -122,6 +124,46 @@ def test_the_floors_under_the_tasks_import_no_task():
 
 def test_no_import_cycle_between_modules():
     assert cycles(import_graph()) == []
+
+
+def function_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """`Class.function` or `function` -> (lines from its first decorator to its last line, parameters besides self
+    and cls), for every function of a source file, nested ones included."""
+    sizes = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = f"{prefix}{getattr(child, 'name', '')}"
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                args = child.args
+                params = [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]
+                sizes[name] = (child.end_lineno - first + 1, len([p for p in params if p.arg not in ("self", "cls")]))
+                walk(child, f"{name}.")
+            elif isinstance(child, ast.ClassDef):
+                walk(child, f"{name}.")
+
+    walk(ast.parse(path.read_text(encoding="utf-8"), str(path)), "")
+    return sizes
+
+
+def test_function_sizes_are_measured_from_the_source(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("class A:\n    @property\n    def f(self, a, *b, c=1, **d):\n        return 1\n\n"
+                      "def g():\n    def h(x):\n        pass\n    return h\n", encoding="utf-8")
+    assert function_sizes(source) == {"A.f": (3, 4), "g": (4, 0), "g.h": (2, 1)}
+
+
+def test_engine_functions_are_short_and_take_few_parameters():
+    """A training run reads in parts: no function of app/engine over 80 lines, none with more than 6 parameters (the
+    run's state travels in one object, app.engine.loop.Run)."""
+    sizes = {f"{path.relative_to(ROOT)}:{name}": size for path in sorted((APP / "engine").rglob("*.py"))
+             for name, size in function_sizes(path).items()}
+    assert len(sizes) > 50  # the engine's functions were read
+    long = {name: lines for name, (lines, _) in sizes.items() if lines > ENGINE_MAX_LINES}
+    wide = {name: params for name, (_, params) in sizes.items() if params > ENGINE_MAX_PARAMETERS}
+    assert not long, long
+    assert not wide, wide
 
 
 def test_tiny_tokenizer_is_the_one_every_figure_was_measured_with():

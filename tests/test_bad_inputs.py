@@ -224,7 +224,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     root = tmp_path_factory.mktemp("bad_inputs_ckpt")
     common = [f"--model_name={tiny_model_dir}", "--create_tiny_model=False", "--max_steps=2", "--batch_size=4",

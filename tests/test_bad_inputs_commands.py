@@ -214,7 +214,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def places(checkpoints, tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("bad_inputs_rank") / "rank"
     cfg = load_config(ROOT / "configs/ranking_tiny.py", [

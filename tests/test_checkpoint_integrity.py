@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from app import checkpoint as ckpt
-from app.engine.loop import train
+from app.train import train
 from app.engine.runlog import RunLog
 from app.engine.verify import verify_command, verify_run
 from app.errors import UserError

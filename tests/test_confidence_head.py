@@ -24,7 +24,7 @@ from app.lm.forward import last_hidden_states
 from app.tasks.confidence_head.step_data import read_step_file
 from app.tasks.confidence_head.model import HEAD_FILE, collate_steps, encode_steps, load_head, score_features
 from app.tasks.confidence_head.task import ConfidenceHead
-from app.engine.loop import train
+from app.train import train
 
 CPU = torch.device("cpu")
 DEV = ROOT / "data/sample/steps/dev.jsonl"

@@ -22,7 +22,7 @@ from app.tasks.confidence_tokens.judge import Judged, summarize
 from app.tasks.confidence_tokens.qa import all_tokens, domain_tokens, parse_choice, parse_yes_no, raw_qa
 from app.tasks.confidence_tokens.sample import synthetic_raw, synthetic_tagged
 from app.tasks.confidence_tokens.task import ConfidenceTokens
-from app.engine.loop import train
+from app.train import train
 from conftest import ALL_LINEAR, ROOT, losses, read_metrics
 
 TINY_CONFIG = ROOT / "configs" / "confidence_tokens_tiny.py"

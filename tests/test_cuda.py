@@ -23,7 +23,7 @@ BF16 = dict(dtype="bfloat16", mixed_precision="bf16")
 
 
 def test_bf16_lora_trains_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
-    from app.engine.loop import train
+    from app.train import train
 
     captured = capture_model(monkeypatch)
     out = tmp_path / "run"
@@ -43,7 +43,7 @@ def test_qlora_4bit_trains_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from app.engine.loop import train
+    from app.train import train
 
     captured = capture_model(monkeypatch)
     out = tmp_path / "qlora"
@@ -111,7 +111,7 @@ def test_generation_matches_transformers_generate_on_the_gpu(tiny_model_dir, tmp
 
 
 def test_checkpoint_reloads_and_predicts_on_the_gpu(tiny_model_dir, tmp_path):
-    from app.engine.loop import train
+    from app.train import train
     from app.lm.modeling import load_for_inference
     from app.runs import checkpoint_config
     from app.tasks.nli_cot.task import NliCot

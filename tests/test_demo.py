@@ -387,7 +387,7 @@ QUESTION = ("The lamp is in the kitchen.", "is the lamp indoors")
 def tiny_task_checkpoint(config: str, model_dir: Path, out: Path, **overrides) -> Path:
     """checkpoints/final of a 2-step full fine-tune of the tiny model on a task's sample data (a few seconds)."""
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     base = {"model_name": str(model_dir), "create_tiny_model": False, "out_dir": str(out), "max_steps": 2,
             "batch_size": 8, "micro_batch_size": 8, "eval_every": 1000, "save_every": 1000, "tensorboard": False,

@@ -10,7 +10,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from app.engine.loop import train
+from app.train import train
 from conftest import ROOT, read_metrics, tiny_args, tiny_config
 
 RUN = dict(finetuning="lora", lora_dropout=0.0, learning_rate=1e-2, max_steps=6, batch_size=8, micro_batch_size=2,

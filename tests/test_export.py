@@ -23,7 +23,7 @@ PROMPT = "The cat sits in the kitchen. Is the cat indoors?"
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA run on the tiny model (a few steps, learning rate high enough to move the adapter off zero)."""
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("export") / "run"
     cfg = tiny_config(tiny_model_dir, out, finetuning="lora", lora_r=4, lora_alpha=8, max_steps=3, batch_size=4,
@@ -145,7 +145,7 @@ def token_adapter_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A confidence-tokens LoRA run: its adapter carries trainable token rows (the added <C_...>/<U_...> tokens)."""
     from test_confidence_tokens import ct_config
 
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("export-ct") / "run"
     cfg = ct_config(tiny_model_dir, out, finetuning="lora", target_modules=["q_proj", "v_proj"], max_steps=1,
@@ -183,7 +183,7 @@ def test_adapter_with_token_rows_says_merge_first_and_merges(token_adapter_run, 
 
 def test_4bit_base_is_reloaded_unquantized_for_merging(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
-    from app.engine.loop import train
+    from app.train import train
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "q", finetuning="lora", quantization="4bit",
                       bnb_4bit_compute_dtype="bfloat16", dtype="auto", max_steps=1, batch_size=4, micro_batch_size=4,
@@ -203,7 +203,7 @@ def test_score_head_travels_with_the_export(tiny_model_dir, tmp_path, capsys):
     """Task extras (the confidence head's score_head.safetensors) are copied beside the merged model."""
     from test_confidence_head import HEAD_FILE, ch_config
 
-    from app.engine.loop import train
+    from app.train import train
 
     cfg = ch_config(tiny_model_dir, tmp_path / "head", finetuning="lora", target_modules=["q_proj"], max_steps=1,
                     batch_size=4, micro_batch_size=4, dev_file=None)

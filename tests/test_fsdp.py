@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from app import checkpoint as ckpt
-from app.engine.loop import train
+from app.train import train
 from conftest import ROOT, read_metrics, tiny_args, tiny_config
 
 # full fine-tuning: what sharding is for (parameters, gradients and optimizer state all split)

@@ -33,7 +33,7 @@ BATCH = "--infer_batch_size=4"
 def workdir(tmp_path_factory, tiny_model_dir) -> Path:
     """A directory holding checkpoints/tinyrun/checkpoints/final, trained for a few steps."""
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     root = tmp_path_factory.mktemp("infer")
     cfg = load_config(ROOT / "configs" / "tiny.py", [

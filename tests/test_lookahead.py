@@ -153,7 +153,7 @@ def test_killed_experiment_resumes_exactly(experiment, tmp_path):
     from safetensors.torch import load_file
 
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     assert experiment["first"] == 0  # stop_after_steps: stopped on purpose, nothing written yet
     assert not experiment["results_after_first"]
@@ -327,7 +327,7 @@ def test_parameter_table_printed_by_the_experiment():
 
 def test_seed_variant_trains_through_the_engine(tmp_path):
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
     from app.metrics.plots import read_metrics
 
     cfg = load_config("configs/lookahead_tiny.py", [*TINY, "--lookahead_variant=seed", "--max_steps=6",
@@ -463,7 +463,7 @@ def test_resumed_run_with_random_windows_equals_uninterrupted(tmp_path):
     from safetensors.torch import load_file
 
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     def final_weights(name, *extra):
         cfg = load_config("configs/lookahead_tiny.py", [*PLAIN_TINY, f"--out_dir={tmp_path / name}", *extra])

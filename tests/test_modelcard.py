@@ -14,7 +14,7 @@ from conftest import ROOT, read_metrics, tiny_config
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir) -> Path:
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("card") / "cardrun"
     cfg = tiny_config(tiny_model_dir, out, finetuning="lora", lora_r=4, lora_alpha=8, max_steps=4, batch_size=4,
@@ -117,7 +117,7 @@ def test_fine_tuned_tasks_cards_say_what_their_task_does(task, adapter, tmp_path
 @pytest.fixture(scope="module")
 def lookahead_run(tmp_path_factory) -> Path:
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path_factory.mktemp("lookahead_card") / "run"
     cfg = load_config(ROOT / "configs/lookahead_tiny.py", [

@@ -186,7 +186,7 @@ def test_a_writer_gives_the_modes_open_gives(writer, umask, tmp_path):
 def test_a_training_run_and_what_reads_its_checkpoint_give_the_modes_open_gives(umask, tiny_model_dir, tmp_path):
     """Checkpoints (a step one and final), metrics.jsonl, the token cache, the training curves; infer's
     predictions.csv, .solution and metrics JSON; score's JSON; an exported model."""
-    from app.engine.loop import train
+    from app.train import train
 
     run = tmp_path / "run"
     cfg = tiny_config(tiny_model_dir, run, max_steps=2, batch_size=4, micro_batch_size=4, save_every=1,

@@ -14,17 +14,13 @@ from torch import nn
 
 from app import checkpoint as ckpt
 from app.engine.batching import BatchPlan
-from app.engine.loop import encode_all, make_accelerator, train
+from app.engine.loop import encode_all, make_accelerator
 from app.lm.forward import CompletionLoss, last_hidden_states
 from app.tasks.nli_cot.task import NliCot
+from app.train import train
 from conftest import ROOT, read_metrics, tiny_config
 
 AUX_WEIGHT = 0.5
-
-
-def inject(monkeypatch, task):
-    """The engine runs `task` (the config keeps task='nli_cot', so validation passes)."""
-    monkeypatch.setattr("app.engine.loop.get_task", lambda name: task)
 
 
 def step_lines(out_dir) -> dict[int, dict]:
@@ -115,12 +111,11 @@ def two_loss_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_losses") / "run"
     task = TwoLossTask()
     with pytest.MonkeyPatch.context() as mp:
-        inject(mp, task)
         grads = capture_first_step_grads(mp)
         # 2 micro batches per step: the normaliser must be the global batch's counts, not a micro batch's
         cfg = tiny_config(tiny_model_dir, out, max_steps=4, batch_size=8, micro_batch_size=4, max_grad_norm=None,
                           save_every=100)
-        assert train(cfg) == 0
+        assert train(cfg, task) == 0  # the config keeps task='nli_cot', so validation passes
     return cfg, task, grads, out
 
 
@@ -210,10 +205,9 @@ def test_single_loss_task_logs_exactly_loss_and_passes_its_ddp_options(tiny_mode
         return built[-1][1]
 
     monkeypatch.setattr(loop, "make_accelerator", spy)
-    inject(monkeypatch, task)
     out = tmp_path / "single"
     cfg = tiny_config(tiny_model_dir, out, max_steps=3, batch_size=4, micro_batch_size=4, save_every=100)
-    assert train(cfg) == 0
+    assert train(cfg, task) == 0
     lines = step_lines(out)
     assert sorted(lines) == [1, 2, 3]
     for v in lines.values():
@@ -266,20 +260,18 @@ def group_runs(tiny_model_dir, tmp_path_factory):
     invocation."""
     root = tmp_path_factory.mktemp("groups")
     calls = {}
-    with pytest.MonkeyPatch.context() as mp:
-        def run(key, out, **extra):
-            calls[key] = []
-            inject(mp, GroupsTask(calls[key]))
-            cfg = tiny_config(tiny_model_dir, out, **GROUP_RUN, **extra)
-            assert train(cfg) == 0
-            return cfg
+    def run(key, out, **extra):
+        calls[key] = []
+        cfg = tiny_config(tiny_model_dir, out, **GROUP_RUN, **extra)
+        assert train(cfg, GroupsTask(calls[key])) == 0
+        return cfg
 
-        cfg = run("whole", root / "whole")
-        run("stopped", root / "split", stop_after_steps=3)
-        stopped_dir = ckpt.latest(root / "split")
-        stopped_state = ckpt.read_json(stopped_dir / "trainer_state.json")
-        run("resumed", root / "split")
-        run("again", root / "whole")  # a finished run: not trained again, no second hook call
+    cfg = run("whole", root / "whole")
+    run("stopped", root / "split", stop_after_steps=3)
+    stopped_dir = ckpt.latest(root / "split")
+    stopped_state = ckpt.read_json(stopped_dir / "trainer_state.json")
+    run("resumed", root / "split")
+    run("again", root / "whole")  # a finished run: not trained again, no second hook call
     return {"cfg": cfg, "whole": root / "whole", "split": root / "split", "calls": calls, "stopped_dir": stopped_dir,
             "stopped_state": stopped_state}
 
@@ -358,15 +350,14 @@ class EvalTask(NliCot):
         return {"accuracy": 1.0 - MACRO_F1[ctx.step], "macro_f1": MACRO_F1[ctx.step], "parse_failures": 0.0}
 
 
-def test_eval_context_steps_epochs_and_objective(tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_context_steps_epochs_and_objective(tiny_model_dir, tmp_path):
     task = EvalTask()
-    inject(monkeypatch, task)
     out = tmp_path / "eval"
     train_file = write_rows(tmp_path / "train.csv", "train.csv", 18)  # 4 steps of 4 per epoch (2 rows left out)
     dev_file = write_rows(tmp_path / "dev.csv", "dev.csv", 5)
     cfg = tiny_config(tiny_model_dir, out, train_file=train_file, dev_file=dev_file, eval_rows=3, max_steps=8,
                       batch_size=4, micro_batch_size=4, eval_every=2, save_every=100)
-    assert train(cfg) == 0
+    assert train(cfg, task) == 0
     assert [s["step"] for s in task.seen] == [2, 4, 6, 8]
     assert [s["epoch"] for s in task.seen] == [0, 1, 1, 2]
     assert [s["end_of_epoch"] for s in task.seen] == [False, True, False, True]

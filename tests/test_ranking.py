@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, run_app
 
 from app.config import load_config
-from app.engine.loop import train
+from app.train import train
 from app.errors import UserError
 from app.tasks.protocol import Feature
 from app.tasks.ranking import candidates as cand

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from app import checkpoint as ckpt
-from app.engine.loop import train
+from app.train import train
 from conftest import ROOT, read_metrics, tiny_args, tiny_config
 
 # LoRA with dropout, so the RNG state matters as much as the weights, optimizer and data position

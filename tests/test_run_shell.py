@@ -118,7 +118,7 @@ def test_predictions_with_any_thought_read_back_through_score_and_infer(tmp_path
 
 
 def test_fresh_only_moves_the_runs_own_checkpoints(tiny_model_dir, tmp_path):
-    from app.engine.loop import train
+    from app.train import train
 
     root = tmp_path / "checkpoints"
     other = root / "other_run" / "checkpoints" / "final"

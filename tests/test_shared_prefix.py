@@ -9,7 +9,7 @@ import torch
 
 from app.lm.forward import MIN_SHARED_PREFIX, CompletionLoss, shared_prefix_length
 from app.tasks.nli_cot.task import NliCot
-from app.engine.loop import train
+from app.train import train
 from conftest import ROOT, read_metrics, tiny_config
 
 

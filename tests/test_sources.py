@@ -147,7 +147,7 @@ def test_hub_id_passes_config_validation():
 
 @pytest.mark.slow
 def test_training_on_a_hub_dataset_records_its_sources(tiny_model_dir, tmp_path, hub):
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp_path / "run"
     cfg = tiny_config(tiny_model_dir, out, train_file="hf:org/nli", dev_file="hf:org/nli:validation", max_steps=2,

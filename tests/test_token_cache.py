@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from app.data import read_rows
 from app.engine import token_cache
-from app.engine.loop import encode_all, train
+from app.engine.loop import encode_all
+from app.train import train
 from app.errors import UserError
 from app.lm.modeling import load_tokenizer
 from app.tasks import get_task
@@ -52,32 +53,32 @@ def same(a, b):
 def test_hit_skips_encoding_and_gives_the_same_features(tiny_model_dir, tmp_path):
     cfg, task, rows, tok = setup(tiny_model_dir, tmp_path)
     enc = Counting()
-    first = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
-    second = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    first = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
+    second = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     assert enc.calls == 1 and same(first, second) and same(first, encode_all(task, rows, tok, cfg, cfg.train_file))
     entries = list((tmp_path / "run" / "token_cache").iterdir())
     assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} == {"features.safetensors", "meta.json"}
     # a config field that does not touch encoding (the learning rate) still hits
     cfg2, *_ = setup(tiny_model_dir, tmp_path, learning_rate=1e-3, stop_after_steps=2)
-    token_cache.encode_cached(task, rows, tok, cfg2, cfg.train_file, "train", enc)
+    token_cache.encode_cached(task, rows, tok, cfg2, "train", enc)
     assert enc.calls == 1
 
 
 def test_any_change_re_tokenizes(tiny_model_dir, tmp_path):
     cfg, task, rows, tok = setup(tiny_model_dir, tmp_path, token_cache_dir=str(tmp_path / "cache"))
     enc = Counting()
-    token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
-    token_cache.encode_cached(task, rows[:-1], tok, cfg, cfg.train_file, "train", enc)  # data
+    token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
+    token_cache.encode_cached(task, rows[:-1], tok, cfg, "train", enc)  # data
     assert enc.calls == 2
     cfg_len, *_ = setup(tiny_model_dir, tmp_path, token_cache_dir=str(tmp_path / "cache"), max_seq_length=40)
-    short = token_cache.encode_cached(task, rows, tok, cfg_len, cfg.train_file, "train", enc)  # settings
+    short = token_cache.encode_cached(task, rows, tok, cfg_len, "train", enc)  # settings
     assert enc.calls == 3 and max(len(f.input_ids) for f in short) <= 40
     cfg_tpl, *_ = setup(tiny_model_dir, tmp_path, token_cache_dir=str(tmp_path / "cache"),
                         prompt_template="P: {premise} H: {hypothesis}")
-    token_cache.encode_cached(task, rows, tok, cfg_tpl, cfg.train_file, "train", enc)  # the task's own setting
+    token_cache.encode_cached(task, rows, tok, cfg_tpl, "train", enc)  # the task's own setting
     assert enc.calls == 4
     tok.add_special_tokens({"additional_special_tokens": ["<NEW>"]})  # tokenizer
-    token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     assert enc.calls == 5
     assert len(list((tmp_path / "cache").iterdir())) == 5  # a shared cache keeps every entry
 
@@ -85,14 +86,14 @@ def test_any_change_re_tokenizes(tiny_model_dir, tmp_path):
 def test_off_always_encodes_and_a_broken_entry_is_rebuilt(tiny_model_dir, tmp_path):
     cfg, task, rows, tok = setup(tiny_model_dir, tmp_path, token_cache=False)
     enc = Counting()
-    token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
-    token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
+    token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     assert enc.calls == 2 and not (tmp_path / "run" / "token_cache").exists()
     cfg, *_ = setup(tiny_model_dir, tmp_path)
-    first = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    first = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     (entry,) = (tmp_path / "run" / "token_cache").iterdir()
     (entry / "features.safetensors").write_bytes(b"broken")
-    again = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    again = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     assert enc.calls == 4 and same(first, again)
 
 
@@ -104,8 +105,8 @@ def test_confidence_head_features_keep_their_extras(tiny_model_dir, tmp_path):
     tok = load_tokenizer(cfg)
     tok.add_special_tokens({"additional_special_tokens": task.added_tokens(cfg)})
     enc = Counting()
-    first = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
-    second = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
+    first = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
+    second = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     assert enc.calls == 1 and any(f.extra for f in first) and same(first, second)
 
 
@@ -119,14 +120,14 @@ def test_file_rows_are_keyed_by_the_file_bytes(tiny_model_dir, tmp_path):
     shutil.copy(source, moved)
     assert token_cache.rows_identity(read_rows(moved)) == token_cache.rows_identity(read_rows(source))
     enc = Counting()
-    token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", enc)
-    token_cache.encode_cached(task, task.load_rows(cfg, "train"), tok, cfg, cfg.train_file, "train", enc)
+    token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
+    token_cache.encode_cached(task, task.load_rows(cfg, "train"), tok, cfg, "train", enc)
     assert enc.calls == 1
     # one changed byte is new data; a list that is not the one read (a copy) is keyed by its rows
     source.write_bytes(source.read_bytes().replace(b"museum", b"museun", 1))
     changed = task.load_rows(cfg, "train")
     assert token_cache.rows_identity(changed) != token_cache.rows_identity(rows)
-    token_cache.encode_cached(task, changed, tok, cfg, cfg.train_file, "train", enc)
+    token_cache.encode_cached(task, changed, tok, cfg, "train", enc)
     assert enc.calls == 2
     assert token_cache.rows_identity(list(rows)) != token_cache.rows_identity(rows)
     assert token_cache.rows_identity(list(rows)) == token_cache.rows_identity(list(task.validate(source, read_rows(moved), cfg)))
@@ -139,8 +140,8 @@ def test_cached_features_are_array_backed_and_collate_the_same(tiny_model_dir, t
     cfg, task, rows, tok = setup(tiny_model_dir, tmp_path, **extra)
     tok.add_special_tokens({"additional_special_tokens": task.added_tokens(cfg)})
     fresh = encode_all(task, rows, tok, cfg, cfg.train_file)
-    cold = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", encode_all)
-    hit = token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", encode_all)
+    cold = token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all)
+    hit = token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all)
     for features in (cold, hit):
         assert same(features, fresh) and all(isinstance(f.input_ids, token_cache.Tokens) for f in features)
         assert [task.loss_items(f) for f in features] == [task.loss_items(f) for f in fresh]
@@ -173,7 +174,7 @@ def test_num_proc_gives_the_features_and_warnings_of_one_process(tiny_model_dir,
     for cfg in (cfg1, cfg2):
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            logs.append((token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", encode_all),
+            logs.append((token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all),
                          [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]))
     assert "tokenized in 2 processes" in caplog.text
     (one, one_log), (two, two_log) = logs
@@ -182,13 +183,13 @@ def test_num_proc_gives_the_features_and_warnings_of_one_process(tiny_model_dir,
     assert 0 < sum(len(f.input_ids) < limit for f in one) < len(one)
     # with the cache: the entry holds the merged warnings; a one-process run hits the entry num_proc=2 wrote
     cached, *_ = setup(tiny_model_dir, tmp_path, max_seq_length=limit, num_proc=2)
-    assert same(token_cache.encode_cached(task, rows, tok, cached, cached.train_file, "train", encode_all), one)
+    assert same(token_cache.encode_cached(task, rows, tok, cached, "train", encode_all), one)
     (entry,) = (tmp_path / "run" / "token_cache").iterdir()
     assert json.loads((entry / "meta.json").read_text())["warnings"] == one_log
     again, *_ = setup(tiny_model_dir, tmp_path, max_seq_length=limit)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert same(token_cache.encode_cached(task, rows, tok, again, again.train_file, "train", encode_all), one)
+        assert same(token_cache.encode_cached(task, rows, tok, again, "train", encode_all), one)
     assert "tokenized examples from the cache" in caplog.text
     # an error is the first in row order, as one process reports it
     errors = []
@@ -196,7 +197,7 @@ def test_num_proc_gives_the_features_and_warnings_of_one_process(tiny_model_dir,
         cfg, *_ = setup(tiny_model_dir, tmp_path, token_cache=False, max_seq_length=limit, overlength="error",
                         num_proc=n)
         with pytest.raises(UserError) as err:
-            token_cache.encode_cached(task, rows, tok, cfg, cfg.train_file, "train", encode_all)
+            token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "tokens > max_seq_length=91" in errors[0]
 

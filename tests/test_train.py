@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from app import checkpoint as ckpt
 from app.tasks.nli_cot.task import NliCot
-from app.engine.loop import train
+from app.train import train
 from conftest import ALL_LINEAR, capture_model, losses, read_metrics, tiny_config
 
 

@@ -1,9 +1,15 @@
-"""`python -m app train CONFIG.py [--key=value ...]`: the training engine.
+"""The training engine, a library: `train(cfg, task, hooks)` runs (or resumes) one training run.
 
 One loop for every task: the task gives data, a loss module and metrics; this file gives data order,
 gradient accumulation, mixed precision, multi-process (accelerate: DDP under `accelerate launch` or
 `torchrun`, or FSDP2 sharding with parallelism='fsdp', app/lm/fsdp.py), the optimizer and schedule,
 evaluation, checkpoints and exact resume.
+
+A run is three parts over one `Run` object: `setup` (data read and checked, processes, model, run directory,
+tokenized data and its plan, optimizer, resumed state), `fit` (the optimizer steps, with logging, evaluation and
+checkpoints between them) and `finish` (logs closed, the summary line, the exit code). What a command adds to the run
+directory (`python -m app train`: app/train.py) comes in through `RunHooks`; the engine imports no task and no
+command.
 """
 
 from __future__ import annotations
@@ -13,23 +19,29 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from tqdm import tqdm
 
 from app import checkpoint as ckpt
-from app.lm import fsdp
+from app.config import Config
+from app.data import Feature
 from app.engine.batching import BatchPlan
+from app.engine.context import EvalContext
 from app.engine.optim import make_optimizer, make_scheduler
 from app.engine.runlog import RunLog
-from app.config import Config
+from app.engine.token_cache import encode_cached
 from app.errors import UserError
-from app.tasks import get_task
-from app.tasks.protocol import EvalContext, Feature, Task
+from app.lm import fsdp
 
 log = logging.getLogger("app.engine.loop")
 
@@ -47,9 +59,6 @@ class TrainState:
 
 # --- setup ------------------------------------------------------------------------------------------------
 def make_accelerator(cfg: Config, ddp_options: dict | None = None):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
@@ -87,7 +96,7 @@ def accumulation_steps(cfg: Config, world: int) -> int:
     return cfg.batch_size // (cfg.micro_batch_size * world)
 
 
-def loss_counts(task: Task, feature: Feature) -> dict[str, int]:
+def loss_counts(task, feature: Feature) -> dict[str, int]:
     """The task's loss items of one example, by loss name ("loss" when the task has a single loss)."""
     items = task.loss_items(feature)
     return dict(items) if isinstance(items, dict) else {"loss": int(items)}
@@ -127,19 +136,7 @@ def lr_values(lrs: list[float]) -> dict:
     return out
 
 
-def write_training_curves(out_dir: Path) -> None:
-    """training_curves.png next to metrics.jsonl (matplotlib, when installed); never fails the run."""
-    try:
-        from app.metrics.plots import save_training_curves
-    except ImportError:
-        return
-    try:
-        save_training_curves(out_dir)
-    except Exception as err:  # a plot must never cost a finished run
-        log.warning("training curves not written: %s: %s", type(err).__name__, err)
-
-
-def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str, limit: int | None = None) -> list[Feature]:
+def encode_all(task, rows, tokenizer, cfg: Config, path: str, limit: int | None = None) -> list[Feature]:
     """Tokenize; count, report and handle examples over `limit` (max_seq_length) as the config says."""
     limit = cfg.max_seq_length if limit is None else limit
     features, over = [], 0
@@ -163,13 +160,13 @@ def encode_all(task: Task, rows, tokenizer, cfg: Config, path: str, limit: int |
     return features
 
 
-def encode_window_sources(task: Task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
+def encode_window_sources(task, rows, tokenizer, cfg: Config, path: str) -> list[Feature]:
     """The examples a windowed plan cuts its windows from, kept whole whatever their length (the windows are what
     must fit max_seq_length)."""
     return encode_all(task, rows, tokenizer, cfg, path, limit=sys.maxsize)
 
 
-def train_window(task: Task, cfg: Config) -> int:
+def train_window(task, cfg: Config) -> int:
     """The task's training window (0: whole examples); one longer than max_seq_length is refused."""
     window = task.train_window(cfg) or 0
     if window > cfg.max_seq_length:
@@ -182,7 +179,7 @@ def cut_window(f: Feature, start: int, length: int) -> Feature:
     return Feature(f.input_ids[start : start + length], f.labels[start : start + length], f.line, f.extra)
 
 
-def step_examples(task: Task, plan: BatchPlan, features, loss_items, slots: list[list[int]], step: int):
+def step_examples(task, plan: BatchPlan, features, loss_items, slots: list[list[int]], step: int):
     """[micro-batch slot] -> [(feature, loss counts)] of global step `step` (its `slots` of example indices): the
     examples or, with a windowed plan, their windows at this step's offsets (counted here: a window holds part of its
     example's loss items)."""
@@ -210,40 +207,155 @@ class StopFlag:
         return 128 + int(self.signum)
 
 
+class RunHooks:
+    """What the command running the engine adds to a run (`python -m app train`: app/train.py): the engine calls
+    these at fixed points and needs none of them. `before_model` and `close` run on every process, the others on the
+    main process only."""
+
+    def before_model(self, cfg: Config) -> None:
+        """Before the processes start and the model loads (e.g. build the base model the config names)."""
+
+    def on_run_dir(self, run: Run) -> None:
+        """The model loaded and the run directory holds run_config.json; the data is not tokenized yet."""
+
+    def on_data(self, run: Run) -> None:
+        """The data is tokenized and planned (run.features, run.dev_features, run.plan)."""
+
+    def on_checkpoint(self, run: Run, name: str, directory: Path) -> None:
+        """Checkpoint `name` is written to `directory` but not published: a file added here is in its manifest."""
+
+    def on_finish(self, run: Run) -> None:
+        """This invocation's steps are over (finished or stopped), metrics.jsonl closed."""
+
+    def close(self) -> None:
+        """Last, always, also when the run raised."""
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line, their values still on the device: fetched together, the only host sync."""
+
+    losses: list = field(default_factory=list)  # per step: the summed losses of this process, by loss name
+    norms: list = field(default_factory=list)  # per step: the gradient norm
+    items: list = field(default_factory=list)  # per step: (global loss counts, learning rates)
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Run:
+    """One invocation of `train`: what `setup` builds, `fit` advances and `finish` closes."""
+
+    cfg: Config  # as resolved for this run (a sharded run's overrides applied)
+    task: object  # the task protocol (app/tasks/protocol.py)
+    hooks: RunHooks
+    accelerator: object
+    sharded: bool
+    accumulation: int
+    stop: StopFlag
+    resume_from: Path | None = None
+    model: object = None
+    tokenizer: object = None
+    train_rows: list = field(default_factory=list)
+    dev_rows: list = field(default_factory=list)
+    features: list = field(default_factory=list)
+    dev_features: list = field(default_factory=list)
+    plan: BatchPlan | None = None
+    loss_items: list = field(default_factory=list)  # per training example: {loss name: count}
+    loss_names: list = field(default_factory=list)
+    loss_weights: dict = field(default_factory=dict)
+    state: TrainState = field(default_factory=TrainState)
+    objective: object = None  # the task's loss module
+    ddp_objective: object = None  # the same, wrapped for DDP (sharded: itself)
+    params: list = field(default_factory=list)  # the trained parameters (what is clipped)
+    optimizer: object = None
+    scheduler: object = None
+    run_log: RunLog | None = None
+    progress: object = None
+    window: LogWindow = field(default_factory=LogWindow)
+    steps_this_run: int = 0
+    last_metrics: dict = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------
-def save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer, scheduler, state, cfg,
-                    sharded: bool = False) -> Path:
+def save_checkpoint(run: Run, name: str) -> Path:
     """Every process calls this. Sharded: the optimizer state and the full weights are gathered to rank 0 while it
     writes them, so the checkpoint is the same as a single process writes."""
+    accelerator, cfg, objective = run.accelerator, run.cfg, run.objective
     out = cfg.out_path
     tmp, final = ckpt.temp_dir(out, name), ckpt.checkpoints_dir(out) / name
     if accelerator.is_main_process:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     ckpt.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
-    optimizer_state = fsdp.full_optimizer_state(objective, optimizer) if sharded else optimizer.state_dict()
-    with fsdp.gathered(objective) if sharded else contextlib.nullcontext():
+    optimizer_state = fsdp.full_optimizer_state(objective, run.optimizer) if run.sharded else \
+        run.optimizer.state_dict()
+    with fsdp.gathered(objective) if run.sharded else contextlib.nullcontext():
         if accelerator.is_main_process:
-            task.save_weights(model, tokenizer, tmp)
-            task.save_extra(objective, tmp, cfg)
-            if name == "final" or name.startswith("best"):  # the model card, before publish: the manifest covers it
-                from app.modelcard import write_model_card
-
-                write_model_card(tmp, cfg, name, state.step)
+            run.task.save_weights(run.model, run.tokenizer, tmp)
+            run.task.save_extra(objective, tmp, cfg)
+            run.hooks.on_checkpoint(run, name, tmp)  # before publish: the manifest covers what it adds
             ckpt.save_optimizer_state(optimizer_state, tmp)
-            ckpt.save_scheduler(scheduler, tmp)
+            ckpt.save_scheduler(run.scheduler, tmp)
             ckpt.write_json(tmp / "run_config.json", cfg.model_dump())
-            ckpt.write_json(tmp / "trainer_state.json", asdict(state))  # written last: marks the dir complete
+            ckpt.write_json(tmp / "trainer_state.json", asdict(run.state))  # written last: marks the dir complete
             ckpt.publish(tmp, final)
             if name.startswith("step_"):
                 ckpt.prune(out, cfg.keep_last)
             log.info("checkpoint %s written", name)
         accelerator.wait_for_everyone()
     return final
+
+
+def optimizer_param_names(objective, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in its own order (what torch's state_dict indices count)."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def load_optimizer(run: Run) -> None:
+    """The optimizer state of a checkpoint, written by a sharded run or not, onto this run's optimizer."""
+    names = optimizer_param_names(run.objective, run.optimizer)
+    saved = ckpt.read_optimizer_state(run.resume_from) if not run.sharded or run.rank == 0 else None
+    if not run.sharded:
+        run.optimizer.load_state_dict(ckpt.keyed_by(saved, names, by_name=False))
+        return
+    full = ckpt.keyed_by(saved, names, by_name=True) if run.rank == 0 else {}
+    fsdp.load_full_optimizer_state(run.objective, run.optimizer, full)
+
+
+def restore(run: Run) -> TrainState:
+    """Everything a checkpoint holds besides the weights (the model's loaded with the model, the task's extra ones
+    before sharding): optimizer, schedule, this process's RNG, and the data position; returns the resumed state."""
+    resume_from, state, rank = run.resume_from, run.state, run.rank
+    saved = ckpt.read_json(resume_from / "trainer_state.json")
+    if saved["world_size"] != state.world_size:
+        log.warning("resuming a %d-process run on %d processes: data order changes from here", saved["world_size"],
+                    state.world_size)
+    resumed = TrainState(**{**saved, "total_steps": state.total_steps, "world_size": state.world_size})
+    load_optimizer(run)
+    ckpt.load_scheduler(run.scheduler, resume_from)
+    ckpt.load_rng(resume_from, rank if (resume_from / f"rng_rank{rank}.json").exists() else 0)
+    log.info("resumed from %s at step %d", resume_from, resumed.step)
+    return resumed
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -254,8 +366,6 @@ def eval_out_dir(cfg: Config, is_main: bool):
     if is_main:
         yield cfg.out_path
         return
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="eval-") as scratch:
         yield Path(scratch)
 
@@ -265,16 +375,17 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx: EvalContext) -> dict:
+def evaluate(run: Run, ctx: EvalContext) -> dict:
     """dev_loss (the weighted total of the per-item dev losses; with several losses also dev_loss/<name>) and the
     task's own metrics."""
+    task, objective, cfg = run.task, run.objective, run.cfg
     objective.eval()
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for i in range(0, len(dev_features), cfg.micro_batch_size):
-        chunk = dev_features[i : i + cfg.micro_batch_size]
-        batch = to_device(task.collate(chunk, tokenizer.pad_token_id), ctx.device)
-        with accelerator.autocast():
+    for i in range(0, len(run.dev_features), cfg.micro_batch_size):
+        chunk = run.dev_features[i : i + cfg.micro_batch_size]
+        batch = to_device(task.collate(chunk, run.tokenizer.pad_token_id), ctx.device)
+        with run.accelerator.autocast():
             for name, value in named_losses(objective(**batch)).items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         for f in chunk:
@@ -285,13 +396,35 @@ def evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, acc
     metrics = {"dev_loss": sum(weights.get(k, 1.0) * v for k, v in means.items())}
     if len(means) > 1:
         metrics.update({f"dev_loss/{k}": v for k, v in means.items()})
-    rows = dev_rows[: cfg.eval_rows] if cfg.eval_rows else dev_rows
-    metrics.update(task.evaluate(model, tokenizer, cfg, rows, ctx))
+    rows = run.dev_rows[: cfg.eval_rows] if cfg.eval_rows else run.dev_rows
+    metrics.update(task.evaluate(run.model, run.tokenizer, cfg, rows, ctx))
     objective.train()
     return metrics
 
 
-def improved_bests(task: Task, cfg: Config, metrics: dict, state: TrainState) -> list[str]:
+def evaluate_and_keep_bests(run: Run) -> None:
+    """Evaluate on the dev set, log the metrics, and write the best-by-metric checkpoints this evaluation beats."""
+    cfg, state, is_main, objective = run.cfg, run.state, run.is_main, run.objective
+    decision = [[], state.best]  # decided on rank 0, shared with all
+    if is_main or run.sharded:  # sharded: every process takes part in each forward, rank 0's results count
+        with eval_out_dir(cfg, is_main) as eval_dir, fsdp.root_gathered(objective) if run.sharded else \
+                contextlib.nullcontext():
+            ctx = EvalContext(state.step, state.step // run.plan.steps_per_epoch, run.plan.steps_per_epoch, eval_dir,
+                              objective, run.device)
+            metrics = evaluate(run, ctx)
+    if is_main:
+        run.last_metrics = metrics
+        run.run_log.write(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+        log.info("step %d eval: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        decision = [improved_bests(run.task, cfg, metrics, state), state.best]
+    if run.world > 1:
+        broadcast_object_list(decision)
+    improved, state.best = decision
+    for name in improved:
+        save_checkpoint(run, name)
+
+
+def improved_bests(task, cfg: Config, metrics: dict, state: TrainState) -> list[str]:
     """Names of the best-by-metric checkpoints this evaluation beats (and records them in state)."""
     names = []
     for name, (metric, mode) in task.best_checkpoints(cfg).items():
@@ -302,8 +435,8 @@ def improved_bests(task: Task, cfg: Config, metrics: dict, state: TrainState) ->
     return names
 
 
-# --- logging ----------------------------------------------------------------------------------------------
-# --- the run ----------------------------------------------------------------------------------------------
+
+# --- the run directory ----------------------------------------------------------------------------------
 _OWN_ENTRY = re.compile(r"^(step_\d+|final|best[\w.-]*|\.tmp-.*|\.old-.*)$")
 
 
@@ -317,38 +450,6 @@ def check_fresh_target(cfg: Config) -> None:
         what = f"{root} holds {', '.join(foreign[:3])}" if foreign else f"{out} holds other runs ({', '.join(others[:3])})"
         raise UserError(f"out_dir={cfg.out_dir!r}: resume='fresh' refused: {what}, not only this run's checkpoints; "
                         "give the run's own directory")
-
-
-def optimizer_param_names(objective, optimizer) -> list[str]:
-    """The optimizer's parameters by name, in its own order (what torch's state_dict indices count)."""
-    names = {id(p): n for n, p in objective.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def load_optimizer(resume_from: Path, objective, optimizer, sharded: bool, rank: int) -> None:
-    """The optimizer state of a checkpoint, written by a sharded run or not, onto this run's optimizer."""
-    names = optimizer_param_names(objective, optimizer)
-    if not sharded:
-        optimizer.load_state_dict(ckpt.keyed_by(ckpt.read_optimizer_state(resume_from), names, by_name=False))
-        return
-    full = ckpt.keyed_by(ckpt.read_optimizer_state(resume_from), names, by_name=True) if rank == 0 else {}
-    fsdp.load_full_optimizer_state(objective, optimizer, full)
-
-
-def restore(resume_from: Path, state: TrainState, task, objective, optimizer, scheduler, rank: int,
-            sharded: bool = False) -> TrainState:
-    """Everything a checkpoint holds besides the weights (the model's loaded with the model, the task's extra ones
-    before sharding): optimizer, schedule, this process's RNG, and the data position; returns the resumed state."""
-    saved = ckpt.read_json(resume_from / "trainer_state.json")
-    if saved["world_size"] != state.world_size:
-        log.warning("resuming a %d-process run on %d processes: data order changes from here", saved["world_size"],
-                    state.world_size)
-    resumed = TrainState(**{**saved, "total_steps": state.total_steps, "world_size": state.world_size})
-    load_optimizer(resume_from, objective, optimizer, sharded, rank)
-    ckpt.load_scheduler(scheduler, resume_from)
-    ckpt.load_rng(resume_from, rank if (resume_from / f"rng_rank{rank}.json").exists() else 0)
-    log.info("resumed from %s at step %d", resume_from, resumed.step)
-    return resumed
 
 
 def find_resume_point(cfg: Config, is_main: bool) -> Path | None:
@@ -375,197 +476,225 @@ def move_previous_aside(cfg: Config) -> None:
     print(f"resume='fresh': moved previous checkpoints to {aside}", file=sys.stderr)
 
 
-def _train(cfg: Config) -> int:
+# --- setup ------------------------------------------------------------------------------------------------
+def start_processes(cfg: Config, task, hooks: RunHooks) -> Run:
+    """The accelerator and what follows from the number of processes: sharding (and the settings it changes), the
+    accumulation steps; the stop flag installed."""
+    accelerator = make_accelerator(cfg, task.ddp_options(cfg))
+    sharded = uses_fsdp(cfg, accelerator.num_processes)
+    if sharded and (changes := task.fsdp_overrides(cfg)):
+        log.info("parallelism='fsdp': %s", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+        cfg = cfg.model_copy(update=changes)
+    accumulation = accumulation_steps(cfg, accelerator.num_processes)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return Run(cfg, task, hooks, accelerator, sharded, accumulation, stop)
+
+
+def open_run_dir(run: Run) -> None:
+    """The model loaded: only now does the run directory change (resume='fresh' moves the old run aside)."""
+    cfg = run.cfg
+    if run.is_main:
+        if cfg.resume == "fresh":
+            move_previous_aside(cfg)
+        cfg.out_path.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(cfg.out_path / "run_config.json", cfg.model_dump())
+        run.hooks.on_run_dir(run)
+    run.accelerator.wait_for_everyone()
+
+
+def prepare_data(run: Run) -> None:
+    """Tokenized training and dev examples, the data plan, the step count and the loss counts of every example."""
+    cfg, task = run.cfg, run.task
+    window = train_window(task, cfg)
+    run.features = encode_cached(task, run.train_rows, run.tokenizer, cfg, "train",
+                                 encode_window_sources if window else encode_all)
+    run.dev_features = encode_cached(task, run.dev_rows, run.tokenizer, cfg, "dev", encode_all) if run.dev_rows else []
+    run.plan = plan = BatchPlan(tuple(len(f.input_ids) for f in run.features), cfg.micro_batch_size, run.world,
+                                run.accumulation, cfg.seed, cfg.group_by_length, window)
+    if plan.steps_per_epoch == 0:
+        raise UserError(f"{cfg.train_file}: {len(run.features)} usable examples, fewer than one batch of "
+                        f"{cfg.batch_size}")
+    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
+    run.state = TrainState(total_steps=total_steps, world_size=run.world, seed=cfg.seed)
+    if run.is_main:
+        run.hooks.on_data(run)
+    # per example, counted once: the step loop only adds them up
+    run.loss_items = [loss_counts(task, f) for f in run.features]
+    run.loss_weights = task.loss_weights(cfg)
+    run.loss_names = list(dict.fromkeys(n for counts in run.loss_items for n in counts))
+
+
+def prepare_optimisation(run: Run) -> None:
+    """The task's loss module (sharded when asked), the optimizer and schedule over its parameter groups, the state
+    of a checkpoint to resume from, and the DDP wrapping."""
+    cfg, task = run.cfg, run.task
+    run.objective = objective = task.objective(run.model, cfg)
+    objective.to(run.device)
+    if run.resume_from is not None:
+        task.load_extra(objective, run.resume_from)
+    if run.sharded:  # parameters become DTensor shards: the optimizer is built on them
+        fsdp.shard(objective, task.shard_blocks(objective, cfg), cfg.fsdp_cpu_offload)
+    groups = task.param_groups(objective, cfg)
+    run.params = [p for g in groups for p in g["params"]]
+    run.optimizer = make_optimizer(cfg, groups)
+    run.scheduler = make_scheduler(cfg, run.optimizer, run.state.total_steps)
+    if run.resume_from is not None:
+        run.state = restore(run)
+    if run.sharded:
+        run.ddp_objective, run.optimizer = objective, run.accelerator.prepare(run.optimizer)
+    else:
+        run.ddp_objective, run.optimizer = run.accelerator.prepare(objective, run.optimizer)
+
+
+def open_logs(run: Run) -> None:
+    """The run's summary line, metrics.jsonl (cut back to the resumed step) and the progress bar."""
+    cfg, state, plan = run.cfg, run.state, run.plan
+    n_trainable = sum(p.numel() for p in run.params)
+    log.info("%d train / %d dev examples; %d steps (%d per epoch), global batch %d = %d x %d accumulation x %d "
+             "processes%s; %.2fM trainable parameters", len(run.features), len(run.dev_features), state.total_steps,
+             plan.steps_per_epoch, cfg.batch_size, cfg.micro_batch_size, run.accumulation, run.world,
+             " (FSDP2)" if run.sharded else "", n_trainable / 1e6)
+    run.run_log = RunLog(cfg, state.step, run.is_main)
+    if run.is_main:
+        run.progress = tqdm(total=state.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                            file=sys.stderr)
+
+
+def setup(cfg: Config, task, hooks: RunHooks) -> Run | None:
+    """Everything before the first step; None when the run is already complete."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    task = get_task(cfg.task)
     # bad data is reported before any model loads
     train_rows = task.load_rows(cfg, "train")
     dev_rows = task.load_rows(cfg, "dev")
     if cfg.resume == "fresh":
         check_fresh_target(cfg)
-    from app.runs import ensure_base_model
+    hooks.before_model(cfg)
+    run = start_processes(cfg, task, hooks)
+    run.train_rows, run.dev_rows = train_rows, dev_rows
+    run.resume_from = find_resume_point(run.cfg, run.is_main)
+    run.accelerator.wait_for_everyone()
+    if run.resume_from is not None and run.resume_from.name == "final":
+        print(f"{run.cfg.out_dir}: run already complete ({run.resume_from}); use --resume=fresh to train again")
+        return None
+    torch.manual_seed(run.cfg.seed)
+    run.model, run.tokenizer = task.load_model(run.cfg, run.device, run.resume_from)
+    open_run_dir(run)
+    prepare_data(run)
+    prepare_optimisation(run)
+    open_logs(run)
+    return run
 
-    ensure_base_model(cfg)
-    accelerator = make_accelerator(cfg, task.ddp_options(cfg))
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    sharded = uses_fsdp(cfg, world)
-    if sharded and (changes := task.fsdp_overrides(cfg)):
-        log.info("parallelism='fsdp': %s", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
-        cfg = cfg.model_copy(update=changes)
-    accumulation = accumulation_steps(cfg, world)
-    stop = StopFlag()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
-    is_main = accelerator.is_main_process
-    resume_from = find_resume_point(cfg, is_main)
-    accelerator.wait_for_everyone()
-    if resume_from is not None and resume_from.name == "final":
-        print(f"{cfg.out_dir}: run already complete ({resume_from}); use --resume=fresh to train again")
-        return 0
+# --- fit --------------------------------------------------------------------------------------------------
+def optimizer_step(run: Run, examples) -> None:
+    """One optimizer step over the global batch `examples` ([micro-batch slot] -> [(feature, loss counts)]): this
+    process's micro batches, accumulated, clipped, stepped; the values to log kept on the device."""
+    cfg, state, plan, task = run.cfg, run.state, run.plan, run.task
+    accelerator, ddp_objective, device, world = run.accelerator, run.ddp_objective, run.device, run.world
+    loss_names, loss_weights, pending = run.loss_names, run.loss_weights, run.window
+    global_items = {n: sum(items.get(n, 0) for slot in examples for _, items in slot) for n in loss_names}
+    pending.tokens += sum(len(f.input_ids) for slot in examples for f, _ in slot)
 
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = task.load_model(cfg, device, resume_from)
-    if is_main:  # the model loaded: only now does the run directory change
-        if cfg.resume == "fresh":
-            move_previous_aside(cfg)
-        cfg.out_path.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(cfg.out_path / "run_config.json", cfg.model_dump())
-        from app.sources import run_sources  # beside run_config.json: path or Hub id + revision + fingerprint
+    step_loss = torch.zeros(len(loss_names), device=device)
+    micro_batches = [examples[s] for s in plan.rank_slots(run.rank)]
+    for k, micro in enumerate(micro_batches):
+        batch = to_device(task.collate([f for f, _ in micro], run.tokenizer.pad_token_id), device)
+        sync = k == len(micro_batches) - 1
+        with gradient_sync(accelerator, ddp_objective, sync, run.sharded), accelerator.autocast():
+            sums = named_losses(ddp_objective(**batch))
+            accelerator.backward(weighted_total(sums, global_items, loss_weights, world))
+        step_loss += torch.stack([sums[n].detach().float() for n in loss_names])
+    grad_norm = fsdp.full_tensor(accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf")))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.epoch, state.step_in_epoch = plan.position(state.step)
+    run.steps_this_run += 1
+    pending.losses.append(step_loss)
+    pending.norms.append(grad_norm.detach().float())
+    pending.items.append((global_items, run.scheduler.get_last_lr()))
 
-        ckpt.write_json(cfg.out_path / "data_sources.json", run_sources(cfg))
-    from app.report.runinfo import RunRecord  # run_info.json + warnings.log, read by `python -m app report`
 
-    record = RunRecord.start(cfg, world, sharded) if is_main else None
-    accelerator.wait_for_everyone()
-    from app.engine.token_cache import encode_cached
+def flush_log(run: Run) -> None:
+    """The steps of the log window to metrics.jsonl and the progress bar (the only host sync)."""
+    state, pending, names, weights = run.state, run.window, run.loss_names, run.loss_weights
+    losses = run.accelerator.reduce(torch.stack(pending.losses), reduction="sum").tolist()
+    elapsed = time.perf_counter() - pending.start
+    norms = torch.stack(pending.norms).tolist()  # already global: clipping all-reduces gradients first
+    for i, (loss, norm, (items, lrs)) in enumerate(zip(losses, norms, pending.items)):
+        step = state.step - len(losses) + i + 1
+        run.run_log.write(step, {**loss_values(names, loss, items, weights), **lr_values(lrs), "grad_norm": norm})
+    tps = pending.tokens / elapsed
+    run.run_log.write(state.step, {"tokens_per_s": tps})
+    if run.progress is not None:
+        shown = loss_values(names, losses[-1], pending.items[-1][0], weights)["loss"]
+        run.progress.set_postfix(loss=f"{shown:.4f}", lr=f"{max(pending.items[-1][1]):.2e}", tok_s=f"{tps:,.0f}")
+        run.progress.update(len(losses))
+    run.window = LogWindow()
 
-    window = train_window(task, cfg)
-    features = encode_cached(task, train_rows, tokenizer, cfg, cfg.train_file, "train",
-                             encode_window_sources if window else encode_all)
-    dev_features = encode_cached(task, dev_rows, tokenizer, cfg, cfg.dev_file, "dev", encode_all) if dev_rows else []
-    plan = BatchPlan(tuple(len(f.input_ids) for f in features), cfg.micro_batch_size, world, accumulation,
-                     cfg.seed, cfg.group_by_length, window)
-    if plan.steps_per_epoch == 0:
-        raise UserError(f"{cfg.train_file}: {len(features)} usable examples, fewer than one batch of {cfg.batch_size}")
-    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * plan.steps_per_epoch)
-    if record is not None:
-        record.data(features, dev_features, plan, len(train_rows), len(dev_rows))
-    loss_items = [loss_counts(task, f) for f in features]  # per example, counted once: the step loop only adds them up
-    loss_weights = task.loss_weights(cfg)
-    loss_names = list(dict.fromkeys(n for counts in loss_items for n in counts))
 
-    objective = task.objective(model, cfg)
-    objective.to(device)
-    if resume_from is not None:
-        task.load_extra(objective, resume_from)
-    if sharded:  # parameters become DTensor shards: the optimizer is built on them
-        fsdp.shard(objective, task.shard_blocks(objective, cfg), cfg.fsdp_cpu_offload)
-    groups = task.param_groups(objective, cfg)
-    params = [p for g in groups for p in g["params"]]
-    optimizer = make_optimizer(cfg, groups)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
-    state = TrainState(total_steps=total_steps, world_size=world, seed=cfg.seed)
-    if resume_from is not None:
-        state = restore(resume_from, state, task, objective, optimizer, scheduler, rank, sharded)
-    if sharded:
-        ddp_objective, optimizer = objective, accelerator.prepare(optimizer)
-    else:
-        ddp_objective, optimizer = accelerator.prepare(objective, optimizer)
+def agree_on_stop(run: Run) -> None:
+    """Every process must stop at the same step: a signal one of them received stops them all."""
+    if run.world > 1:
+        flag = torch.tensor([0 if run.stop.signum is None else run.stop.signum], device=run.device)
+        flag = run.accelerator.reduce(flag, reduction="sum")
+        if int(flag) and run.stop.signum is None:
+            run.stop.signum = signal.SIGTERM
 
-    n_trainable = sum(p.numel() for p in params)
-    log.info("%d train / %d dev examples; %d steps (%d per epoch), global batch %d = %d x %d accumulation x %d "
-             "processes%s; %.2fM trainable parameters", len(features), len(dev_features), total_steps,
-             plan.steps_per_epoch, cfg.batch_size, cfg.micro_batch_size, accumulation, world,
-             " (FSDP2)" if sharded else "", n_trainable / 1e6)
-    run_log = RunLog(cfg, state.step, is_main)
-    progress = None
-    if is_main:
-        from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+def save_due_checkpoints(run: Run, last: bool) -> None:
+    """The final checkpoint after the last step (then the task's end hook), a step checkpoint when one is due."""
+    cfg, state = run.cfg, run.state
+    if last:
+        final_dir = save_checkpoint(run, "final")
+        if run.is_main:
+            run.task.on_train_end(cfg, final_dir)
+    elif state.step % cfg.save_every == 0 or run.stop.signum is not None or run.steps_this_run == cfg.stop_after_steps:
+        save_checkpoint(run, ckpt.step_name(state.step))
 
-    save = lambda name: save_checkpoint(name, accelerator, task, objective, model, tokenizer, optimizer,  # noqa: E731
-                                        scheduler, state, cfg, sharded)
+
+def fit(run: Run) -> None:
+    """Optimizer steps until the last one, a stop signal or stop_after_steps; logging, evaluation and checkpoints
+    between them."""
+    cfg, state, plan, stop = run.cfg, run.state, run.plan, run.stop
     epoch_steps, epoch_of_plan = None, -1
-    pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
-    steps_this_run, last_metrics = 0, {}
-    objective.train()
-    while state.step < total_steps:
+    run.objective.train()
+    while state.step < state.total_steps:
         epoch, step_in_epoch = plan.position(state.step)
         if epoch != epoch_of_plan:
             epoch_steps, epoch_of_plan = plan.epoch_order(epoch), epoch
         # every process knows the whole global batch, so the loss normaliser needs no communication
-        examples = step_examples(task, plan, features, loss_items, epoch_steps[step_in_epoch], state.step)
-        global_items = {n: sum(items.get(n, 0) for slot in examples for _, items in slot) for n in loss_names}
-        window_tokens += sum(len(f.input_ids) for slot in examples for f, _ in slot)
-
-        # ---- one optimizer step ----
-        step_loss = torch.zeros(len(loss_names), device=device)
-        micro_batches = [examples[s] for s in plan.rank_slots(rank)]
-        for k, micro in enumerate(micro_batches):
-            batch = to_device(task.collate([f for f, _ in micro], tokenizer.pad_token_id), device)
-            sync = k == len(micro_batches) - 1
-            with gradient_sync(accelerator, ddp_objective, sync, sharded), accelerator.autocast():
-                sums = named_losses(ddp_objective(**batch))
-                accelerator.backward(weighted_total(sums, global_items, loss_weights, world))
-            step_loss += torch.stack([sums[n].detach().float() for n in loss_names])
-        grad_norm = fsdp.full_tensor(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.epoch, state.step_in_epoch = plan.position(state.step)
-        steps_this_run += 1
-        pending_losses.append(step_loss)
-        pending_norms.append(grad_norm.detach().float())
-        pending_items.append((global_items, scheduler.get_last_lr()))
-
-        # ---- logging (the only host sync, every log_every steps) ----
-        last = state.step == total_steps
+        examples = step_examples(run.task, plan, run.features, run.loss_items, epoch_steps[step_in_epoch], state.step)
+        optimizer_step(run, examples)
+        last = state.step == state.total_steps
         if state.step % cfg.log_every == 0 or last or stop.signum is not None:
-            losses = accelerator.reduce(torch.stack(pending_losses), reduction="sum").tolist()
-            elapsed = time.perf_counter() - window_start
-            norms = torch.stack(pending_norms).tolist()  # already global: clipping all-reduces gradients first
-            for i, (loss, norm, (items, lrs)) in enumerate(zip(losses, norms, pending_items)):
-                step = state.step - len(losses) + i + 1
-                run_log.write(step, {**loss_values(loss_names, loss, items, loss_weights), **lr_values(lrs),
-                                     "grad_norm": norm})
-            tps = window_tokens / elapsed
-            run_log.write(state.step, {"tokens_per_s": tps})
-            if progress is not None:
-                shown = loss_values(loss_names, losses[-1], pending_items[-1][0], loss_weights)["loss"]
-                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{max(pending_items[-1][1]):.2e}", tok_s=f"{tps:,.0f}")
-                progress.update(len(losses))
-            pending_losses, pending_norms, pending_items, window_tokens, window_start = [], [], [], 0, time.perf_counter()
-
-        if world > 1:  # every process must stop at the same step
-            flag = torch.tensor([0 if stop.signum is None else stop.signum], device=device)
-            flag = accelerator.reduce(flag, reduction="sum")
-            if int(flag) and stop.signum is None:
-                stop.signum = signal.SIGTERM
-
-        if dev_features and (state.step % cfg.eval_every == 0 or last) and stop.signum is None:
-            decision = [[], state.best]  # decided on rank 0, shared with all
-            if is_main or sharded:  # sharded: every process takes part in each forward, rank 0's results count
-                with eval_out_dir(cfg, is_main) as eval_dir, fsdp.root_gathered(objective) if sharded else \
-                        contextlib.nullcontext():
-                    ctx = EvalContext(state.step, state.step // plan.steps_per_epoch, plan.steps_per_epoch, eval_dir,
-                                      objective, device)
-                    metrics = evaluate(task, objective, model, tokenizer, cfg, dev_rows, dev_features, accelerator, ctx)
-            if is_main:
-                last_metrics = metrics
-                run_log.write(state.step, {f"eval/{k}": v for k, v in last_metrics.items()})
-                log.info("step %d eval: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in last_metrics.items()))
-                decision = [improved_bests(task, cfg, last_metrics, state), state.best]
-            if world > 1:
-                from accelerate.utils import broadcast_object_list
-
-                broadcast_object_list(decision)
-            improved, state.best = decision
-            for name in improved:
-                save(name)
-
-        if last:
-            final_dir = save("final")
-            if is_main:
-                task.on_train_end(cfg, final_dir)
-        elif state.step % cfg.save_every == 0 or stop.signum is not None or steps_this_run == cfg.stop_after_steps:
-            save(ckpt.step_name(state.step))
-        if stop.signum is not None or (steps_this_run == cfg.stop_after_steps and not last):
+            flush_log(run)
+        agree_on_stop(run)
+        if run.dev_features and (state.step % cfg.eval_every == 0 or last) and stop.signum is None:
+            evaluate_and_keep_bests(run)
+        save_due_checkpoints(run, last)
+        if stop.signum is not None or (run.steps_this_run == cfg.stop_after_steps and not last):
             break
 
-    if progress is not None:
-        progress.close()
-    run_log.close()
-    if is_main:
-        write_training_curves(cfg.out_path)
-        record.finish(state.step, total_steps, stop.signum)
-    accelerator.wait_for_everyone()
-    if is_main and state.step == total_steps:
-        summary = {"step": state.step, "out_dir": str(cfg.out_dir), **last_metrics}
+
+# --- finish -----------------------------------------------------------------------------------------------
+def finish(run: Run) -> int:
+    """Logs closed, the command's end-of-run work, the summary line of a finished run; the exit code (128 + the
+    signal of a stopped run)."""
+    state, stop = run.state, run.stop
+    if run.progress is not None:
+        run.progress.close()
+    run.run_log.close()
+    if run.is_main:
+        run.hooks.on_finish(run)
+    run.accelerator.wait_for_everyone()
+    if run.is_main and state.step == state.total_steps:
+        summary = {"step": state.step, "out_dir": str(run.cfg.out_dir), **run.last_metrics}
         print("final " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    if world > 1:
+    if run.world > 1:
         torch.distributed.destroy_process_group()
     if stop.signum is not None:
         log.warning("stopped by %s at step %d; re-run the same command to resume", signal.Signals(stop.signum).name,
@@ -574,14 +703,18 @@ def _train(cfg: Config) -> int:
     return 0
 
 
-def train(cfg: Config) -> int:
-    """Run (or resume) the training described by cfg; returns the process exit code."""
+def train(cfg: Config, task, hooks: RunHooks | None = None) -> int:
+    """Run (or resume) the training `cfg` describes with `task` (the protocol of app/tasks/protocol.py); returns the
+    process exit code. `hooks`: what the calling command adds to the run (default: nothing)."""
+    hooks = hooks or RunHooks()
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        return _train(cfg)
+        run = setup(cfg, task, hooks)
+        if run is None:
+            return 0
+        fit(run)
+        return finish(run)
     finally:
-        from app.report.runinfo import close_run_record
-
-        close_run_record()
+        hooks.close()
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])

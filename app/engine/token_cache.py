@@ -368,10 +368,12 @@ def tokenize(task, rows, tokenizer, cfg, path, encode):
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
-def encode_cached(task, rows, tokenizer, cfg, path, split: str, encode) -> list[Feature]:
-    """`encode(task, rows, tokenizer, cfg, path)` through the cache (cfg.token_cache), with the same result. Features
-    written to or read from the cache come over flat arrays (`Tokens`); without the cache they are what `encode`
-    returns (array-backed too when `num_proc` > 1)."""
+def encode_cached(task, rows, tokenizer, cfg, split: str, encode) -> list[Feature]:
+    """`encode(task, rows, tokenizer, cfg, path)` of the rows of `split` ("train": from cfg.train_file, "dev": from
+    cfg.dev_file) through the cache (cfg.token_cache), with the same result. Features written to or read from the
+    cache come over flat arrays (`Tokens`); without the cache they are what `encode` returns (array-backed too when
+    `num_proc` > 1)."""
+    path = cfg.train_file if split == "train" else cfg.dev_file
     if not rows:
         return encode(task, rows, tokenizer, cfg, path)
     if not cfg.token_cache:

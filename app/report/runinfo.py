@@ -1,6 +1,6 @@
 """What a training run records for its report, beside metrics.jsonl: `run_info.json` and `warnings.log`.
 
-The engine (app/engine/loop.py) calls, on rank 0 only:
+The train command (app/train.py, at the engine's hook points) calls, on rank 0 only:
 
     record = RunRecord.start(cfg, world, sharded)   # once the model loaded, before the data is tokenized
     record.data(features, dev_features, plan, n_train_rows, n_dev_rows)

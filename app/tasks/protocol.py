@@ -55,7 +55,6 @@ app/registry.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -64,24 +63,9 @@ from torch import nn
 
 from app.config import Config
 from app.data import Feature, Row, read_rows  # Feature lives below the engine, which reads it too
+from app.engine.context import EvalContext  # built by the engine, read by the tasks
 from app.modelcard import CardText
 from app.registry import default_metric, task_metrics
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    """What an evaluation knows besides the model: where it is in the run and the loss module being trained."""
-
-    step: int
-    epoch: int  # completed epochs
-    steps_per_epoch: int
-    out_dir: Path
-    objective: nn.Module | None = None
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def end_of_epoch(self) -> bool:
-        return self.steps_per_epoch > 0 and self.step % self.steps_per_epoch == 0
 
 
 class Predictor(Protocol):

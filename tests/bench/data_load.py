@@ -135,7 +135,7 @@ def worker(mode: str, source: str, tok: str, cache_dir: str) -> dict:
     if mode == "today":
         features = encode_all(task, rows, tokenizer, cfg, source)
     else:
-        features = token_cache.encode_cached(task, rows, tokenizer, cfg, source, "train", encode_all)
+        features = token_cache.encode_cached(task, rows, tokenizer, cfg, "train", encode_all)
     total_s = time.perf_counter() - start
     lengths = tuple(len(f.input_ids) for f in features)  # the engine's pass before step 1 (BatchPlan, loss items)
     items = [loss_counts(task, f) for f in features]

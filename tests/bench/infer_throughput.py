@@ -51,7 +51,7 @@ def pick_checkpoint(arg: str | None, tmp: Path) -> Path:
     except UserError:
         pass
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
 
     out = tmp / "run"
     cfg = load_config(ROOT / "configs" / "tiny.py", [

@@ -52,7 +52,7 @@ def checkout_root() -> Path:
 
 def train_and_evaluate(config: str, steps: int, seed: int, overrides: list[str], out_dir: Path) -> dict:
     from app.config import load_config
-    from app.engine.loop import train
+    from app.train import train
     from app.tasks.lookahead.experiment import final_evaluation
 
     args = [f"--{kv}" for kv in overrides] + [

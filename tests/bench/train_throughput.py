@@ -17,7 +17,7 @@ The engine encodes it itself; TRL gets the very same token ids, pre-tokenized (`
 `completion_only_loss=True`), so both sides train on identical tokens with loss on the completion only (checked on
 TRL's prepared dataset before every TRL run).
 
-  engine      `app.engine.loop.train(cfg)` with configs/tiny.py and --finetuning=lora --dev_file=None (length-grouped
+  engine      `app.train.train(cfg)` with configs/tiny.py and --finetuning=lora --dev_file=None (length-grouped
               batches from app.engine.batching.BatchPlan; the prompt prefix common to a micro batch, the template's
               instruction, computed once per micro batch: share_prompt_prefix)
   engine_noshare  the same with --share_prompt_prefix=False: every row computes its whole prompt
@@ -148,7 +148,7 @@ def plan_tokens(cfg, features, steps: int) -> tuple[list[int], list[int]]:
 
 
 def run_engine(model_dir: Path, tmp: Path, steps: int, skip: int, features, extra: tuple[str, ...] = ()) -> dict:
-    import app.engine.loop as engine
+    import app.train as engine
 
     out_dir = Path(tempfile.mkdtemp(prefix="engine-", dir=tmp))
     cfg = engine_config(model_dir, out_dir, steps, extra)

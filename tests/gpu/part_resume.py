@@ -118,7 +118,7 @@ def resume_unit(ctx: Context, model_dir: str) -> dict:
 
     from app.config import load_config
     from app import checkpoint as ckpt
-    from app.engine.loop import train
+    from app.train import train
     from train_throughput import fresh_accelerate_state
 
     base = ctx.work_path / "resume"

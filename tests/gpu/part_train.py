@@ -5,7 +5,7 @@ by the NLI task as the engine encodes them), with the recipe's settings (configs
 dropout 0.05 on q,k,v,o; max_seq_length 512; micro batch 4 x 4 accumulation = 16 examples per optimizer step;
 AdamW; bf16 weights and autocast on CUDA):
 
-  engine_lora_ckpt / _nockpt     `app.engine.loop.train` (what `python -m app train` runs), bf16 base,
+  engine_lora_ckpt / _nockpt     `app.train.train` (what `python -m app train` runs), bf16 base,
                                  activation checkpointing on / off
   engine_qlora_ckpt / _nockpt    the same over a 4-bit nf4 base (bitsandbytes; skipped without it)
   trl_lora_ckpt / _nockpt        TRL's SFTTrainer on the very same token ids (completion-only loss, packing off,
@@ -163,7 +163,7 @@ def data_figures(features) -> dict:
 def engine_setup(ctx: Context, model_dir: str, quantization, ckpt: bool) -> dict:
     """One engine run of `train_steps` optimizer steps, timed from outside."""
     use_repo_imports()
-    import app.engine.loop as engine
+    import app.train as engine
     from app.lm.modeling import resolve_attn_implementation
     from train_throughput import encode_features, fresh_accelerate_state
 

@@ -2,7 +2,7 @@
 
     python -m app experiment configs/lookahead.py [--max_steps=N ...]
 
-Every run is `app.engine.loop.train` on the experiment's config with `seed`, `lookahead_model` and
+Every run is `app.train.train` on the experiment's config with `seed`, `lookahead_model` and
 `out_dir = <out_dir>/<model>_seed<seed>` set: its own checkpoints, metrics.jsonl, progress bar and exact resume. Both
 models of a seed see the same data order, steps, batch and tokens. A run that stops before its last step (a kill,
 SIGTERM, `stop_after_steps`) stops the experiment; re-running the same command skips finished runs (the engine sees
@@ -86,7 +86,7 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
     """Train every run (resuming unfinished ones), then evaluate, write results and plots; the results path, or the
     stopped run's exit code when a run stopped early (0 for stop_after_steps, 130/143 for SIGINT/SIGTERM; re-run to
     continue)."""
-    from app.engine.loop import train
+    from app.train import train
     from app.runs import check_new_folder
 
     overrides = list(overrides)
