@@ -106,7 +106,7 @@ EOF
         python3 -m venv "$WORK/tools" && "$WORK/tools/bin/pip" install -q "podman-compose==1.6.0" >"$OUT/logs/pip-tools.log" 2>&1 ||
             { record setup fail "$(since "$t0")" "pip install podman-compose failed: $OUT/logs/pip-tools.log"; return 1; }
     fi
-    record setup pass "$(since "$t0")" "$(podman --version), $("$WORK/tools/bin/podman-compose" --version 2>/dev/null | tail -n 1)"
+    record setup pass "$(since "$t0")" "$(podman --version), $("$WORK/tools/bin/podman-compose" --version 2>/dev/null | head -n 1)"
 }
 
 base() {
