@@ -26,7 +26,7 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
 
 
 def train_tiny(model_dir: Path, out: Path, **overrides) -> Path:
-    from app.engine.loop import train
+    from app.train import train
 
     cfg = tiny_config(model_dir, out, **{"max_steps": 6, "batch_size": 4, "micro_batch_size": 4, "eval_every": 3,
                                          "eval_rows": 8, "eval_batch_size": 8, "max_new_tokens": 8, "save_every": 3,
@@ -100,7 +100,11 @@ def test_comparison_table_holds_the_real_differences_and_marks_the_best(two_runs
     ca, cb = (json.loads((r / "run_config.json").read_text()) for r in (a, b))
     real = sorted(k for k in ca if ca[k] != cb[k] and k != "out_dir")
     assert real == ["learning_rate", "warmup_steps"]
-    md = write_report([str(a), str(b)], str(tmp_path / "cmp.md"))["markdown"].read_text()
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"accuracy": 0.625, "per_class": {"0": {"f1": 0.5}}, "rows": 200}))
+    md = write_report([str(a), str(b)], str(tmp_path / "cmp.md"), [f"Dev scores={scores}"])["markdown"].read_text()
+    assert table(md, "result", after="## Dev scores")[1:] == [["accuracy", "0.6250"], ["per_class.0.f1", "0.5000"],
+                                                              ["rows", "200"]]
     header, *rows = table(md, "run")
     assert header[2:2 + len(real)] == real
     col = header.index("dev_loss final")
@@ -153,14 +157,15 @@ def test_killed_run_is_reported_as_killed_with_its_config_origin(tiny_model_dir,
     assert "**killed**" in md and "| dtype | **float32** | base (default.py): 'bfloat16'" in md
 
 
-@pytest.mark.parametrize("case", ["missing", "not_md", "a_directory", "into_checkpoints"])
+@pytest.mark.parametrize("case", ["missing", "not_md", "a_directory", "into_checkpoints", "attach_missing"])
 def test_bad_arguments_are_one_line_and_write_nothing(case, two_runs, tmp_path):
     run = two_runs[0]
     (tmp_path / "folder.md").mkdir()
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     args = {"missing": [str(tmp_path / "nope")], "not_md": [str(run), f"--output={tmp_path / 'r.txt'}"],
             "a_directory": [str(run), f"--output={tmp_path / 'folder.md'}"],
-            "into_checkpoints": [str(run), f"--output={run / 'checkpoints' / 'r.md'}"]}[case]
+            "into_checkpoints": [str(run), f"--output={run / 'checkpoints' / 'r.md'}"],
+            "attach_missing": [str(run), f"--output={tmp_path / 'r.md'}", f"--attach=x={tmp_path / 'no.json'}"]}[case]
     r = run_app("report", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

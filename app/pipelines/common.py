@@ -23,9 +23,10 @@ def train(name: str, config: str, run: Path, inputs: list[Path], expect_s: float
           tiny_base: Path | None = None) -> Step:
     """`train CONFIG --out_dir=RUN [--key=value ...]`, on the embedded tiny model at `tiny_base` when given."""
     base = [f"--model_name={tiny_base}", "--create_tiny_model=False"] if tiny_base else []
-    return Step(name, ["train", config, f"--out_dir={run}", *base, *overrides],
-                [ROOT / config if not Path(config).is_absolute() else Path(config), *inputs,
-                 *([tiny_base / "model.safetensors"] if tiny_base else [])], [final_of(run), run / "metrics.jsonl"], expect_s)
+    inputs = [ROOT / config if not Path(config).is_absolute() else Path(config), *inputs,
+              *([tiny_base / "model.safetensors"] if tiny_base else [])]
+    return Step(name, ["train", config, f"--out_dir={run}", *base, *overrides], inputs,
+                [final_of(run), run / "metrics.jsonl"], expect_s, redo_args=["--resume=fresh"])
 
 
 def report(work: Path, *runs: Path, inputs: list[Path] | None = None, attach: dict[str, Path] | None = None) -> Step:

@@ -1,6 +1,9 @@
 """The pipeline runner: a list of steps, each a `python -m app ...` command (or a short function) with its inputs and
 outputs, run in order, each skipped when its output is up to date.
 
+A step that finished before and must run again because its inputs changed gets its `redo_args` (a training run:
+`--resume=fresh`, so that a finished run trains again on the new data, its old checkpoints moved aside).
+
 Up to date: the step's stamp (`WORK/.pipeline/NN-name.json`, written when the step succeeded) holds the same key
 (its command and the size and modification time of every input) and every output still has the size and
 modification time recorded then. Anything else runs the step again: a changed input, a changed setting, an output
@@ -43,6 +46,7 @@ class Step:
     describe: str = ""  # what `run` does, for --dry-run
     server: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    redo_args: list[str] = field(default_factory=list)  # added when a step that succeeded before must run again
 
     def command(self, server_url: str = "{server}") -> list[str]:
         return ["python", "-m", "app", *(a.replace("{server}", server_url) for a in self.args)] if self.args else []
@@ -148,7 +152,11 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> dict:
             echo(f"[{i}/{len(pipeline.steps)}] {step.name}: {shlex.join(step.command(server_url or '')) if step.args else step.describe}")
             t0 = time.perf_counter()
             if step.args:
-                run_command(step, server_url)
+                redo = step.redo_args if stamp_path(pipeline, i, step).is_file() else []
+                stamp_path(pipeline, i, step).unlink(missing_ok=True)  # a kill from here resumes, not redoes
+                if redo:
+                    echo(f"    its inputs changed since it last finished: {' '.join(redo)}")
+                run_command(step, server_url, redo)
             else:
                 step.run()
             seconds = time.perf_counter() - t0
@@ -165,8 +173,8 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> dict:
     return done
 
 
-def run_command(step: Step, server_url: str | None) -> None:
-    argv = [sys.executable, "-m", "app", *(a.replace("{server}", server_url or "") for a in step.args)]
+def run_command(step: Step, server_url: str | None, extra: list[str] = ()) -> None:
+    argv = [sys.executable, "-m", "app", *(a.replace("{server}", server_url or "") for a in step.args), *extra]
     proc = subprocess.run(argv, env={**os.environ, **step.env})
     if proc.returncode in (130, 143):  # stopped by Ctrl-C / SIGTERM: it saved its progress
         raise KeyboardInterrupt
