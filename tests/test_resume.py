@@ -35,7 +35,7 @@ def start(tiny_model_dir, out):
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
-# hang guards, not speed checks: a step of this run takes ~0.1 s idle, and the suite runs ~4x slower at full load
+# hang guards, not speed checks: these tests took 43-103 s at a load average of 14 on 2 cores
 WAIT_TIMEOUT = 600
 
 
@@ -54,6 +54,8 @@ def steps_logged(out) -> int:
 
 
 def assert_same_run(out, reference):
+    """The same computation, interrupted and resumed: the losses measured bitwise equal on AVX-512 and AVX2 kernels,
+    so 1e-6 is no margin fitted to one machine."""
     final = load_file(str(out / "checkpoints/final/adapter_model.safetensors"))
     expected = load_file(str(reference / "checkpoints/final/adapter_model.safetensors"))
     assert set(final) == set(expected)
