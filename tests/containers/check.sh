@@ -45,8 +45,14 @@ PROJECT=finetune-runner-kit   # compose project: never the user's own finetune-r
 EPOCHS="${FINETUNE_KIT_EPOCHS:-1}"
 CONFIG=configs/_kit_tiny.py
 CONFIG_MOUNT=(-v "$REPO/$CONFIG:/workspace/$CONFIG:ro")   # written after the builds: never in an image
-# marker secrets: set while building and running, must appear in no layer and no image config
-export HF_TOKEN="hf_kitmarker$(date +%s)secret" WANDB_API_KEY="wandbkitmarker$(date +%s)key"
+# marker secrets: set while building and running, must appear in no layer and no image config; kept in the work
+# folder, so that a --keep run checks images built by an earlier one against the markers they were built with
+if [[ ! -f $WORK/markers.env ]]; then
+    printf 'HF_TOKEN=hf_kitmarker%ssecret\nWANDB_API_KEY=wandbkitmarker%skey\n' "$(date +%s%N)" "$(date +%s%N)" >"$WORK/markers.env"
+fi
+HF_TOKEN="$(sed -n 's/^HF_TOKEN=//p' "$WORK/markers.env")"
+WANDB_API_KEY="$(sed -n 's/^WANDB_API_KEY=//p' "$WORK/markers.env")"
+export HF_TOKEN WANDB_API_KEY
 failed=0
 
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
