@@ -8,6 +8,7 @@
 #
 # Writes results.json and table.txt to --out DIR (default results/containers-<time>), logs under DIR/logs, prints
 # the table and exits non-zero when a check failed. Run as root on Debian 12 (podman 4.3 from apt, runc).
+# shellcheck disable=SC2317  # the steps are functions called through "$step"
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 REPO="$PWD"
