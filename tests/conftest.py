@@ -110,9 +110,9 @@ def capture_model(monkeypatch) -> dict:
 
     captured, original = {}, NliCot.objective
 
-    def spy(self, model, cfg=None):
+    def spy(self, model, tokenizer, cfg):
         captured["model"] = model
-        return original(self, model, cfg)
+        return original(self, model, tokenizer, cfg)
 
     monkeypatch.setattr(NliCot, "objective", spy)
     return captured

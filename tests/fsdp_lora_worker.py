@@ -29,10 +29,10 @@ def main(model_dir: str) -> None:
                                                  "--share_prompt_prefix=False"])
     task = get_task(cfg.task)
     torch.manual_seed(0)
-    model, tokenizer = task.load_model(cfg, torch.device("cpu"))
-    objective = task.objective(model, cfg)
-    fsdp.shard(objective, task.shard_blocks(objective, cfg), cpu_offload=False)
-    optimizer = make_optimizer(cfg, task.param_groups(objective, cfg))
+    model, tokenizer = task.model_kind(cfg).load(cfg, torch.device("cpu"))
+    objective = task.objective(model, tokenizer, cfg)
+    fsdp.shard(objective, task.model_kind(cfg).shard_blocks(objective), cpu_offload=False)
+    optimizer = make_optimizer(cfg, task.model_kind(cfg).param_groups(objective, cfg))
     rows = task.load_rows(cfg, "train")[:8]
     features = [task.encode(r, tokenizer, cfg) for r in rows]
     mine = features[dist.get_rank() :: 2]

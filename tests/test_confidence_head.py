@@ -45,8 +45,8 @@ def trained(cfg) -> dict:
     captured = {}
     original = ConfidenceHead.objective
 
-    def spy(self, model, cfg_):
-        captured["objective"] = original(self, model, cfg_)
+    def spy(self, model, tokenizer, cfg_):
+        captured["objective"] = original(self, model, tokenizer, cfg_)
         captured["task"] = self
         return captured["objective"]
 
@@ -133,9 +133,9 @@ def check_marker_positions(tokenizer, objective) -> None:
 def test_positions_tiny_tokenizer(tiny_model_dir, tmp_path):
     task = ConfidenceHead()
     cfg = ch_config(tiny_model_dir, tmp_path)
-    model, tokenizer = task.load_model(cfg, CPU)
+    model, tokenizer = task.model_kind(cfg).load(cfg, CPU)
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<CONFIDENCE>"
-    check_marker_positions(tokenizer, task.objective(model, cfg))
+    check_marker_positions(tokenizer, task.objective(model, tokenizer, cfg))
 
 
 def test_positions_real_mistral_tokenizer(mistral_tokenizer_dir, tiny_model_dir, tmp_path):
@@ -147,14 +147,14 @@ def test_positions_real_mistral_tokenizer(mistral_tokenizer_dir, tiny_model_dir,
     tokenizer.add_special_tokens({"additional_special_tokens": ["<CONFIDENCE>"]}, replace_extra_special_tokens=False)
     model = build_model(vocab_size=32000)
     fit_embeddings(model, tokenizer)
-    check_marker_positions(tokenizer, ConfidenceHead().objective(model, cfg))
+    check_marker_positions(tokenizer, ConfidenceHead().objective(model, tokenizer, cfg))
 
 
 # --- batching, truncation, loss -----------------------------------------------------------------------------------
 def test_batched_scores_equal_one_at_a_time(full_run):
     task = full_run["task"]
     objective = full_run["objective"]
-    tokenizer = task.load_model(full_run["cfg"], CPU)[1]  # the same tokenizer the run used
+    tokenizer = task.model_kind(full_run["cfg"]).load(full_run["cfg"], CPU)[1]  # the same tokenizer the run used
     rows = dev_rows(16)
     assert len({len(r.values["steps"]) for r in rows}) > 1
     batched, single = scores_of(objective, tokenizer, rows, 16), scores_of(objective, tokenizer, rows, 1)
@@ -166,8 +166,8 @@ def test_batched_scores_equal_one_at_a_time(full_run):
 def test_truncation_drops_cut_steps_instead_of_shifting_labels(tiny_model_dir, tmp_path):
     task = ConfidenceHead()
     cfg = ch_config(tiny_model_dir, tmp_path)
-    model, tok = task.load_model(cfg, CPU)
-    objective = task.objective(model, cfg).eval()
+    model, tok = task.model_kind(cfg).load(cfg, CPU)
+    objective = task.objective(model, tok, cfg).eval()
     steps = ["Anna is reading in the park.", "They agree.", "Anna is cooking in the kitchen today.", "They differ."]
     labels = [0.1, 0.9, 0.3, 0.7]
     full = encode_steps("Where is Anna?", steps, labels, tok, "<CONFIDENCE>", None)
@@ -193,8 +193,8 @@ def test_truncation_drops_cut_steps_instead_of_shifting_labels(tiny_model_dir, t
 def test_huber_loss_and_unlabelled_steps(tiny_model_dir, tmp_path):
     task = ConfidenceHead()
     cfg = ch_config(tiny_model_dir, tmp_path, head_loss="huber", head_huber_delta=0.25)
-    model, tok = task.load_model(cfg, CPU)
-    objective = task.objective(model, cfg).eval()
+    model, tok = task.model_kind(cfg).load(cfg, CPU)
+    objective = task.objective(model, tok, cfg).eval()
     feats = [encode_steps(p, s, y, tok, "<CONFIDENCE>", None) for p, s, y in EXAMPLES]
     batch = collate_steps(feats, tok.pad_token_id)
     pred = objective.scores(batch["input_ids"], batch["attention_mask"], batch["positions"], batch["step_mask"])
@@ -283,7 +283,7 @@ def test_lora_trains_adapter_marker_row_and_head(lora_run, tiny_model_dir):
     assert not torch.equal(marker_rows[0][0], original["model.embed_tokens.weight"].mean(0))  # trained from the mean
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     head = load_file(str(ckpt / HEAD_FILE))
-    fresh = ConfidenceHead().objective(model, lora_run["cfg"]).head.state_dict()  # same shapes, new init
+    fresh = ConfidenceHead().objective(model, None, lora_run["cfg"]).head.state_dict()  # same shapes, new init
     assert set(head) == set(fresh) and any(not torch.equal(head[k], fresh[k]) for k in head)
 
 
@@ -322,7 +322,7 @@ def test_score_steps_command(full_run, tmp_path, capsys):
 
     # same scores as the trained objective in memory, other batches notwithstanding
     task = full_run["task"]
-    tokenizer = task.load_model(full_run["cfg"], CPU)[1]
+    tokenizer = task.model_kind(full_run["cfg"]).load(full_run["cfg"], CPU)[1]
     rows = read_step_file(src, require_labels=False)
     want = scores_of(full_run["objective"], tokenizer, rows, 1, max_len=160)
     for got, exp in zip(lines, want):

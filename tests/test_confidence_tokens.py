@@ -136,7 +136,7 @@ def test_token_config_checks(tiny_model_dir, tmp_path):
 def test_mistral_tokenizer_added_tokens_are_single_and_round_trip(mistral_tokenizer_dir, tiny_model_dir, tmp_path):
     task = ConfidenceTokens()
     cfg = ct_config(tiny_model_dir, tmp_path, tokenizer_name=str(mistral_tokenizer_dir), finetuning="full")
-    model, tok = task.load_model(cfg, torch.device("cpu"))
+    model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"))
     tokens = all_tokens(cfg)
     ids = tok.convert_tokens_to_ids(tokens)
     assert len(set(ids)) == 4 and min(ids) >= 32000 and model.get_input_embeddings().weight.shape[0] >= len(tok)
@@ -162,7 +162,7 @@ def test_mistral_tokenizer_added_tokens_are_single_and_round_trip(mistral_tokeni
 def test_new_rows_start_at_the_mean_and_lm_head_rows_are_trainable(tiny_model_dir, tmp_path):
     task = ConfidenceTokens()
     cfg = ct_config(tiny_model_dir, tmp_path, finetuning="lora", target_modules=["q_proj"])
-    model, tok = task.load_model(cfg, torch.device("cpu"))
+    model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"))
     ids = tok.convert_tokens_to_ids(all_tokens(cfg))
     base = model.get_base_model()
     for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
@@ -179,7 +179,7 @@ def _batch_and_objective(tiny_model_dir, tmp_path, mode):
     cfg = ct_config(tiny_model_dir, tmp_path, finetuning="lora", target_modules=ALL_LINEAR, confidence_loss=mode,
                     lora_dropout=0.0)
     torch.manual_seed(0)
-    model, tok = task.load_model(cfg, torch.device("cpu"))
+    model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"))
     with torch.no_grad():  # make the token rows differ so that the loss is not symmetric in C and U
         for layer in (model.get_base_model().get_output_embeddings(),):
             delta = layer.token_adapter.trainable_tokens_delta["default"]
@@ -188,7 +188,7 @@ def _batch_and_objective(tiny_model_dir, tmp_path, mode):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     features = [task.encode(r, tok, cfg) for r in tagged_rows(6)]
-    return task, task.objective(model, cfg), features, tok
+    return task, task.objective(model, tok, cfg), features, tok
 
 
 def _loss_and_grads(objective, batch):
@@ -243,10 +243,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
         cfg = ct_config(tiny_model_dir, tmp_path, finetuning="lora", target_modules=ALL_LINEAR, lora_dropout=0.0,
                         confidence_loss="full_vocab", gradient_checkpointing=gc)
         torch.manual_seed(0)
-        model, tok = task.load_model(cfg, torch.device("cpu"))
+        model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"))
         model.train()
         features = [task.encode(r, tok, cfg) for r in tagged_rows(4)]
-        results.append(_loss_and_grads(task.objective(model, cfg), task.collate(features, tok.pad_token_id)))
+        results.append(_loss_and_grads(task.objective(model, tok, cfg), task.collate(features, tok.pad_token_id)))
     (loss0, grads0), (loss1, grads1) = results
     assert torch.allclose(loss0, loss1, rtol=1e-6) and grads0.keys() == grads1.keys()
     assert all(torch.allclose(grads0[k], grads1[k], rtol=1e-4, atol=1e-7) for k in grads0)
@@ -318,9 +318,9 @@ def boolq_run(tmp_path_factory, tiny_model_dir, shared_fixtures):
     captured = {}
     original = ConfidenceTokens.objective
 
-    def spy(self, model, cfg=None):
+    def spy(self, model, tokenizer, cfg):
         captured["model"] = model
-        return original(self, model, cfg)
+        return original(self, model, tokenizer, cfg)
 
     ConfidenceTokens.objective = spy
     try:
@@ -389,7 +389,7 @@ def test_tokens_survive_adapter_save_and_load(boolq_run):
     trained = boolq_run["model"]
     assert (final / "adapter_model.safetensors").is_file()
     task = ConfidenceTokens()
-    resumed, tok = task.load_model(cfg, torch.device("cpu"), final)
+    resumed, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"), final)
     served, tok2 = load_for_inference(final, cfg, torch.device("cpu"))
     ids = tok.convert_tokens_to_ids(all_tokens(cfg))
     assert tok2.convert_tokens_to_ids(all_tokens(cfg)) == ids and all(tok.tokenize(t) == [t] for t in all_tokens(cfg))

@@ -64,7 +64,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients_on_the_gpu(tiny_model_d
     cfg = tiny_config(tiny_model_dir, tmp_path, finetuning="lora", lora_dropout=0.0)
     task = NliCot()
     torch.manual_seed(0)
-    model, tok = task.load_model(cfg, CUDA)
+    model, tok = task.model_kind(cfg).load(cfg, CUDA)
     model.to(CUDA)
     features = [task.encode(r, tok, cfg) for r in task.load_rows(cfg, "train")[:6]]
     batch = {k: v.to(CUDA) if isinstance(v, torch.Tensor) else v for k, v in task.collate(features, tok.pad_token_id).items()}

@@ -224,7 +224,7 @@ def test_shuffled_confidence_does_not_collapse_perplexity(experiment):
     cfg = load_config("configs/lookahead_tiny.py", [*TINY, "--lookahead_model=confidence",
                                                     f"--out_dir={experiment['root']}/runs/confidence_seed7"])
     task = Lookahead()
-    model, tok = task.load_model(cfg, torch.device("cpu"), Path(cfg.out_dir) / "checkpoints" / "final")
+    model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"), Path(cfg.out_dir) / "checkpoints" / "final")
     assert any(b.ln1.proj.weight.abs().sum() > 0 for b in model.blocks)  # the confidence path is in use
     data = dev_tensor(task.load_rows(cfg, "dev"), tok, cfg)
     plain = evaluate_model(model, data, 16)
@@ -266,7 +266,7 @@ def test_objective_sums_match_the_step_and_carry_confidences(variant):
     assert items == ({"lm": 1, "confidence": 1} if variant == "seed" else {"lm": 12, "confidence": 12})
     batch = task.collate(feats, tok.pad_token_id)
     model = _conf_model(dtype=torch.float32)
-    objective = task.objective(model, cfg)
+    objective = task.objective(model, tok, cfg)
     objective.train()
     torch.manual_seed(4)
     sums = objective(**batch)
@@ -309,7 +309,7 @@ def test_causal_confidence_inputs_in_training():
     batch = task.collate([task.encode(Row(i + 1, {"text": text[i : i + 14]}), tok, cfg) for i in range(2)],
                          tok.pad_token_id)
     model = _conf_model(dtype=torch.float32)
-    objective = task.objective(model, cfg).train()
+    objective = task.objective(model, tok, cfg).train()
     torch.manual_seed(2)
     sums = objective(**batch)
     torch.manual_seed(2)
@@ -346,8 +346,8 @@ def _plain_objective(cfg_overrides=()):
 
     cfg = load_config("configs/lookahead_tiny.py", ["--lookahead_model=plain", *cfg_overrides])
     task = Lookahead()
-    model, _ = task.load_model(cfg, torch.device("cpu"))
-    return task, cfg, task.objective(model, cfg)
+    model, tokenizer = task.model_kind(cfg).load(cfg, torch.device("cpu"))
+    return task, cfg, task.objective(model, tokenizer, cfg)
 
 
 def test_weight_decay_on_matrices_only():
@@ -356,7 +356,7 @@ def test_weight_decay_on_matrices_only():
     from app.engine.optim import make_optimizer
 
     task, cfg, objective = _plain_objective()
-    groups = task.param_groups(objective, cfg)
+    groups = task.model_kind(cfg).param_groups(objective, cfg)
     names = {id(p): n for n, p in objective.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
     kept = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}

@@ -1,6 +1,6 @@
 """The task protocol's engine features, on real short runs of the tiny model: several named losses (logged and
-weighted, normalised over the global batch), parameter groups (and their resume), the evaluation context, the
-end-of-run hook and DDP options."""
+weighted, normalised over the global batch), parameter groups of a model kind (and their resume), the evaluation
+context and the end-of-run hook; what each task's model kind says."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from torch import nn
 
 from app import checkpoint as ckpt
 from app.engine.batching import BatchPlan
-from app.engine.loop import encode_all, make_accelerator
+from app.engine.loop import encode_all
 from app.lm.forward import CompletionLoss, last_hidden_states
+from app.lm.kind import CausalLM
 from app.tasks.nli_cot.task import NliCot
 from app.train import train
 from conftest import ROOT, read_metrics, tiny_config
@@ -62,7 +63,7 @@ class TwoLossTask(NliCot):
     def __init__(self):
         self.objectives = []
 
-    def objective(self, model, cfg):
+    def objective(self, model, tokenizer, cfg):
         made = TwoLosses(model, cfg.share_prompt_prefix)
         self.objectives.append(made)
         return made
@@ -138,7 +139,7 @@ def test_several_losses_are_logged_and_the_total_is_weighted(two_loss_run):
 def test_several_losses_logged_values_and_gradient_match_a_direct_computation(two_loss_run):
     """Step 1 recomputed by hand on the initial weights: each sum over its count in the global batch, weighted."""
     cfg, task, grads, out = two_loss_run
-    model, tokenizer = task.load_model(cfg, torch.device("cpu"))  # the initial weights (full fine-tuning)
+    model, tokenizer = task.model_kind(cfg).load(cfg, torch.device("cpu"))  # the initial weights (full fine-tuning)
     objective = TwoLosses(model, cfg.share_prompt_prefix)
     objective.train()
     micro_batches = first_global_batch(task, cfg, tokenizer)
@@ -186,25 +187,9 @@ def test_several_losses_logged_values_and_gradient_match_a_direct_computation(tw
     assert logged["grad_norm"] == pytest.approx(expected.norm().item(), rel=1e-4)
 
 
-class UnusedParamsTask(NliCot):
-    def ddp_options(self, cfg):
-        return {"find_unused_parameters": True}
-
-
-def test_single_loss_task_logs_exactly_loss_and_passes_its_ddp_options(tiny_model_dir, tmp_path, monkeypatch):
-    """A task with one loss keeps the one `loss` key (no `loss/...`), its value the per-token mean; the engine
-    builds its Accelerator with the task's ddp_options."""
-    from app.engine import loop
-
-    task = UnusedParamsTask()
-    built = []
-    original = loop.make_accelerator
-
-    def spy(cfg, options=None):
-        built.append((options, original(cfg, options)))
-        return built[-1][1]
-
-    monkeypatch.setattr(loop, "make_accelerator", spy)
+def test_single_loss_task_logs_exactly_loss(tiny_model_dir, tmp_path):
+    """A task with one loss keeps the one `loss` key (no `loss/...`), its value the per-token mean."""
+    task = NliCot()
     out = tmp_path / "single"
     cfg = tiny_config(tiny_model_dir, out, max_steps=3, batch_size=4, micro_batch_size=4, save_every=100)
     assert train(cfg, task) == 0
@@ -215,17 +200,24 @@ def test_single_loss_task_logs_exactly_loss_and_passes_its_ddp_options(tiny_mode
         assert not [k for k in v if k.startswith("loss/")], v
     assert not [k for v in read_metrics(out).values() for k in v if k.startswith("eval/")]  # dev_file=None
     # step 1 ran on the initial weights: its loss is the summed CE over the batch's target tokens
-    model, tokenizer = task.load_model(cfg, torch.device("cpu"))
+    model, tokenizer = task.model_kind(cfg).load(cfg, torch.device("cpu"))
     (batch,) = first_global_batch(task, cfg, tokenizer)
     with torch.no_grad():
-        total = float(task.objective(model, cfg)(**task.collate(batch, tokenizer.pad_token_id)))
+        total = float(task.objective(model, tokenizer, cfg)(**task.collate(batch, tokenizer.pad_token_id)))
     assert lines[1]["loss"] == pytest.approx(total / sum(task.loss_items(f) for f in batch), rel=1e-5)
-    assert [options for options, _ in built] == [{"find_unused_parameters": True}]
-    assert built[0][1].ddp_handler.to_kwargs() == {"find_unused_parameters": True}
 
 
 # --- parameter groups, resume, on_train_end ---------------------------------------------------------------------
 EMBED = "model.embed_tokens.weight"
+
+
+class EmbeddingsInAZeroLrGroup(CausalLM):
+    """The Hugging Face model kind with its embeddings in a parameter group of their own, at a learning rate of 0."""
+
+    def param_groups(self, objective, cfg):
+        embed = objective.model.get_input_embeddings().weight
+        rest = [p for p in objective.parameters() if p.requires_grad and p is not embed]
+        return [{"params": [embed], "lr": 0.0}, {"params": rest}]
 
 
 class GroupsTask(NliCot):
@@ -234,10 +226,8 @@ class GroupsTask(NliCot):
     def __init__(self, calls: list):
         self.calls = calls
 
-    def param_groups(self, objective, cfg):
-        embed = objective.model.get_input_embeddings().weight
-        rest = [p for p in objective.parameters() if p.requires_grad and p is not embed]
-        return [{"params": [embed], "lr": 0.0}, {"params": rest}]
+    def model_kind(self, cfg):
+        return EmbeddingsInAZeroLrGroup()
 
     def on_train_end(self, cfg, final_dir):
         root = ckpt.checkpoints_dir(cfg.out_path)
@@ -337,8 +327,8 @@ class EvalTask(NliCot):
     def __init__(self):
         self.seen, self.objectives = [], []
 
-    def objective(self, model, cfg):
-        made = super().objective(model, cfg)
+    def objective(self, model, tokenizer, cfg):
+        made = super().objective(model, tokenizer, cfg)
         self.objectives.append(made)
         return made
 
@@ -379,17 +369,39 @@ def test_eval_context_steps_epochs_and_objective(tiny_model_dir, tmp_path):
     assert best["step"] == 4 and best["best"]["best"] == {"metric": "macro_f1", "value": 0.8, "step": 4}
 
 
-# --- DDP options ----------------------------------------------------------------------------------------------------
-def test_ddp_options_reach_the_accelerator(tiny_model_dir, tmp_path):
-    from accelerate.utils import DistributedDataParallelKwargs
+# --- model kinds ----------------------------------------------------------------------------------------------------
+def test_each_task_names_its_model_kind_and_what_a_sharded_run_turns_off(tmp_path):
+    """The model side of every task is its kind: the Hugging Face one with the task's added tokens and head rows and
+    the prefix sharing FSDP2 cannot shard (ranking's question prefix too), or the from-scratch GPT."""
+    from app.config import make_config
+    from app.registry import get_task
+    from app.tasks.lookahead.task import ScratchGPT
 
-    cfg = tiny_config(tiny_model_dir, tmp_path)
-    options = UnusedParamsTask().ddp_options(cfg)
-    accelerator = make_accelerator(cfg, options)
-    handler = accelerator.ddp_handler
-    assert isinstance(handler, DistributedDataParallelKwargs)
-    assert handler.find_unused_parameters is True
-    assert handler.to_kwargs() == {"find_unused_parameters": True}  # what accelerate passes to DDP(...)
-    assert make_accelerator(cfg, {}).ddp_handler is None
-    other = make_accelerator(cfg, {"find_unused_parameters": True, "broadcast_buffers": False})
-    assert other.ddp_handler.to_kwargs() == {"find_unused_parameters": True, "broadcast_buffers": False}
+    kinds = {name: get_task(name).model_kind(make_config(task=name)) for name in
+             ("nli_cot", "confidence_tokens", "confidence_head", "ranking", "lookahead")}
+    assert kinds["nli_cot"] == CausalLM()
+    assert kinds["confidence_head"] == CausalLM(added_tokens=("<CONFIDENCE>",))
+    assert kinds["confidence_tokens"].head_rows and len(kinds["confidence_tokens"].added_tokens) > 2
+    assert isinstance(kinds["lookahead"], ScratchGPT)
+    sharing = make_config(task="ranking", share_prompt_prefix=True, share_question_prefix=True)
+    assert kinds["ranking"].fsdp_overrides(sharing) == {"share_prompt_prefix": False, "share_question_prefix": False}
+    assert kinds["nli_cot"].fsdp_overrides(make_config(share_prompt_prefix=True)) == {"share_prompt_prefix": False}
+    assert kinds["nli_cot"].fsdp_overrides(make_config(share_prompt_prefix=False)) == {}
+    assert kinds["lookahead"].fsdp_overrides(make_config(task="lookahead")) == {}
+
+
+def test_ranking_objective_pads_with_the_tokenizer_it_is_given(tiny_model_dir, tmp_path):
+    """The objective receives the tokenizer (no pad id kept on the task between load and objective): a tokenizer
+    whose pad id differs gives an objective that pads with that id."""
+    from app.tasks.ranking.task import Ranking
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="ranking")
+    task = Ranking()
+    model, tokenizer = task.model_kind(cfg).load(cfg, torch.device("cpu"))
+    assert task.objective(model, tokenizer, cfg).pad_id == tokenizer.pad_token_id
+
+    class OtherPad:
+        pad_token_id = tokenizer.pad_token_id + 7
+
+    assert task.objective(model, OtherPad(), cfg).pad_id == tokenizer.pad_token_id + 7
+    assert not hasattr(task, "_pad_id")

@@ -517,8 +517,8 @@ def test_lora_adapter_and_head_load_back_without_retraining(tiny_model_dir, tmp_
     captured = {}
     original = Ranking.objective
 
-    def spy(self, model, cfg_):
-        captured["objective"] = original(self, model, cfg_)
+    def spy(self, model, tokenizer, cfg_):
+        captured["objective"] = original(self, model, tokenizer, cfg_)
         return captured["objective"]
 
     with pytest.MonkeyPatch.context() as mp:

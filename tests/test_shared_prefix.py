@@ -31,7 +31,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     cfg = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("sp"), finetuning="lora", lora_dropout=0.0)
     task = NliCot()
     torch.manual_seed(0)
-    model, tok = task.load_model(cfg, torch.device("cpu"))
+    model, tok = task.model_kind(cfg).load(cfg, torch.device("cpu"))
     features = [task.encode(r, tok, cfg) for r in task.load_rows(cfg, "train")[:6]]
     return cfg, task, model, tok, features
 

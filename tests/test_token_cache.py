@@ -103,7 +103,7 @@ def test_confidence_head_features_keep_their_extras(tiny_model_dir, tmp_path):
     task = get_task("confidence_head")
     rows = task.load_rows(cfg, "train")[:40]
     tok = load_tokenizer(cfg)
-    tok.add_special_tokens({"additional_special_tokens": task.added_tokens(cfg)})
+    tok.add_special_tokens({"additional_special_tokens": list(task.model_kind(cfg).added_tokens)})
     enc = Counting()
     first = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
     second = token_cache.encode_cached(task, rows, tok, cfg, "train", enc)
@@ -138,7 +138,7 @@ def test_cached_features_are_array_backed_and_collate_the_same(tiny_model_dir, t
     extra = {} if task_name == "nli_cot" else {"task": "confidence_head",
                                               "train_file": str(ROOT / "data/sample/steps/train.jsonl")}
     cfg, task, rows, tok = setup(tiny_model_dir, tmp_path, **extra)
-    tok.add_special_tokens({"additional_special_tokens": task.added_tokens(cfg)})
+    tok.add_special_tokens({"additional_special_tokens": list(task.model_kind(cfg).added_tokens)})
     fresh = encode_all(task, rows, tok, cfg, cfg.train_file)
     cold = token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all)
     hit = token_cache.encode_cached(task, rows, tok, cfg, "train", encode_all)

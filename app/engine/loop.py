@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from app import checkpoint as ckpt
@@ -58,13 +58,12 @@ class TrainState:
 
 
 # --- setup ------------------------------------------------------------------------------------------------
-def make_accelerator(cfg: Config, ddp_options: dict | None = None):
+def make_accelerator(cfg: Config):
     cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    handlers = [DistributedDataParallelKwargs(**ddp_options)] if ddp_options else []
-    return Accelerator(mixed_precision=mp, cpu=not cuda, kwargs_handlers=handlers)
+    return Accelerator(mixed_precision=mp, cpu=not cuda)
 
 
 def uses_fsdp(cfg: Config, world: int) -> bool:
@@ -248,6 +247,7 @@ class Run:
 
     cfg: Config  # as resolved for this run (a sharded run's overrides applied)
     task: object  # the task protocol (app/tasks/protocol.py)
+    kind: object  # the task's model kind (app/lm/kind.py)
     hooks: RunHooks
     accelerator: object
     sharded: bool
@@ -310,7 +310,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
         run.optimizer.state_dict()
     with fsdp.gathered(objective) if run.sharded else contextlib.nullcontext():
         if accelerator.is_main_process:
-            run.task.save_weights(run.model, run.tokenizer, tmp)
+            run.kind.save(run.model, run.tokenizer, tmp)
             run.task.save_extra(objective, tmp, cfg)
             run.hooks.on_checkpoint(run, name, tmp)  # before publish: the manifest covers what it adds
             ckpt.save_optimizer_state(optimizer_state, tmp)
@@ -480,16 +480,17 @@ def move_previous_aside(cfg: Config) -> None:
 def start_processes(cfg: Config, task, hooks: RunHooks) -> Run:
     """The accelerator and what follows from the number of processes: sharding (and the settings it changes), the
     accumulation steps; the stop flag installed."""
-    accelerator = make_accelerator(cfg, task.ddp_options(cfg))
+    accelerator = make_accelerator(cfg)
+    kind = task.model_kind(cfg)
     sharded = uses_fsdp(cfg, accelerator.num_processes)
-    if sharded and (changes := task.fsdp_overrides(cfg)):
+    if sharded and (changes := kind.fsdp_overrides(cfg)):
         log.info("parallelism='fsdp': %s", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         cfg = cfg.model_copy(update=changes)
     accumulation = accumulation_steps(cfg, accelerator.num_processes)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return Run(cfg, task, hooks, accelerator, sharded, accumulation, stop)
+    return Run(cfg, task, kind, hooks, accelerator, sharded, accumulation, stop)
 
 
 def open_run_dir(run: Run) -> None:
@@ -527,16 +528,16 @@ def prepare_data(run: Run) -> None:
 
 
 def prepare_optimisation(run: Run) -> None:
-    """The task's loss module (sharded when asked), the optimizer and schedule over its parameter groups, the state
-    of a checkpoint to resume from, and the DDP wrapping."""
+    """The task's loss module (sharded when asked), the optimizer and schedule over the model kind's parameter
+    groups, the state of a checkpoint to resume from, and the DDP wrapping."""
     cfg, task = run.cfg, run.task
-    run.objective = objective = task.objective(run.model, cfg)
+    run.objective = objective = task.objective(run.model, run.tokenizer, cfg)
     objective.to(run.device)
     if run.resume_from is not None:
         task.load_extra(objective, run.resume_from)
     if run.sharded:  # parameters become DTensor shards: the optimizer is built on them
-        fsdp.shard(objective, task.shard_blocks(objective, cfg), cfg.fsdp_cpu_offload)
-    groups = task.param_groups(objective, cfg)
+        fsdp.shard(objective, run.kind.shard_blocks(objective), cfg.fsdp_cpu_offload)
+    groups = run.kind.param_groups(objective, cfg)
     run.params = [p for g in groups for p in g["params"]]
     run.optimizer = make_optimizer(cfg, groups)
     run.scheduler = make_scheduler(cfg, run.optimizer, run.state.total_steps)
@@ -579,7 +580,7 @@ def setup(cfg: Config, task, hooks: RunHooks) -> Run | None:
         print(f"{run.cfg.out_dir}: run already complete ({run.resume_from}); use --resume=fresh to train again")
         return None
     torch.manual_seed(run.cfg.seed)
-    run.model, run.tokenizer = task.load_model(run.cfg, run.device, run.resume_from)
+    run.model, run.tokenizer = run.kind.load(run.cfg, run.device, run.resume_from)
     open_run_dir(run)
     prepare_data(run)
     prepare_optimisation(run)

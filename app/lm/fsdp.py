@@ -1,10 +1,10 @@
 """`parallelism='fsdp'`: PyTorch FSDP2 (`fully_shard`) over the training processes.
 
 Parameters, gradients and optimizer state are split over the processes instead of copied to each: every transformer
-block the task names (`Task.shard_blocks`) is one unit, gathered just before its forward and backward and freed after;
-the loss module (the objective) is the root unit and holds the rest (embeddings, final norm, LM head, a task's head),
-kept gathered for the whole step (FSDP2 does not reshard the root after forward). Frozen parameters (a LoRA base) are
-sharded too; only trainable ones get gradients and optimizer state.
+block the model kind names (`ModelKind.shard_blocks`, app/lm/kind.py) is one unit, gathered just before its forward
+and backward and freed after; the loss module (the objective) is the root unit and holds the rest (embeddings, final
+norm, LM head, a task's head), kept gathered for the whole step (FSDP2 does not reshard the root after forward).
+Frozen parameters (a LoRA base) are sharded too; only trainable ones get gradients and optimizer state.
 
 Checkpoints do not change format with sharding: at save time the full weights are gathered to rank 0's CPU memory
 (one tensor at a time, the GPUs hold no more than their shards) and rank 0 writes them with the task's own save code:
@@ -55,7 +55,7 @@ def shard(objective: nn.Module, blocks: list[nn.Module], cpu_offload: bool) -> N
         from app.errors import UserError
 
         raise UserError(f"parallelism='fsdp': {type(objective).__name__} names no transformer blocks to shard "
-                        "(the task's shard_blocks)")
+                        "(the model kind's shard_blocks)")
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in blocks:
         fully_shard(block, offload_policy=offload)

@@ -1,7 +1,7 @@
 """The task protocol: everything the engine and the inference commands ask of a task, in one place.
 
 The engine (app/engine/loop.py) owns the loop: data order, accumulation, mixed precision, processes, optimizer,
-schedule, checkpoints and exact resume. A task owns its data, its model construction, its loss and its metrics.
+schedule, checkpoints and exact resume. A task owns its data, its model (a model kind), its loss and its metrics.
 Every method receives the context it needs (the config always), so a task keeps no state between calls.
 
     method                         default                              override when
@@ -12,17 +12,13 @@ Every method receives the context it needs (the config always), so a task keeps 
     train_window(cfg)              None: whole examples                 train on windows of N tokens at random offsets
     loss_items(feature)            target tokens                        other units; {"name": count} for several losses
     collate(features, pad_id)      right-padded ids, mask, labels       extra tensors (a plain int passes through)
-    added_tokens(cfg)              none                                 special tokens to add (their rows train)
-    adapter_options(cfg)           {}                                   e.g. {"head_rows": True} (app.lm.modeling)
-    load_model(cfg, device, dir)   Hugging Face causal LM + adapters    another architecture (from scratch, an encoder)
-    save_weights(model, tok, dir)  save_pretrained (safetensors)        weights of another kind
-    objective(model, cfg)          (required)                           always: nn.Module, forward(**batch) -> sums
+    model_kind(cfg)                CausalLM(): Hugging Face + adapters  added tokens, head rows, a model of its own
+                                                                        (app.lm.kind: load, save, FSDP2 blocks and
+                                                                        overrides, optimizer parameter groups)
+    objective(model, tokenizer,    (required)                           always: nn.Module, forward(**batch) -> sums
+              cfg)
     save_extra / load_extra        nothing                              weights beside the model's (a score head)
-    param_groups(objective, cfg)   one group of trainable parameters    several learning rates / no decay groups
     loss_weights(cfg)              1.0 each                             weighted sum of several named losses
-    ddp_options(cfg)               {}                                   e.g. {"find_unused_parameters": True}
-    shard_blocks(objective, cfg)   the HF model's decoder layers        another architecture's blocks (FSDP2 units)
-    fsdp_overrides(cfg)            share_prompt_prefix off              other settings FSDP2 cannot shard
     evaluate(model, tok, cfg,      {}                                   task metrics; files it writes go under
              rows, ctx)                                                 ctx.out_dir (ctx.step, ctx.epoch, ctx.objective)
     best_checkpoints(cfg)          {"best": metric_for_best}            several best-by-metric checkpoints
@@ -45,7 +41,7 @@ A minimal task (see app/tasks/nli_cot/ for a full one):
             prompt = tokenizer(row.values["text"]).input_ids
             target = tokenizer(row.values["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             return Feature(prompt + target, [-100] * len(prompt) + target, row.line)
-        def objective(self, model, cfg):
+        def objective(self, model, tokenizer, cfg):
             return CompletionLoss(model)           # app.lm.forward: summed cross-entropy on target tokens
 
 plus its config section (app/tasks/echo/config.py: a `Section` subclass, METRICS, DEFAULT_METRIC) and one entry in
@@ -64,6 +60,7 @@ from torch import nn
 from app.config import Config
 from app.data import Feature, Row, read_rows  # Feature lives below the engine, which reads it too
 from app.engine.context import EvalContext  # built by the engine, read by the tasks
+from app.lm.kind import CausalLM, ModelKind
 from app.modelcard import CardText
 from app.registry import default_metric, task_metrics
 
@@ -87,27 +84,12 @@ class Task:
     required_columns: tuple[str, ...] = ()
 
     # --- model --------------------------------------------------------------------------------------------------
-    def added_tokens(self, cfg: Config) -> list[str]:
-        """Special tokens this task adds to the tokenizer (their embedding rows train)."""
-        return []
+    def model_kind(self, cfg: Config) -> ModelKind:
+        """The model side of the run (app.lm.kind): how it loads and saves, how FSDP2 shards it, its optimizer
+        groups. Default: a Hugging Face causal LM with adapters, no added tokens."""
+        return CausalLM()
 
-    def adapter_options(self, cfg: Config) -> dict:
-        """Keyword options of app.lm.modeling.add_adapters for this task."""
-        return {}
-
-    def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
-        """(model, tokenizer) ready to train; `weights_dir` holds a checkpoint to resume from."""
-        from app.lm import modeling
-
-        return modeling.load_trainable(cfg, device, self.added_tokens(cfg), weights_dir, **self.adapter_options(cfg))
-
-    def save_weights(self, model, tokenizer, directory: Path) -> None:
-        """Model weights (safetensors only) and tokenizer into a checkpoint directory."""
-        from app.lm import modeling
-
-        modeling.save_weights(model, tokenizer, directory)
-
-    def objective(self, model, cfg: Config) -> nn.Module:
+    def objective(self, model, tokenizer, cfg: Config) -> nn.Module:
         """The loss module: forward(**batch) -> summed loss (or {name: sum})."""
         raise NotImplementedError
 
@@ -117,31 +99,9 @@ class Task:
     def load_extra(self, objective: nn.Module, directory: Path) -> None:
         """Read what save_extra wrote (strict key check)."""
 
-    # --- optimisation -------------------------------------------------------------------------------------------
-    def param_groups(self, objective: nn.Module, cfg: Config) -> list[dict]:
-        """Optimizer parameter groups; each dict may set its own lr / weight_decay. Default: one group."""
-        return [{"params": [p for p in objective.parameters() if p.requires_grad]}]
-
     def loss_weights(self, cfg: Config) -> dict[str, float]:
         """Weight of each named loss in the total that is backpropagated (names missing here weigh 1.0)."""
         return {}
-
-    def ddp_options(self, cfg: Config) -> dict:
-        """Keyword arguments of torch DDP for this task's objective (e.g. find_unused_parameters=True)."""
-        return {}
-
-    def shard_blocks(self, objective: nn.Module, cfg: Config) -> list[nn.Module]:
-        """The transformer blocks FSDP2 shards one unit each (parallelism='fsdp'); the rest of the objective is the
-        root unit. Default: the Hugging Face model's `_no_split_modules` classes (its decoder layers)."""
-        from app.lm.fsdp import default_blocks
-
-        return default_blocks(objective)
-
-    def fsdp_overrides(self, cfg: Config) -> dict:
-        """Config changes a sharded run makes (and logs): FSDP2 gathers a block's weights for the backward when a
-        gradient reaches the block's output, so a forward whose gradient flows through a key/value cache (a prompt
-        prefix computed once) cannot be sharded. Default: share_prompt_prefix off."""
-        return {"share_prompt_prefix": False} if cfg.share_prompt_prefix else {}
 
     # --- data ---------------------------------------------------------------------------------------------------
     def load_rows(self, cfg: Config, split: str) -> list[Row]:

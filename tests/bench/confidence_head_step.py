@@ -64,7 +64,7 @@ def build(args, device):
         model = add_adapters(model, cfg, [marker])
     model.to(device)
     task = ConfidenceHead()
-    objective = task.objective(model, cfg).to(device)
+    objective = task.objective(model, None, cfg).to(device)  # its objective reads no tokenizer
     objective.train()
 
     g = torch.Generator().manual_seed(1)

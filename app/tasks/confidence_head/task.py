@@ -40,6 +40,7 @@ from torch import nn
 from app.config import Config
 from app.data import Row
 from app.errors import UserError
+from app.lm.kind import CausalLM
 from app.metrics.calibration import reliability_data, save_reliability_json
 from app.modelcard import CardText
 from app.tasks.confidence_head.metrics import labelled_pairs, step_metrics
@@ -57,10 +58,10 @@ class ConfidenceHead(Task):
     name = "confidence_head"
 
     # model
-    def added_tokens(self, cfg: Config) -> list[str]:
-        return [cfg.step_marker]
+    def model_kind(self, cfg: Config) -> CausalLM:
+        return CausalLM(added_tokens=(cfg.step_marker,))
 
-    def objective(self, model, cfg: Config) -> StepConfidenceObjective:
+    def objective(self, model, tokenizer, cfg: Config) -> StepConfidenceObjective:
         """The loss module: backbone + a fresh head (a saved head is loaded through load_extra)."""
         return build_objective(model, cfg)
 

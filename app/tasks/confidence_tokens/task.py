@@ -55,6 +55,7 @@ from torch import nn
 from app.config import Config
 from app.data import Row, read_rows
 from app.errors import UserError
+from app.lm.kind import CausalLM
 from app.metrics.calibration import save_reliability_json, save_reliability_png
 from app.modelcard import CardText
 from app.tasks.confidence_tokens.hub import hub_token, push_to_hub
@@ -77,15 +78,12 @@ class ConfidenceTokens(Task):
     required_columns = ("question", "tagged_response", "dataset")
 
     # --- model --------------------------------------------------------------------------------------------------
-    def added_tokens(self, cfg: Config) -> list[str]:
-        return all_tokens(cfg)
-
-    def adapter_options(self, cfg: Config) -> dict:
+    def model_kind(self, cfg: Config) -> CausalLM:
         # the LM-head rows of the tokens train too: an untied head would otherwise keep identical rows for C and U,
         # and p(C) / (p(C) + p(U)) would stay 0.5
-        return {"head_rows": True}
+        return CausalLM(added_tokens=tuple(all_tokens(cfg)), head_rows=True)
 
-    def objective(self, model, cfg: Config) -> nn.Module:
+    def objective(self, model, tokenizer, cfg: Config) -> nn.Module:
         return ConfidenceTokenLoss(model, cfg.confidence_loss)
 
     def on_train_end(self, cfg: Config, final_dir: Path) -> None:

@@ -203,7 +203,7 @@ def final_evaluation(cfg) -> dict:
 
     task = Lookahead()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = task.load_model(cfg, device, Path(cfg.out_dir) / "checkpoints" / "final")
+    model, tokenizer = task.model_kind(cfg).load(cfg, device, Path(cfg.out_dir) / "checkpoints" / "final")
     data = dev_tensor(task.load_rows(cfg, "dev"), tokenizer, cfg)
     out = evaluate_model(model, data, cfg.eval_batch_size, keep_pairs=cfg.calibration_points)
     if model.shape.confidence:

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerFast
 from app.config import Config
 from app.data import Row
 from app.errors import UserError
+from app.lm.kind import ModelKind
 from app.modelcard import CardText
 from app.tasks.lookahead import corpus, step
 from app.tasks.lookahead.model import GPT, decay_groups, shapes
@@ -150,11 +151,12 @@ def evaluate_model(model: GPT, data: torch.Tensor, batch_size: int, shuffle: boo
     return out
 
 
-class Lookahead(Task):
-    name = "lookahead"
+class ScratchGPT(ModelKind):
+    """The from-scratch model kind: MiniGPT or ConfidenceAwareGPT (app.tasks.lookahead.model) of the config's shape,
+    the byte-level tokenizer, weights in `model.safetensors` with the shape in `config.json`, each transformer block
+    one FSDP2 unit, weight decay on the matrices only (nanoGPT's split)."""
 
-    # --- model --------------------------------------------------------------------------------------------------
-    def load_model(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
+    def load(self, cfg: Config, device: torch.device, weights_dir: Path | None = None):
         tokenizer = build_tokenizer()
         model = GPT(model_shape(cfg, len(tokenizer)))
         model.detach_confidence = not cfg.confidence_trunk_grad
@@ -168,7 +170,7 @@ class Lookahead(Task):
                 raise UserError(f"{path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
         return model.to(device), tokenizer
 
-    def save_weights(self, model, tokenizer, directory: Path) -> None:
+    def save(self, model, tokenizer, directory: Path) -> None:
         model = getattr(model, "module", model)
         directory = Path(directory)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
@@ -177,11 +179,22 @@ class Lookahead(Task):
                                                           indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(str(directory))
 
-    def objective(self, model, cfg: Config) -> nn.Module:
-        return LookaheadObjective(model, cfg.lookahead_variant, cfg.confidence_inputs)
-
-    def shard_blocks(self, objective: nn.Module, cfg: Config) -> list[nn.Module]:
+    def shard_blocks(self, objective: nn.Module) -> list[nn.Module]:
         return list(objective.model.blocks)
+
+    def param_groups(self, objective: nn.Module, cfg: Config) -> list[dict]:
+        return decay_groups(objective, cfg.weight_decay)
+
+
+class Lookahead(Task):
+    name = "lookahead"
+
+    # --- model --------------------------------------------------------------------------------------------------
+    def model_kind(self, cfg: Config) -> ScratchGPT:
+        return ScratchGPT()
+
+    def objective(self, model, tokenizer, cfg: Config) -> nn.Module:
+        return LookaheadObjective(model, cfg.lookahead_variant, cfg.confidence_inputs)
 
     def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
         if objective.model.shape.confidence:
@@ -191,9 +204,6 @@ class Lookahead(Task):
         path = Path(directory) / STATE_FILE
         if objective.model.shape.confidence and path.is_file():
             objective.prev_conf = load_file(str(path))["prev_conf"].to(objective.prev_conf.device)
-
-    def param_groups(self, objective: nn.Module, cfg: Config) -> list[dict]:
-        return decay_groups(objective, cfg.weight_decay)
 
     def loss_weights(self, cfg: Config) -> dict[str, float]:
         return {"confidence": cfg.confidence_alpha}
@@ -250,9 +260,9 @@ class Lookahead(Task):
                                      "confidence scalar that conditions its norms)." if model != "MiniGPT" else ""))
         load = ("The weights are this project's own model (`model.safetensors`, its shape in `config.json`), not a "
                 "transformers architecture; load them with finetune-runner:\n\n```python\nfrom pathlib import Path\n"
-                "\nimport torch\n\nfrom app.config import saved_config\nfrom app.tasks.lookahead.task import Lookahead\n"
+                "\nimport torch\n\nfrom app.config import saved_config\nfrom app.tasks.lookahead.task import ScratchGPT\n"
                 "\ncheckpoint = Path(\"CHECKPOINT\")\ncfg = saved_config(checkpoint / \"run_config.json\")\n"
-                "model, tokenizer = Lookahead().load_model(cfg, torch.device(\"cpu\"), checkpoint)\n```\n")
+                "model, tokenizer = ScratchGPT().load(cfg, torch.device(\"cpu\"), checkpoint)\n```\n")
         return CardText(
             summary=summary, pipeline_tag="text-generation",
             from_scratch=f"a {model} (n_layer {cfg.n_layer}, d_model {cfg.d_model}, context {cfg.context_length} "

@@ -25,7 +25,7 @@ class NliCot(Task):
     name = "nli_cot"
     required_columns = ("premise", "hypothesis", "label")
 
-    def objective(self, model, cfg: Config):
+    def objective(self, model, tokenizer, cfg: Config):
         return CompletionLoss(model, share_prefix=cfg.share_prompt_prefix)
 
     def truncate(self, f: Feature, limit: int) -> Feature | None:

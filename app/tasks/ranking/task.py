@@ -28,6 +28,7 @@ from torch import nn
 from app.atomic import write_json_atomic
 from app.config import Config
 from app.data import Row, read_rows
+from app.lm.kind import CausalLM
 from app.modelcard import CardText
 from app.tasks.protocol import EvalContext, Feature, Task
 from app.tasks.ranking.config import METRICS
@@ -43,19 +44,12 @@ log = logging.getLogger(__name__)
 class Ranking(Task):
     name = "ranking"
 
-    def objective(self, model, cfg: Config) -> nn.Module:
-        return build_objective(model, cfg, self._pad_id)
-
-    _pad_id = 0
-
-    def fsdp_overrides(self, cfg: Config) -> dict:
+    def model_kind(self, cfg: Config) -> CausalLM:
         # the question prefix's keys/values carry the candidates' gradients back: one forward per block under FSDP2
-        return {**super().fsdp_overrides(cfg), **({"share_question_prefix": False} if cfg.share_question_prefix else {})}
+        return CausalLM(prefix_shares=("share_prompt_prefix", "share_question_prefix"))
 
-    def load_model(self, cfg: Config, device, weights_dir=None):
-        model, tokenizer = super().load_model(cfg, device, weights_dir)
-        self._pad_id = tokenizer.pad_token_id
-        return model, tokenizer
+    def objective(self, model, tokenizer, cfg: Config) -> nn.Module:
+        return build_objective(model, cfg, tokenizer.pad_token_id)
 
     def save_extra(self, objective: nn.Module, directory: Path, cfg: Config) -> None:
         save_head(objective.head, directory, cfg)
