@@ -2,9 +2,6 @@
 # character level), seeds 42, 123, 456, the fair variant (LM loss and lookahead at every position).
 #   python -m app experiment configs/lookahead.py [--max_steps=N] [--lookahead_variant=seed]
 task = "lookahead"
-model_name = "from-scratch"
-train_file = "data/lookahead/shakespeare.txt"  # informational: the corpus is corpus_file
-dev_file = "data/lookahead/shakespeare.txt"
 corpus_file = "data/lookahead/shakespeare.txt"
 out_dir = "checkpoints/lookahead"
 
@@ -13,7 +10,6 @@ confidence_alpha = 1.0
 lookahead_steps = 2
 confidence_init_bias = 2.0
 context_length = 128
-max_seq_length = 130
 n_layer = 4
 n_head = 4
 d_model = 128

@@ -4,7 +4,6 @@ base_config = "lookahead.py"
 out_dir = "checkpoints/lookahead_tiny"
 corpus_chars = 300_000
 context_length = 64
-max_seq_length = 66
 n_layer = 2
 n_head = 2
 d_model = 64

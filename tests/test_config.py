@@ -182,3 +182,48 @@ def test_run_configs_from_before_the_task_sections_still_load(tmp_path):
     path.write_text(json.dumps({**OLD_RUN_CONFIG_KEYS, "task": "nli_cot"}))
     cfg = saved_config(path)
     assert cfg.metric_for_best == "macro_f1" and cfg.prompt_template == "{premise}"
+
+
+# --- a model trained from scratch -------------------------------------------------------------------------------
+def test_lookahead_configs_name_no_base_model_and_derive_the_sequence_length():
+    """configs/lookahead*.py set neither model_name nor train_file nor max_seq_length: the from-scratch section sets
+    them (no base model, the corpus, context_length + 2); a max_seq_length given is kept."""
+    full, tiny = load_config(ROOT / "configs/lookahead.py"), load_config(ROOT / "configs/lookahead_tiny.py")
+    assert (full.model_name, full.train_file, full.dev_file) == (None, full.corpus_file, full.corpus_file)
+    assert (full.context_length, full.max_seq_length) == (128, 130)
+    assert (tiny.context_length, tiny.max_seq_length) == (64, 66)
+    other = load_config(ROOT / "configs/lookahead_tiny.py", ["--context_length=10", "--corpus_file=other.txt"])
+    assert (other.max_seq_length, other.train_file, other.dev_file) == (12, "other.txt", "other.txt")
+    assert load_config(ROOT / "configs/lookahead_tiny.py", ["--max_seq_length=80"]).max_seq_length == 80
+    assert "model_name" not in (ROOT / "configs/lookahead.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model_name=from-scratch", "command line: model_name: task 'lookahead' sets it (no base model"),
+    ("--train_file=data/lookahead/shakespeare.txt", "command line: train_file: task 'lookahead' sets it (corpus_file)"),
+])
+def test_lookahead_config_refuses_what_the_task_sets(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "configs/lookahead.py", [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_fine_tuning_task_needs_its_base_model():
+    with pytest.raises(UserError, match=r"^command line: model_name=None: task 'nli_cot' fine-tunes a base model"):
+        load_config(ROOT / "configs/tiny.py", ["--model_name=None"])
+
+
+def test_lookahead_run_configs_with_the_from_scratch_sentinel_still_load(tmp_path):
+    """A run_config.json written when configs/lookahead.py named model_name="from-scratch", an informational
+    train_file and max_seq_length by hand loads as the run it was: the same corpus, shape and sequence length."""
+    import json
+
+    old = {**load_config(ROOT / "configs/lookahead_tiny.py").model_dump(), "model_name": "from-scratch",
+           "train_file": "data/lookahead/shakespeare.txt", "dev_file": "data/lookahead/shakespeare.txt",
+           "corpus_file": str(tmp_path / "corpus.txt"), "max_seq_length": 66}
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(old), encoding="utf-8")
+    cfg = saved_config(path)
+    assert (cfg.model_name, cfg.train_file, cfg.dev_file) == (None, old["corpus_file"], old["corpus_file"])
+    assert (cfg.context_length, cfg.max_seq_length, cfg.n_layer, cfg.d_model) == (64, 66, 2, 64)
+    assert saved_config(path, ["--max_steps=7"]).max_steps == 7

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.config.core import SECTIONS, TRUST_FIELDS, CoreConfig, Section
+from app.config.core import SECTIONS, TRUST_FIELDS, CoreConfig, ScratchModelSection, Section
 from app.config.modules import Values, add_overrides, parse_override, read_config_file
 from app.errors import UserError
 from app.registry import TASKS, check_task_name, default_metric, task_metrics, task_schema
@@ -93,6 +93,22 @@ def join_problems(problems: list[str]) -> str:
     return "invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0]
 
 
+def derived_fields(cls) -> dict[str, str]:
+    """The core fields a task's section sets itself (name -> why): none, or those of a model trained from scratch."""
+    return dict(cls.DERIVED) if issubclass(cls, ScratchModelSection) else {}
+
+
+def _derived_problems(task: str, cls, values: Values) -> list[str]:
+    """A derived field set by the config, or no base model for a task that fine-tunes one."""
+    derived = derived_fields(cls)
+    problems = [f"{values[name][1]}: {name}: task {task!r} sets it ({why}); remove the setting"
+                for name, why in derived.items() if name in values]
+    if "model_name" not in derived and "model_name" in values and values["model_name"][0] is None:
+        problems.append(f"{values['model_name'][1]}: model_name=None: task {task!r} fine-tunes a base model (a hub "
+                        "name or a local directory)")
+    return problems
+
+
 def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
     """Validate merged values (name -> (value, where)) against the core schema and the task's section."""
     problems = list(problems or [])
@@ -106,6 +122,7 @@ def validate(values: Values, problems: list[str] | None = None) -> CoreConfig:
     for name, (_, where) in values.items():
         if name not in cls.model_fields:
             problems.append(_unknown(name, where, cls.model_fields, task))
+    problems += _derived_problems(task, cls, values)
     known = {k: v for k, (v, _) in values.items() if k in cls.model_fields}
     cfg = build_schema(cls, known, values, problems)
     problem = _metric_problem(task, *values.get("metric_for_best", (None, "config")))
@@ -129,8 +146,9 @@ def saved_config(path: Path, overrides=()) -> CoreConfig:
 
     Settings that widen trust (TRUST_FIELDS) are never taken from the file: only an override sets them.
     Files from older versions of this program still load: settings of other tasks (all fields used to live in one
-    schema) are dropped, `head_metric_for_best` becomes `metric_for_best`, and a best-checkpoint metric the task
-    does not declare falls back to the task's default.
+    schema) are dropped, `head_metric_for_best` becomes `metric_for_best`, a best-checkpoint metric the task
+    does not declare falls back to the task's default, and the fields a task now sets itself (a from-scratch model's
+    model_name="from-scratch", its corpus as train_file) are set again.
     """
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -140,10 +158,10 @@ def saved_config(path: Path, overrides=()) -> CoreConfig:
         raise UserError(f"{path}: expected a JSON object")
     task = saved.get("task", CoreConfig.model_fields["task"].default)
     if task in TASKS:
-        fields = config_class(task).model_fields
+        fields, derived = config_class(task).model_fields, derived_fields(config_class(task))
         if "head_metric_for_best" in saved and task == "confidence_head":
             saved["metric_for_best"] = saved["head_metric_for_best"]
-        saved = {k: v for k, v in saved.items() if k in fields and k not in TRUST_FIELDS}
+        saved = {k: v for k, v in saved.items() if k in fields and k not in TRUST_FIELDS and k not in derived}
         if saved.get("metric_for_best") not in task_metrics(task):
             saved.pop("metric_for_best", None)
     problems: list[str] = []
@@ -151,16 +169,24 @@ def saved_config(path: Path, overrides=()) -> CoreConfig:
     return validate(values, problems)
 
 
+def task_sections(name: str) -> list[type[Section]]:
+    """The sections a task's schema is made of, those it builds on first (a from-scratch model's section) and its
+    own last."""
+    return [c for c in reversed(task_schema(name).__mro__)
+            if issubclass(c, Section) and c is not Section and c not in SECTIONS and vars(c).get("__annotations__")]
+
+
 def describe_fields(task: str | None = None) -> str:
     """Every field by section: name, default, meaning (`python -m app config --list [--task NAME]`)."""
     sections: list[tuple[str, type[Section]]] = [(s.__doc__ or s.__name__, s) for s in SECTIONS]
     for name in [task] if task else list(TASKS):
-        schema = task_schema(name)
-        sections.append(((schema.__doc__ or name).strip().splitlines()[0], schema))
+        for section in task_sections(name):
+            if all(section is not listed for _, listed in sections):
+                sections.append(((section.__doc__ or name).strip().splitlines()[0], section))
     out = []
     for title, section in sections:
         out.append(f"[{title}]")
-        for name in section.__annotations__:
+        for name in (n for n in vars(section).get("__annotations__", {}) if n in section.model_fields):
             field = section.model_fields[name]
             out.append(f"  {name:<26} {field.default!r:<30.30} {field.description}")
         out.append("")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # A path or name that must not be empty: an unset shell variable (`--out_dir=$RUN`) is an error, not the cwd.
 NonEmpty = Annotated[str, Field(min_length=1, pattern=r"\S")]
@@ -53,7 +53,10 @@ class DataSection(Section):
 class ModelSection(Section):
     """Model"""
 
-    model_name: NonEmpty = Field("mistralai/Mistral-7B-v0.3", description="hub name or local directory")
+    model_name: NonEmpty | None = Field(
+        "mistralai/Mistral-7B-v0.3", description="hub name or local directory of the base model (None: a task whose "
+        "model is trained from scratch, which sets it)"
+    )
     tokenizer_name: NonEmpty | None = Field(None, description="tokenizer hub name or directory; None = model_name")
     create_tiny_model: bool = Field(
         False, description="write the embedded tiny random-weight model to model_name first if it is missing"
@@ -191,6 +194,44 @@ SECTIONS: tuple[type[Section], ...] = (
 # Settings that widen what a run trusts: taken only from the user's own config or command line, never from a
 # checkpoint's saved run_config.json.
 TRUST_FIELDS = ("trust_remote_code",)
+
+
+class ScratchModelSection(Section):
+    """Model trained from scratch
+
+    A GPT of this shape: no base model (model_name is None), and max_seq_length, unless set, derived from
+    context_length."""
+
+    # core fields the section sets from its own (name -> why); a config that sets one is refused, and an older
+    # run_config.json's value (a sentinel such as model_name="from-scratch") is dropped
+    DERIVED: ClassVar[dict[str, str]] = {"model_name": "no base model: the model is trained from scratch"}
+
+    context_length: int = Field(128, gt=0, description="L: input tokens per training sequence (max_seq_length, "
+                                "when unset, is derived from it)")
+    n_layer: int = Field(4, gt=0, description="transformer blocks")
+    n_head: int = Field(4, gt=0, description="attention heads (d_model must divide by it)")
+    d_model: int = Field(128, gt=0, description="residual width")
+    mlp_ratio: int = Field(4, gt=0, description="MLP width = mlp_ratio x d_model (a task may widen one model's to "
+                                                "match another's parameter count)")
+
+    @classmethod
+    def sequence_length(cls, context_length: int, data: dict) -> int:
+        """max_seq_length when the config does not set it: the L inputs and the next token."""
+        return context_length + 1
+
+    @classmethod
+    def derived(cls, data: dict) -> dict:
+        """The values of the DERIVED fields (and of max_seq_length when unset), from the config's values."""
+        out: dict = {"model_name": None}
+        context = data.get("context_length", cls.model_fields["context_length"].default)
+        if "max_seq_length" not in data and type(context) is int:  # a wrong type is reported by the field itself
+            out["max_seq_length"] = cls.sequence_length(context, data)
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data):
+        return {**data, **cls.derived(data)} if isinstance(data, dict) else data
 
 
 class CoreConfig(*reversed(SECTIONS)):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from app.config.core import Section
+from app.config.core import ScratchModelSection
 
 METRICS = {"dev_loss": "min", "perplexity": "min", "eval_lm_loss": "min", "confidence_mae": "min",
            "confidence_spearman": "max"}
 DEFAULT_METRIC = "perplexity"
 
 
-class LookaheadConfig(Section):
+class LookaheadConfig(ScratchModelSection):
     """Task lookahead: a from-scratch MiniGPT or ConfidenceAwareGPT on a character-level public-domain corpus"""
+
+    # the data is the corpus: train_file and dev_file name it (its head and its held-out tail)
+    DERIVED: ClassVar[dict[str, str]] = {**ScratchModelSection.DERIVED, "train_file": "corpus_file",
+                                         "dev_file": "corpus_file"}
 
     lookahead_model: Literal["plain", "confidence"] = Field(
         "confidence", description="which model a single run trains (the experiment runs both)"
@@ -34,12 +38,6 @@ class LookaheadConfig(Section):
         "causal (position i gets the prediction made at i - 1 by a zero-confidence pass, as at evaluation)"
     )
     confidence_init_bias: float = Field(2.0, description="initial bias of the confidence_predictor's output")
-    context_length: int = Field(128, gt=0, description="L: tokens per training sequence (chunks hold L + 2)")
-    n_layer: int = Field(4, gt=0, description="transformer blocks")
-    n_head: int = Field(4, gt=0, description="attention heads (d_model must divide by it)")
-    d_model: int = Field(128, gt=0, description="residual width")
-    mlp_ratio: int = Field(4, gt=0, description="MLP width of ConfidenceAwareGPT = mlp_ratio x d_model (the plain "
-                                                "model's is widened to match the parameter count)")
     corpus_file: str = Field("data/lookahead/shakespeare.txt", min_length=1, description="ASCII training text")
     corpus_chars: int | None = Field(None, gt=0, description="use only the first N characters; None = all")
     corpus_dev_fraction: float = Field(0.05, gt=0, lt=1, description="held-out tail of the corpus (dev text)")
@@ -51,3 +49,14 @@ class LookaheadConfig(Section):
         "results/confidence_experiments", min_length=1, description="where the experiment writes results and plots"
     )
     calibration_points: int = Field(4000, gt=0, description="(predicted, actual) future-loss pairs kept per run")
+
+    @classmethod
+    def sequence_length(cls, context_length: int, data: dict) -> int:
+        """A training window: the L inputs, the next token and the one after it (lookahead_steps = 2)."""
+        return context_length + 2
+
+    @classmethod
+    def derived(cls, data: dict) -> dict:
+        corpus = data.get("corpus_file", cls.model_fields["corpus_file"].default)
+        files = {"train_file": corpus, "dev_file": corpus} if type(corpus) is str else {}
+        return {**super().derived(data), **files}
