@@ -50,10 +50,21 @@ def checkout_root() -> Path:
     return Path(app.__file__).resolve().parents[1]
 
 
+def train_command():
+    """The train command's function: app.train.train, or app.engine.loop.train in checkouts older than it (the script
+    compares versions)."""
+    try:
+        from app.train import train
+    except ImportError:
+        from app.engine.loop import train
+    return train
+
+
 def train_and_evaluate(config: str, steps: int, seed: int, overrides: list[str], out_dir: Path) -> dict:
     from app.config import load_config
-    from app.train import train
     from app.tasks.lookahead.experiment import final_evaluation
+
+    train = train_command()
 
     args = [f"--{kv}" for kv in overrides] + [
         "--lookahead_model=plain", f"--seed={seed}", f"--max_steps={steps}", f"--eval_every={steps}",
