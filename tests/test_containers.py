@@ -152,6 +152,8 @@ def test_image_contract(dockerfile: str):
     assert set(json.loads(last["VOLUME"])) == {"/checkpoints", "/cache/huggingface"}
     runs = " ".join(rest for word, rest in steps if word == "RUN")
     assert "mkdir -p /workspace /data /checkpoints" in runs
+    # a fresh hf-cache volume has hub/, which `transformers serve` scans for /v1/models (a 500 without it)
+    assert '"${HF_HOME}/hub"' in runs and re.search(r'chown [^&]*"\$\{HF_HOME\}/hub"', runs)
     labels = " ".join(rest for word, rest in steps if word == "LABEL")
     for key in ["title", "description", "version", "revision", "created", "base.name"]:
         assert f"org.opencontainers.image.{key}=" in labels

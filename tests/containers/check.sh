@@ -290,7 +290,8 @@ compose() {  # the cpu profile as a user runs it: train, TensorBoard, the demo, 
         podman run --rm --network host --entrypoint python "$CPU" -c '
 from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:18000/v1", api_key="none")
-model = client.models.list().data[0].id
+# /v1/models lists the Hugging Face cache; the served export is asked for by its path
+model = "/checkpoints/export/tiny"
 reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A man plays a guitar."}], max_tokens=16)
 print(model, repr(reply.choices[0].message.content))' >"$OUT/logs/serve-client.log" 2>&1; then
         record compose-serve pass "$(since "$t0")" "serve-cpu answered /v1/chat/completions: $(tail -n 1 "$OUT/logs/serve-client.log" | cut -c1-120)"
