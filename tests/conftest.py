@@ -44,6 +44,30 @@ def tiny_final_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     return out / "checkpoints" / "final"
 
 
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir, tmp_path_factory):
+    """The tiny model in float32 (eval mode) and its tokenizer as the engine loads it; one per test module."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.lm.modeling import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    return model, load_tokenizer(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("g")))
+
+
+@pytest.fixture(params=["mistral", "tiny"])
+def tokenizer_and_cfg(request, tmp_path, tiny_model_dir):
+    """(tokenizer, config) for the real Mistral tokenizer (skipped without the fixtures) and the tiny one."""
+    from app.lm.modeling import load_tokenizer
+
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    if request.param == "mistral":
+        cfg.tokenizer_name = str(request.getfixturevalue("mistral_tokenizer_dir"))
+    return load_tokenizer(cfg), cfg
+
+
 @pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
     if not SHARED.is_dir():

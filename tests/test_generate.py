@@ -15,15 +15,6 @@ PROMPTS = ["Premise: Anna is reading in the park.\nHypothesis: Anna is indoors.\
            "x", "In the kitchen, Ben is cooking. " * 3, '{"thought_process": "The', "Hugo is outdoors."]
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    return model, load_tokenizer(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("g")))
-
-
 def reference(model, tokenizer, prompt: str, n: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -79,45 +70,6 @@ def test_next_token_logits_equal_one_prompt_at_a_time(model_and_tokenizer, tmp_p
     with torch.no_grad():
         want = torch.stack([model(input_ids=torch.tensor([x])).logits[0, -1] for x in ids])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tokenizer, tmp_path):
-    import copy
-
-    from app.tasks.nli_cot.backends import forced_labels, forced_prefix
-    from app.tasks.nli_cot.prompts import build_prompt
-
-    model, tok = model_and_tokenizer
-    cfg = tiny_config(model.name_or_path, tmp_path)
-    prompts = [build_prompt({"premise": f"In the {place}, Ben is {verb}.", "hypothesis": "Ben is indoors."}, cfg)
-               for place in ("museum", "beach", "garage", "park") for verb in ("cooking", "reading", "waiting")]
-    thoughts = ["The place is indoors.", "", "x", "The beach is outdoors. They differ."] * 3
-    def context(i: int) -> str:
-        head_text = '{"thought_process": "' + thoughts[i] + '", ' if thoughts[i] else "{"
-        return prompts[i] + head_text + '"predicted_label": '
-
-    t0, t1 = tok(context(1) + "0").input_ids[-1], tok(context(1) + "1").input_ids[-1]
-    # a random model ranks the two the same way whatever the context; make "1" win after row 0's context and
-    # lose after row 1's: its head row is "0"'s plus the difference of those two rows' final hidden states
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        h = [model.model(input_ids=torch.tensor([tok(context(i) + "0").input_ids[:-1]])).last_hidden_state[0, -1]
-             for i in (0, 1)]
-        head = model.get_output_embeddings().weight
-        head[t1] = head[t0] + 50 * (h[0] - h[1])
-    want = []
-    for prompt, thought in zip(prompts, thoughts):
-        head_text = '{"thought_process": "' + thought + '", ' if thought else "{"
-        scores = []
-        for label in "01":  # one full forward per candidate, as a reader would check it
-            full = tok(prompt + head_text + '"predicted_label": ' + label).input_ids
-            with torch.no_grad():
-                logp = model(input_ids=torch.tensor([full[:-1]])).logits[0, -1].log_softmax(-1)
-            scores.append(logp[full[-1]].item())
-        want.append(int(scores[1] > scores[0]))
-    assert 0 < sum(want) < len(want)  # both labels occur: the comparison is not decided by the head alone
-    prefixes = [forced_prefix(prompt, thought) for prompt, thought in zip(prompts, thoughts)]
-    assert forced_labels(model, tok, prefixes, "cpu", prefill_tokens=64) == want
 
 
 def test_sliding_window_model_falls_back_to_one_prefill(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m app infer`: order and row count end to end, resume after a kill, bad input, long fields, real rows.
+"""`python -m app infer`: order and row count end to end, resume after a kill, bad input and settings, real rows.
 
 One tiny checkpoint, trained for two steps at a tiny learning rate, serves the whole module: its weights are still
 nearly random, so generations differ from row to row (which makes order checks meaningful) and never parse within the
@@ -22,7 +22,7 @@ from conftest import ROOT
 
 from app.__main__ import main
 from app.runs import PartialFile, find_checkpoint, resolve_checkpoint
-from app.tasks.nli_cot.predict import OutputPaths, _share
+from app.tasks.nli_cot.predict import OutputPaths
 
 NEW_TOKENS = "--max_new_tokens=6"
 BATCH = "--infer_batch_size=4"
@@ -265,48 +265,6 @@ def test_no_checkpoint_anywhere(tmp_path, monkeypatch, mirrored_input, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["infer", str(mirrored_input)]) == 2
     assert "no complete checkpoint under checkpoints/*/checkpoints/" in capsys.readouterr().err
-
-
-def test_long_field_empty_premise_and_jsonl(tmp_path, workdir, capsys):
-    path = tmp_path / "odd.jsonl"
-    rows = [
-        {"premise": "", "hypothesis": "Someone is outdoors."},
-        {"premise": "word " * 200_000 + "end", "hypothesis": "A very long premise."},  # 1 MB
-        {"premise": "Ana is reading in the library.", "hypothesis": "Ana is indoors.", "other": [1, 2]},
-        {"premise": 7, "hypothesis": None},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "odd.csv"
-    assert main(["infer", str(path), "--checkpoint", ckpt(workdir), "--output", str(out), "--max_new_tokens=4",
-                 "--max_seq_length=96"]) == 0
-    captured = capsys.readouterr()
-    assert "1 row(s) cut to the prompt budget of 92 tokens" in captured.err
-    got = read_csv(out)
-    assert [r["index"] for r in got] == ["0", "1", "2", "3"] and "id" not in got[0]
-    assert all(r["predicted_label"] in ("0", "1") for r in got)
-    summary = json.loads(OutputPaths.for_output(out).metrics.read_text())
-    assert summary["prompts_truncated"] == 1 and "metrics" not in summary
-
-
-def test_fit_prompts_respects_budget(workdir):
-    from transformers import AutoTokenizer
-
-    from app.config import make_config
-    from app.tasks.nli_cot.predict import fit_prompts
-    from app.tasks.nli_cot.prompts import build_prompt
-
-    tok = AutoTokenizer.from_pretrained(ckpt(workdir))
-    cfg = make_config(max_seq_length=120, max_new_tokens=20)
-    values = [{"premise": "alpha beta " * 500, "hypothesis": "gamma " * 300},
-              {"premise": "short", "hypothesis": "delta epsilon " * 400},
-              {"premise": "short", "hypothesis": "also short"}]
-    cut = fit_prompts(values, tok, cfg)
-    assert cut == [True, True, False]
-    for v in values:
-        assert len(tok(build_prompt(v, cfg)).input_ids) <= 100
-    assert values[1]["premise"] == "short" and values[2]["hypothesis"] == "also short"
-    assert values[0]["premise"].startswith("alpha beta") and values[0]["hypothesis"].startswith("gamma")
-    assert _share(10, 100, 50) == (10, 40) and _share(100, 100, 50) == (25, 25) and _share(5, 5, 50) == (5, 5)
 
 
 def _fake_checkpoint(path: Path, mtime: float) -> None:

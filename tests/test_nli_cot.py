@@ -1,14 +1,33 @@
-"""Label extraction over realistic and malformed generations, and the JSON stop condition."""
+"""The nli_cot task: label extraction from generations, the JSON stop condition, the training target (loss on the
+response and EOS only), the bundled sample set, the prompt budget of predictions and the forced-label fallback.
+
+Where NLI runs exercise the engine (training and evaluation, `infer`'s order, resume and bad inputs, the shared
+prompt prefix), the tests stay with the engine: test_train.py, test_infer.py, test_shared_prefix.py. The
+chain-of-thought data generator (app/tasks/nli_cot/datagen/) is tested in test_cot_datagen.py.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import time
 
 import pytest
+import torch
 
+from app.__main__ import main
+from app.data import Row
+from app.tasks.nli_cot.backends import forced_labels, forced_prefix
 from app.tasks.nli_cot.extract import Extraction, extract_label, json_object_closed, label_from_value
+from app.tasks.nli_cot.predict import OutputPaths, _share, fit_prompts
+from app.tasks.nli_cot.prompts import build_prompt, build_target
+from app.tasks.nli_cot.sample import write_sample
+from app.tasks.nli_cot.task import NliCot
+from conftest import ROOT, tiny_config
+
+# --------------------------------------------------------------------------------------------------------------------
+# Label extraction: extract_label
 
 # (generation, expected label, expected ok, expected how or None for "don't care")
 CORPUS = [
@@ -160,7 +179,7 @@ def test_roundtrip_random_objects():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# json_object_closed
+# The JSON stop condition: json_object_closed
 
 CLOSED = [
     ('{"thought_process": "x", "predicted_label": 1}', True),
@@ -219,3 +238,124 @@ def test_json_object_closed_is_fast():
         json_object_closed(closed_text)
     per_call = (time.perf_counter() - start) / 4000
     assert per_call < 500e-6, f"{per_call * 1e6:.1f} µs per call"
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training target
+
+ROW = {"premise": "Zoë's café — naïve résumé 😀 stays open.", "hypothesis": "The café is closed.", "label": 0,
+       "thought_process": 'The premise says "open"; the hypothesis says closed.'}
+
+
+def test_loss_only_on_response_and_eos(tokenizer_and_cfg):
+    tok, cfg = tokenizer_and_cfg
+    f = NliCot().encode(Row(2, dict(ROW)), tok, cfg)
+    prompt_ids = tok(build_prompt(ROW, cfg)).input_ids
+    n = len(prompt_ids)
+    assert f.input_ids[:n] == prompt_ids and f.labels[:n] == [-100] * n
+    target = f.labels[n:]
+    assert -100 not in target and target == f.input_ids[n:]
+    assert target[-1] == tok.eos_token_id
+    text = tok.decode(target[:-1])
+    assert json.loads(text) == {"thought_process": ROW["thought_process"], "predicted_label": 0}
+    assert extract_label(tok.decode(target, skip_special_tokens=True)).label == 0
+    assert NliCot().loss_items(f) == len(target)
+
+
+def test_label_only_target_without_thought(tokenizer_and_cfg):
+    tok, cfg = tokenizer_and_cfg
+    row = {**ROW, "thought_process": "", "label": 1}
+    f = NliCot().encode(Row(2, row), tok, cfg)
+    target = [t for t in f.labels if t != -100]
+    assert json.loads(tok.decode(target[:-1])) == {"predicted_label": 1} and target[-1] == tok.eos_token_id
+    assert build_target(1, None) == '{"predicted_label": 1}'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The bundled sample set
+
+
+def test_sample_data_is_the_generator_output(tmp_path):
+    write_sample(tmp_path)
+    for split in ("train", "dev", "test"):
+        assert (tmp_path / f"{split}.csv").read_bytes() == (ROOT / "data/sample" / f"{split}.csv").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Predictions: the prompt budget and the forced-label fallback
+
+
+def test_fit_prompts_respects_budget(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from app.config import make_config
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    cfg = make_config(max_seq_length=120, max_new_tokens=20)
+    values = [{"premise": "alpha beta " * 500, "hypothesis": "gamma " * 300},
+              {"premise": "short", "hypothesis": "delta epsilon " * 400},
+              {"premise": "short", "hypothesis": "also short"}]
+    cut = fit_prompts(values, tok, cfg)
+    assert cut == [True, True, False]
+    for v in values:
+        assert len(tok(build_prompt(v, cfg)).input_ids) <= 100
+    assert values[1]["premise"] == "short" and values[2]["hypothesis"] == "also short"
+    assert values[0]["premise"].startswith("alpha beta") and values[0]["hypothesis"].startswith("gamma")
+    assert _share(10, 100, 50) == (10, 40) and _share(100, 100, 50) == (25, 25) and _share(5, 5, 50) == (5, 5)
+
+
+def test_long_field_empty_premise_and_jsonl(tmp_path, tiny_final_checkpoint, capsys):
+    path = tmp_path / "odd.jsonl"
+    rows = [
+        {"premise": "", "hypothesis": "Someone is outdoors."},
+        {"premise": "word " * 200_000 + "end", "hypothesis": "A very long premise."},  # 1 MB
+        {"premise": "Ana is reading in the library.", "hypothesis": "Ana is indoors.", "other": [1, 2]},
+        {"premise": 7, "hypothesis": None},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "odd.csv"
+    assert main(["infer", str(path), "--checkpoint", str(tiny_final_checkpoint), "--output", str(out),
+                 "--max_new_tokens=4", "--max_seq_length=96"]) == 0
+    captured = capsys.readouterr()
+    assert "1 row(s) cut to the prompt budget of 92 tokens" in captured.err
+    with open(out, newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [r["index"] for r in got] == ["0", "1", "2", "3"] and "id" not in got[0]
+    assert all(r["predicted_label"] in ("0", "1") for r in got)
+    summary = json.loads(OutputPaths.for_output(out).metrics.read_text())
+    assert summary["prompts_truncated"] == 1 and "metrics" not in summary
+
+
+def test_forced_labels_pick_the_label_token_the_model_ranks_higher(model_and_tokenizer, tmp_path):
+    import copy
+
+    model, tok = model_and_tokenizer
+    cfg = tiny_config(model.name_or_path, tmp_path)
+    prompts = [build_prompt({"premise": f"In the {place}, Ben is {verb}.", "hypothesis": "Ben is indoors."}, cfg)
+               for place in ("museum", "beach", "garage", "park") for verb in ("cooking", "reading", "waiting")]
+    thoughts = ["The place is indoors.", "", "x", "The beach is outdoors. They differ."] * 3
+    def context(i: int) -> str:
+        head_text = '{"thought_process": "' + thoughts[i] + '", ' if thoughts[i] else "{"
+        return prompts[i] + head_text + '"predicted_label": '
+
+    t0, t1 = tok(context(1) + "0").input_ids[-1], tok(context(1) + "1").input_ids[-1]
+    # a random model ranks the two the same way whatever the context; make "1" win after row 0's context and
+    # lose after row 1's: its head row is "0"'s plus the difference of those two rows' final hidden states
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        h = [model.model(input_ids=torch.tensor([tok(context(i) + "0").input_ids[:-1]])).last_hidden_state[0, -1]
+             for i in (0, 1)]
+        head = model.get_output_embeddings().weight
+        head[t1] = head[t0] + 50 * (h[0] - h[1])
+    want = []
+    for prompt, thought in zip(prompts, thoughts):
+        head_text = '{"thought_process": "' + thought + '", ' if thought else "{"
+        scores = []
+        for label in "01":  # one full forward per candidate, as a reader would check it
+            full = tok(prompt + head_text + '"predicted_label": ' + label).input_ids
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([full[:-1]])).logits[0, -1].log_softmax(-1)
+            scores.append(logp[full[-1]].item())
+        want.append(int(scores[1] > scores[0]))
+    assert 0 < sum(want) < len(want)  # both labels occur: the comparison is not decided by the head alone
+    prefixes = [forced_prefix(prompt, thought) for prompt, thought in zip(prompts, thoughts)]
+    assert forced_labels(model, tok, prefixes, "cpu", prefill_tokens=64) == want
