@@ -1,7 +1,7 @@
 """Confidence head: steps convert (step files -> generic step JSONL), train, score-steps.
 
-tiny: the bundled synthetic step set (converted as generic files), configs/confidence_head_tiny.py. full: PRM800K phase 2
-files (data/prm800k/phase2_train.jsonl, phase2_test.jsonl) and configs/confidence_head_full.py.
+tiny: the bundled synthetic step set (converted as generic files), configs/confidence_head_tiny.py. full: PRM800K
+phase 2 files (data/prm800k/phase2_train.jsonl, phase2_test.jsonl) and configs/confidence_head_full.py.
 """
 
 from __future__ import annotations

@@ -22,4 +22,5 @@ def build(scale: str, work: Path, data: Path | None = None) -> Pipeline:
                                      f"--corpus_file={corpus}", *cut], [ROOT / config, corpus], [results],
                       60 if scale == "tiny" else 6 * 3600)
     steps = [experiment, report(work, runs, inputs=[results])]
-    return Pipeline("lookahead", scale, work, steps, notes="" if scale == "tiny" else "full: a GPU; times are estimates")
+    notes = "" if scale == "tiny" else "full: a GPU; times are estimates"
+    return Pipeline("lookahead", scale, work, steps, notes=notes)

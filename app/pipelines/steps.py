@@ -149,7 +149,8 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> dict:
             if step.server and server_url is None:
                 server_ctx = pipeline.server()
                 server_url = server_ctx.__enter__()
-            echo(f"[{i}/{len(pipeline.steps)}] {step.name}: {shlex.join(step.command(server_url or '')) if step.args else step.describe}")
+            shown = shlex.join(step.command(server_url or "")) if step.args else step.describe
+            echo(f"[{i}/{len(pipeline.steps)}] {step.name}: {shown}")
             t0 = time.perf_counter()
             if step.args:
                 redo = step.redo_args if stamp_path(pipeline, i, step).is_file() else []
@@ -179,5 +180,6 @@ def run_command(step: Step, server_url: str | None, extra: list[str] = ()) -> No
     if proc.returncode in (130, 143):  # stopped by Ctrl-C / SIGTERM: it saved its progress
         raise KeyboardInterrupt
     if proc.returncode:
-        raise UserError(f"step {step.name} failed (exit {proc.returncode}): {shlex.join(step.command(server_url or ''))}"
-                        "; fix the cause and re-run the pipeline to continue from this step")
+        shown = shlex.join(step.command(server_url or ""))
+        raise UserError(f"step {step.name} failed (exit {proc.returncode}): {shown}; fix the cause and re-run the "
+                        "pipeline to continue from this step")

@@ -203,6 +203,13 @@ def is_baseline(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1].startswith(BASELINE_PREFIXES)
 
 
+def baseline_keys(metric: str, keys) -> list[str]:
+    """The baselines among `keys` that belong to `metric` (eval/random_accuracy to eval/accuracy, same prefix)."""
+    head, _, name = metric.rpartition("/")
+    return [k for k in keys if is_baseline(k) and k.rpartition("/")[0] == head
+            and k.rsplit("/", 1)[-1].split("_", 1)[1] == name]
+
+
 def lower_is_better(metric: str, task: str | None = None) -> bool:
     """The direction of a metric: the task's declaration (config METRICS), else by its name."""
     name = metric.removeprefix("eval/")
@@ -239,9 +246,7 @@ def metric_summaries(run: Run) -> list[MetricSummary]:
             continue
         low = lower_is_better(key, run.task)
         best_step, best = (min if low else max)(points, key=lambda p: p[1])
-        head, _, name = key.rpartition("/")
-        baselines = {b.rsplit("/", 1)[-1]: evals[b][-1][1] for b in evals
-                     if is_baseline(b) and b.rpartition("/")[0] == head and b.rsplit("/", 1)[-1].split("_", 1)[1] == name}
+        baselines = {b.rsplit("/", 1)[-1]: evals[b][-1][1] for b in baseline_keys(key, evals)}
         out.append(MetricSummary(key, best, best_step, points[-1][1], points[-1][0], low, baselines))
     majority = majority_baseline(run)
     for s in out:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from app.metrics.plots import _matplotlib, _png, render_reliability_png, render_training_curves_png
-from app.report.collect import Run, is_baseline, series
+from app.report.collect import Run, baseline_keys, is_baseline, series
 
 __all__ = ["eval_metrics_png", "overlay_png", "reliability_png", "training_curves_png"]
 
@@ -40,11 +40,9 @@ def eval_metrics_png(run: Run) -> bytes | None:
     for ax, key in zip(axes, metrics):
         steps, values = zip(*evals[key])
         ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color="#27496d")
-        head, _, name = key.rpartition("/")
-        for b, points in evals.items():
-            if is_baseline(b) and b.rpartition("/")[0] == head and b.rsplit("/", 1)[-1].split("_", 1)[1] == name:
-                ax.axhline(points[-1][1], linestyle="--", linewidth=1.0, color="#888888",
-                           label=b.rsplit("/", 1)[-1].split("_", 1)[0])
+        for b in baseline_keys(key, evals):
+            ax.axhline(evals[b][-1][1], linestyle="--", linewidth=1.0, color="#888888",
+                       label=b.rsplit("/", 1)[-1].split("_", 1)[0])
         ax.set_title(key.removeprefix("eval/"), fontsize="small")
         ax.grid(True, color="#e1e1e1", linewidth=0.6)
         ax.tick_params(labelsize="x-small")

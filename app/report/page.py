@@ -15,7 +15,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
        padding: 0 1em; color: #1d2733; line-height: 1.45; }
 h1 { border-bottom: 2px solid #27496d; padding-bottom: .2em; }
 h2 { margin-top: 1.6em; color: #27496d; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .92em; display: block; overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; display: block; overflow-x: auto;
+        max-width: 100%; }
 th, td { border: 1px solid #ccd5df; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #eef2f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -43,7 +44,8 @@ def to_markdown(blocks: list, figure_dir: str) -> str:
             out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
             out.append("|" + "---|" * len(header))
             for i, row in enumerate(rows):
-                cells = [f"**{_md_cell(c)}**" if (i, j) in marked and str(c) else _md_cell(c) for j, c in enumerate(row)]
+                cells = [f"**{_md_cell(c)}**" if (i, j) in marked and str(c) else _md_cell(c)
+                         for j, c in enumerate(row)]
                 out.append("| " + " | ".join(cells) + " |")
         elif kind == "img":
             out.append(f"![{block[2]}]({figure_dir}/{block[1]})")
@@ -97,7 +99,8 @@ def _html_blocks(blocks: list, figures: dict[str, bytes]) -> str:
         elif kind == "pre":
             out.append(f"<pre>{html.escape(block[1])}</pre>")
         elif kind == "details":
-            out.append(f"<details><summary>{html.escape(block[1])}</summary>{_html_blocks(block[2], figures)}</details>")
+            inner = _html_blocks(block[2], figures)
+            out.append(f"<details><summary>{html.escape(block[1])}</summary>{inner}</details>")
     return "\n".join(out)
 
 

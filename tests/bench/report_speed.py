@@ -81,8 +81,8 @@ def bench_pipelines(names: list[str]) -> None:
             again = timed(app("pipeline", name, f"--workdir={work}"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        print(f"  {name:<18} end to end {first:7.1f} s ({first_cpu:.0f} s CPU)   up-to-date re-run {again:5.2f} s ({again / start:.2f}x "
-              f"--help)   target < 10 s", flush=True)
+        print(f"  {name:<18} end to end {first:7.1f} s ({first_cpu:.0f} s CPU)   up-to-date re-run {again:5.2f} s "
+              f"({again / start:.2f}x --help)   target < 10 s", flush=True)
 
 
 def main() -> None:
