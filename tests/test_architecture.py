@@ -122,6 +122,16 @@ def test_the_floors_under_the_tasks_import_no_task():
     assert all(m in graph for m in ALLOWED_UPHILL)  # an exception that outlived its module goes
 
 
+def test_the_engine_leaves_the_run_directory_side_work_to_its_command():
+    """The base model, data sources, model card, curves and run report come in through the engine's hooks
+    (app/train.py), so the engine imports none of the modules that write them, nor a command."""
+    graph = import_graph()
+    commands = ("app.train", "app.cli", "app.runs", "app.sources", "app.modelcard", "app.report")
+    reached = {(m, t) for m, targets in graph.items() if m.startswith("app.engine") for t in targets
+               if t.startswith(commands)}
+    assert not reached, sorted(reached)
+
+
 def test_no_import_cycle_between_modules():
     assert cycles(import_graph()) == []
 

@@ -42,6 +42,7 @@ from app.engine.runlog import RunLog
 from app.engine.token_cache import encode_cached
 from app.errors import UserError
 from app.lm import fsdp
+from app.lm.kind import ModelKind
 
 log = logging.getLogger("app.engine.loop")
 
@@ -247,7 +248,7 @@ class Run:
 
     cfg: Config  # as resolved for this run (a sharded run's overrides applied)
     task: object  # the task protocol (app/tasks/protocol.py)
-    kind: object  # the task's model kind (app/lm/kind.py)
+    kind: ModelKind  # the task's model kind
     hooks: RunHooks
     accelerator: object
     sharded: bool
@@ -662,6 +663,7 @@ def fit(run: Run) -> None:
     between them."""
     cfg, state, plan, stop = run.cfg, run.state, run.plan, run.stop
     epoch_steps, epoch_of_plan = None, -1
+    run.window = LogWindow()  # the first tokens_per_s counts from the first step, not from setup
     run.objective.train()
     while state.step < state.total_steps:
         epoch, step_in_epoch = plan.position(state.step)
