@@ -2,10 +2,11 @@
 how the model loads and saves, how FSDP2 shards it, what a sharded run must change and how the optimizer groups its
 parameters.
 
-    method                             CausalLM (Hugging Face, adapters)          a from-scratch model (the task's)
+    method                             CausalLM (Hugging Face, adapters)          a from-scratch model (lookahead's
+                                                                                  ScratchGPT, app/tasks/lookahead)
     ------                             ---------------------------------          ---------------------------------
-    load(cfg, device, weights_dir)     tokenizer + added tokens, base model or    its own tokenizer and module (see
-                                       full checkpoint, LoRA (app.lm.modeling)    app/tasks/lookahead/model.py)
+    load(cfg, device, weights_dir)     tokenizer + added tokens, base model or    its own tokenizer and module of
+                                       full checkpoint, LoRA (app.lm.modeling)    the config's shape
     save(model, tokenizer, directory)  save_pretrained (safetensors)              its own safetensors files
     shard_blocks(objective)            the decoder layers (_no_split_modules)     its transformer blocks
     fsdp_overrides(cfg)                prompt-prefix sharing off                  nothing
