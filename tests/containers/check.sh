@@ -2,7 +2,7 @@
 # Container kit: builds both images (and both inference variants, and the CPU image) with podman from a stand-in
 # base, then uses them as a user would and checks what the images promise (tests/containers/README.md).
 #
-#   tests/containers/check.sh            # everything from scratch (about 25-35 min, ~30 GB; needs root, apt, PyPI)
+#   tests/containers/check.sh            # everything from scratch (about 60 min on 2 loaded cores, ~35 GB; root, apt, PyPI)
 #   tests/containers/check.sh --keep     # reuse the stand-in bases and the layer cache of an earlier run
 #   tests/containers/check.sh --only build,image   # a subset of: setup base build secrets image resume compose launcher
 #
