@@ -1,7 +1,8 @@
-# Per-step confidence regression head (task confidence_head, app/tasks/confidence_head.py), full fine-tuning:
-# backbone + MLP head + the new <CONFIDENCE> embedding train together on Qwen3-4B-Instruct-2507.
-# Data: generic step JSONL; PRM800K / REVEAL / eQASC files are read in their own schemas (app/step_data.py), and
-# several files mix by weight, e.g. step_train_files = {"data/prm800k/phase2_train.jsonl": 3.0, "data/steps.jsonl": 1.0}.
+# Per-step confidence regression head (task confidence_head, app/tasks/confidence_head/README.md), full
+# fine-tuning: backbone + MLP head + the new <CONFIDENCE> embedding train together on Qwen3-4B-Instruct-2507.
+# Data: generic step JSONL; PRM800K / REVEAL / eQASC files are read in their own schemas
+# (app/tasks/confidence_head/step_data.py), and several files mix by weight, e.g.
+# step_train_files = {"data/prm800k/phase2_train.jsonl": 3.0, "data/steps.jsonl": 1.0}.
 base_config = "default.py"
 task = "confidence_head"
 model_name = "Qwen/Qwen3-4B-Instruct-2507"

@@ -1,5 +1,6 @@
 # Confidence tokens recipe: Qwen2.5-7B-Instruct answers, then appends <C_…> / <U_…>; loss on that token only.
-# Training data comes from `python -m app tag` (raw BoolQ / MedQA rows + this model); see app/tasks/confidence_tokens.py.
+# Training data comes from `python -m app tag` (raw BoolQ / MedQA rows + this model);
+# see app/tasks/confidence_tokens/README.md.
 task = "confidence_tokens"
 model_name = "Qwen/Qwen2.5-7B-Instruct"
 train_file = "data/confidence/train.jsonl"

@@ -1,6 +1,6 @@
 # FinQA candidate ranking recipe: Qwen3-8B as the backbone (decoder body, no LM head), LoRA r=16 alpha=32 on the
 # attention projections, bf16, effective batch 16 questions (8 candidates each; 2 per GPU pass x 8 accumulation).
-# Data: python -m app ranking prepare / candidates / rewards (see README "Candidate ranking (FinQA)").
+# Data: python -m app ranking prepare / candidates / rewards (see app/tasks/ranking/README.md).
 task = "ranking"
 model_name = "Qwen/Qwen3-8B"
 train_file = "data/finqa/train.rewards.jsonl"
