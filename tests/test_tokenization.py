@@ -43,3 +43,14 @@ def test_tiny_model_is_deterministic_and_loads_through_from_pretrained(tmp_path,
     tok = AutoTokenizer.from_pretrained(str(again))
     assert model.config.model_type == "mistral" and model.config.vocab_size == len(tok)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
+
+
+def test_tiny_tokenizer_renders_chat_requests(tiny_model_dir):
+    """A chat server needs a template: the tiny model's renders every message and the assistant's turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == "system: Be brief.\nuser: Hi?\nassistant: "
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text

@@ -21,6 +21,10 @@ from app.atomic import give_new_modes
 from app.errors import UserError
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# A plain role-labelled template, so that a chat server (`transformers serve`, the compose serve-cpu service) can
+# answer chat requests with the tiny model or a checkpoint trained from it; the tasks' own prompts never use it.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 # The tokenizer's training text: short English sentences about people, activities and places, and the JSON answer
 # scaffolding. It is fixed here, apart from the tasks' sample data (app/tasks/sample_vocab.py), because every figure
@@ -68,7 +72,9 @@ def build_tokenizer(vocab_size: int = 640):
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, model_max_length=4096)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS, model_max_length=4096)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 96, layers: int = 2):
