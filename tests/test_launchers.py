@@ -71,7 +71,7 @@ if tool == "srun" and os.environ.get("STUB_SRUN_WAIT"):
         sys.exit(143)
     signal.signal(signal.SIGTERM, on_term)
     Path(os.environ["STUB_SRUN_WAIT"]).write_text("started")
-    deadline = time.time() + 30
+    deadline = time.time() + 600  # until the test's signal; a hang guard, long enough for a loaded machine
     while time.time() < deadline:
         time.sleep(0.05)
     sys.exit(0)
@@ -596,12 +596,12 @@ def _start_and_signal(m: Machine, sig: int) -> tuple[subprocess.CompletedProcess
     proc = subprocess.Popen(["bash", str(m.repo / "docker/slurm/train.sbatch"), "configs/tiny.py"], cwd=m.root,
                             env={**m.env, "STUB_SRUN_WAIT": str(started)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 20
+    deadline = time.time() + 300  # hang guards: the script reaches srun in seconds idle
     while not started.exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert started.exists(), proc.communicate(timeout=5)
+    assert started.exists(), proc.communicate(timeout=60)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), m.calls()
 
 
