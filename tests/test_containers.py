@@ -91,6 +91,17 @@ def torch_pin() -> str:
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_per_build_arguments_come_after_the_last_run(dockerfile):
+    """VCS_REF and BUILD_DATE change with every commit or build; every RUN after an ARG has it in its environment,
+    so declared early they would rebuild the lock layers each time. They only feed the labels, at the end."""
+    steps = instructions(dockerfile)
+    last_run = max(i for i, (word, _) in enumerate(steps) if word == "RUN")
+    for name in ("VCS_REF", "BUILD_DATE"):
+        declared = [i for i, (word, rest) in enumerate(steps) if word == "ARG" and rest.split("=")[0] == name]
+        assert declared and min(declared) > last_run, f"{dockerfile}: ARG {name} before a RUN"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_clean(dockerfile: str):
     result = subprocess.run([tool("hadolint"), "--no-color", dockerfile], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
