@@ -82,12 +82,12 @@ def test_output_problems_fail_before_any_row_is_predicted(full_checkpoint, tmp_p
 
 
 def test_a_failing_checkpoint_load_leaves_no_partial_file(full_checkpoint, tmp_path, capsys, monkeypatch):
-    import app.lm.modeling as modeling
+    import app.tasks.nli_cot.predict as nli_predict
 
     def broken(*args, **kwargs):
         raise UserError("model.safetensors: cannot be read")
 
-    monkeypatch.setattr(modeling, "load_for_inference", broken)
+    monkeypatch.setattr(nli_predict, "load_for_inference", broken)  # the name the NLI predictor loads through
     out = tmp_path / "predictions.csv"
     code = main(["infer", str(ROOT / "data/sample/test.csv"), "--checkpoint", str(full_checkpoint), "--output", str(out)])
     assert code == 2 and "cannot be read" in capsys.readouterr().err
