@@ -320,6 +320,11 @@ def test_bad_input(args, files, code, pattern, leaves, sub, checkpoints, tmp_pat
             refuse_reads(monkeypatch, unreadable)
         got, err = run_in_process(argv, capsys)
         monkeypatch.undo()
+    assert_refused(got, err, code, pattern, work, before, leaves)
+
+
+def assert_refused(got: int, err: str, code: int, pattern: str, work: Path, before: set[str], leaves) -> None:
+    """Exit `code`, no traceback, the last stderr line an `error:` matching `pattern`, nothing new in `work`."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err, err
     assert got == code, err

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_app
-from test_bad_inputs import DEEP, DIR, Ckpt, case, checkpoints, expand, make_files, run_in_process, tree  # noqa: F401
+from test_bad_inputs import (DEEP, DIR, Ckpt, assert_refused, case, checkpoints, expand, make_files,  # noqa: F401
+                             run_in_process, tree)
 
 # --- inputs of the rows --------------------------------------------------------------------------------------------
 FINQA = json.dumps([{"id": "r1", "pre_text": ["Sales were 5 in 2019."], "post_text": [],
@@ -264,13 +265,7 @@ def test_bad_input(args, files, code, pattern, leaves, sub, places, tmp_path, mo
     got, err = run_in_process(argv, capsys)
     monkeypatch.undo()
     assert not requests, f"a Hub request was made: {requests}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert got == code, err
-    assert lines and lines[-1].startswith("error: "), err
-    assert re.search(pattern, lines[-1]), (pattern, lines[-1])
-    left = sorted(tree(work) - before - set(leaves))
-    assert not left, f"left behind: {left}"
+    assert_refused(got, err, code, pattern, work, before, leaves)
     after = contents(work)
     changed = sorted(k for k, v in before_bytes.items() if after.get(k) != v)
     assert not changed, f"changed or removed: {changed}"
