@@ -11,6 +11,7 @@ Shell completion (bash; zsh and fish likewise with zsh_source / fish_source):
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -244,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; returns its exit code (UserError: one line on stderr, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from pathlib import Path
+
+    # bitsandbytes, on CPUs with AVX512-BF16, warns at import that it could not fetch an optional kernel from the
+    # Hub (the `kernels` package): the runner never downloads code, and the 4-bit path works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     prog = "finetune-runner" if Path(sys.argv[0]).name == "finetune-runner" else "python -m app"
     try:
