@@ -61,7 +61,8 @@ def read_corpus(path: str | Path, max_chars: int | None = None) -> str:
     """The corpus text (ASCII), cut to `max_chars` when given; a missing or non-ASCII file is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: corpus file not found (the shipped one is {DEFAULT_CORPUS})")
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"  # config paths are relative to where you run
+        raise UserError(f"{path}: corpus file not found{where} (the shipped one is {DEFAULT_CORPUS} in the checkout)")
     data = path.read_bytes()
     try:
         text = data.decode("ascii")
