@@ -54,6 +54,9 @@ def main(model_dir: str) -> None:
             assert matched == len(base), (matched, len(base))
             assert lora_b and all(w.abs().max() > 0 for w in lora_b), "the adapter did not train"
             print(f"OK {matched} base tensors unchanged, {len(lora_b)} lora_B trained")
+    # both ranks past their last collective before the group goes: a peer closing its gloo pairs while the other
+    # still checks can abort that one ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

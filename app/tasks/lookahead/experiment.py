@@ -110,7 +110,7 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
     if existing is not None:
         return report_existing(existing)
     results = {**collect(base, runs, config_file, overrides), "fingerprint": fingerprint}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = free_stamp(out_dir)
     path = out_dir / f"{stamp}_results.json"
     write_json_atomic(path, results)
     plots = write_plots(results, out_dir / stamp)
@@ -119,6 +119,17 @@ def run_experiment(config_file, overrides=(), results_dir: str | None = None) ->
     for p in plots:
         print(f"plot: {p}")
     return path
+
+
+def free_stamp(out_dir: Path) -> str:
+    """This second's timestamp, with a counter when results of the same second exist (two quick runs must never
+    write over each other's results)."""
+    stamp = base = time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while (out_dir / f"{stamp}_results.json").exists():
+        n += 1
+        stamp = f"{base}-{n}"
+    return stamp
 
 
 def _final_digest(cfg) -> str:
