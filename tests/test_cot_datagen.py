@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ pytest.importorskip("openai")
 
 from app.cli import main  # noqa: E402
 from app.errors import UserError  # noqa: E402
+from app.pipelines.serve import free_port, transformers_serve  # noqa: E402
 from app.tasks.nli_cot.datagen import pipeline  # noqa: E402
 from app.tasks.nli_cot.datagen.cache import ResponseCache  # noqa: E402
 from app.tasks.nli_cot.datagen.config import load_datagen_config  # noqa: E402
@@ -378,11 +378,6 @@ def test_killed_run_resumes_without_asking_answered_rows_again(tmp_path):
 
 
 # --- bad input: one line, exit 2, nothing written -------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
@@ -438,7 +433,7 @@ def test_bad_input_is_one_line_and_writes_nothing(text, args, name, key, base_ur
     if unknown_model:
         server.faults = {r["premise"]: [{"status": 404}] for r in rows(4)}
     places = {"{src}": str(src), "{tmp}": str(tmp_path), "{cfg}": str(tmp_path / "cot.py"),
-              "{closed}": str(_free_port()), "{server}": server.base_url}
+              "{closed}": str(free_port()), "{server}": server.base_url}
 
     def fill(text: str) -> str:
         for k, v in places.items():
@@ -621,7 +616,6 @@ def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
     so every row must come back as failed with its reason (cut off, then the repair prompt cut off too), in order,
     through real HTTP, in the failure report of a failed run, and a re-run must send nothing."""
     import importlib.util
-    import shutil
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -629,29 +623,10 @@ def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
     exe = Path(sys.executable).with_name("transformers")
     if not exe.is_file():
         pytest.skip(f"no transformers console script beside {sys.executable}")
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    tok_cfg = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
-    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg), encoding="utf-8")
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.3)
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            tail = (tmp_path / "serve.log").read_text(errors="replace")[-600:]
-            pytest.skip(f"transformers serve did not start on 127.0.0.1:{port}: {tail}")
+    model = tiny_model_dir  # served with its own chat template
+    with transformers_serve(model, tmp_path / "serve.log") as base_url:
         src = write_csv(tmp_path / "in.csv", rows(3))
-        cfg = load_datagen_config(None, [f"--base_url=http://127.0.0.1:{port}/v1", "--api_key_env=COT_TEST_KEY",
+        cfg = load_datagen_config(None, [f"--base_url={base_url}", "--api_key_env=COT_TEST_KEY",
                                          f"--model={model}", "--structured_output=off", "--max_tokens=12",
                                          "--concurrency=2", "--progress=False", "--request_timeout=60"])
         with pytest.raises(pipeline.EveryRowFailed, match="every row failed .*finish_reason=length") as failed:
@@ -666,14 +641,6 @@ def test_transformers_serve_prompt_only_json(tiny_model_dir, tmp_path):
         with pytest.raises(pipeline.EveryRowFailed) as again:  # the answers are cached: a re-run asks nothing
             pipeline.generate(src, tmp_path / "gen.jsonl", cfg)
         assert again.value.summary["requests"] == 0 and again.value.summary["cache_hits"] == 6
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_stats_bad_tokenizer_and_combine_of_a_first_pass(server, tmp_path, capsys):

@@ -31,17 +31,13 @@ from pathlib import Path
 
 import pytest
 
+from app.pipelines.serve import free_port
 from conftest import ROOT, run_app
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS") or ROOT / "test-artifacts")
 PAIR = ("The lamp is in the kitchen.", "The lamp is indoors.")
 MAX_NEW_TOKENS = 12
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

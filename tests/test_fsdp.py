@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from app import checkpoint as ckpt
+from app.pipelines.serve import free_port
 from app.train import train
 from conftest import ROOT, read_metrics, tiny_args, tiny_config
 
@@ -37,11 +37,6 @@ WEIGHT_TOLERANCE = 1e-4
 # a hang guard, not a speed check: a two-process test here took 10-90 s at a load average of 14 on 2 cores
 LAUNCH_TIMEOUT = 900
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(model_dir, out, run: dict, nproc: int = 2, **extra) -> list[str]:

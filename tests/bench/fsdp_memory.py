@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from app.pipelines.serve import free_port  # noqa: E402
 
 
 def write_model(out: Path, hidden: int, layers: int) -> Path:
@@ -48,11 +49,6 @@ def write_model(out: Path, hidden: int, layers: int) -> Path:
     tokenizer.save_pretrained(out)
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_kb(pid: int) -> int:
