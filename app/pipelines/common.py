@@ -29,6 +29,15 @@ def train(name: str, config: str, run: Path, inputs: list[Path], expect_s: float
                 [final_of(run), run / "metrics.jsonl"], expect_s, redo_args=["--resume=fresh"])
 
 
+def predict(name: str, verb: list[str], src: Path, run: Path, out: Path, expect_s: float,
+            metrics: bool = True) -> Step:
+    """`VERB... SRC --checkpoint=RUN --output=OUT` on a finished run: OUT, and beside it OUT-stem.metrics.json when
+    the command writes one."""
+    side = [out.with_name(out.stem + ".metrics.json")] if metrics else []
+    return Step(name, [*verb, str(src), f"--checkpoint={run}", f"--output={out}"], [src, final_of(run)],
+                [out, *side], expect_s)
+
+
 def report(work: Path, *runs: Path, inputs: list[Path] | None = None, attach: dict[str, Path] | None = None) -> Step:
     """`report RUN... --output WORK/report.md [--attach TITLE=FILE.json ...]`: the page the pipeline ends with."""
     attach = attach or {}

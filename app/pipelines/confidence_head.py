@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.pipelines.common import ROOT, final_of, report, tiny_model, train
+from app.pipelines.common import ROOT, predict, report, tiny_model, train
 from app.pipelines.steps import Pipeline, Step
 
 
@@ -21,9 +21,7 @@ def _convert(name: str, src: Path, out: Path, fmt: str, expect_s: float) -> Step
 
 
 def _score(work: Path, run: Path, dev: Path, expect_s: float) -> Step:
-    out = work / "step_scores.jsonl"
-    return Step("score-steps", ["score-steps", str(dev), f"--checkpoint={run}", f"--output={out}"],
-                [dev, final_of(run)], [out, work / "step_scores.metrics.json"], expect_s)
+    return predict("score-steps", ["score-steps"], dev, run, work / "step_scores.jsonl", expect_s)
 
 
 def tiny(work: Path) -> Pipeline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.pipelines.common import ROOT, final_of, report, tiny_model, train
+from app.pipelines.common import ROOT, predict, report, tiny_model, train
 from app.pipelines.steps import Pipeline, Step
 
 
@@ -19,9 +19,7 @@ def build(scale: str, work: Path, data: Path | None = None) -> Pipeline:
 
 
 def _calibration(work: Path, run: Path, validation: Path, expect_s: float) -> Step:
-    out = work / "calibration.csv"
-    return Step("calibration", ["infer", str(validation), f"--checkpoint={run}", f"--output={out}"],
-                [validation, final_of(run)], [out, work / "calibration.metrics.json"], expect_s)
+    return predict("calibration", ["infer"], validation, run, work / "calibration.csv", expect_s)
 
 
 def tiny(work: Path) -> Pipeline:

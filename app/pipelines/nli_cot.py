@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.atomic import write_atomic
 from app.data import csv_text
-from app.pipelines.common import ROOT, final_of, report, tiny_model, train
+from app.pipelines.common import ROOT, final_of, predict, report, tiny_model, train
 from app.pipelines.serve import API_KEY_ENV, transformers_serve
 from app.pipelines.steps import Pipeline, Step
 
@@ -81,10 +81,8 @@ def _attachments(work: Path) -> dict[str, Path]:
 
 
 def _predict_and_score(work: Path, run: Path, test: Path, dev: Path, expect_s: float) -> list[Step]:
-    return [Step("infer-test", ["infer", str(test), f"--checkpoint={run}", f"--output={work / 'test_predictions.csv'}"],
-                 [test, final_of(run)], [work / "test_predictions.csv"], expect_s),
-            Step("infer-dev", ["infer", str(dev), f"--checkpoint={run}", f"--output={work / 'dev_predictions.csv'}"],
-                 [dev, final_of(run)], [work / "dev_predictions.csv"], expect_s),
+    return [predict("infer-test", ["infer"], test, run, work / "test_predictions.csv", expect_s, metrics=False),
+            predict("infer-dev", ["infer"], dev, run, work / "dev_predictions.csv", expect_s, metrics=False),
             Step("score-dev", ["score", f"--pred={work / 'dev_predictions.csv'}", f"--gold={dev}",
                                f"--json={work / 'dev_scores.json'}"],
                  [work / "dev_predictions.csv", dev], [work / "dev_scores.json"], 2)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.pipelines.common import ROOT, SHARED_FIXTURES, final_of, report, tiny_model, train
+from app.pipelines.common import ROOT, SHARED_FIXTURES, predict, report, tiny_model, train
 from app.pipelines.steps import Pipeline, Step
 
 
@@ -26,9 +26,7 @@ def _data_steps(src: Path, out: Path, split: str, config: str, expect_s: float) 
 
 
 def _rank(work: Path, run: Path, src: Path, expect_s: float) -> Step:
-    out = work / "rankings.jsonl"
-    return Step("rank", ["ranking", "rank", str(src), f"--checkpoint={run}", f"--output={out}"],
-                [src, final_of(run)], [out, work / "rankings.metrics.json"], expect_s)
+    return predict("rank", ["ranking", "rank"], src, run, work / "rankings.jsonl", expect_s)
 
 
 def tiny(work: Path, finqa: Path) -> Pipeline:
